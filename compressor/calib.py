@@ -1,0 +1,28 @@
+"""Calibration data: N windows of L tokens sampled with a seed from a text file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["tokenize_file", "calibration_windows"]
+
+
+def tokenize_file(path: str | Path, tokenizer) -> torch.Tensor:
+    """The whole file tokenized once, as a 1-D int64 tensor."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids.to(torch.int64)
+
+
+def calibration_windows(path: str | Path, tokenizer, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """(n, seqlen) int64: windows starting at seeded random offsets of the tokenized file."""
+    ids = tokenize_file(path, tokenizer)
+    if ids.numel() <= seqlen:
+        raise ValueError(f"calibration file {str(path)!r} has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

@@ -1,0 +1,80 @@
+"""Shared config and wiring for weight-only integer quantization passes (RTN, GPTQ, ...).
+
+`WeightQuantConfig` holds the fields every such pass has (bits, group size, symmetry), validates
+them, and refuses a group size that does not divide a targeted layer *before any work starts*,
+naming the offending layers and the group sizes that would work. `swap_in_quantized` replaces a
+float Linear by a packed `QuantLinear` and records what was done.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..nn.qlinear import QuantLinear
+from ..quant.primitives import sqnr_db
+from .base import Context, PassConfig, Stage
+
+__all__ = ["WeightQuantConfig", "swap_in_quantized", "GROUP_SIZES", "BITS"]
+
+BITS = (3, 4, 8)
+GROUP_SIZES = (-1, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig(PassConfig):
+    stage = Stage.QUANTIZE
+
+    bits: int = 4
+    group_size: int = 64          # -1: per output channel
+    sym: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bits not in BITS:
+            raise ValueError(f"{self.name}.bits={self.bits!r} is not supported; allowed: {list(BITS)}")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"{self.name}.group_size={self.group_size!r} is not supported; allowed: "
+                             f"{list(GROUP_SIZES)} (-1 = per channel)")
+        if not isinstance(self.sym, bool):
+            raise ValueError(f"{self.name}.sym={self.sym!r} must be true or false")
+
+    def preflight(self, model: nn.Module, ctx: Context) -> None:
+        mods = self.modules(model)
+        if not mods:
+            raise ValueError(f"{self.name}: no Linear layer matches targets={list(self.targets)} "
+                             f"minus ignore={list(self.ignore)}")
+        run = 32 if self.bits == 3 else 32 // self.bits
+        bad_pack = [f"{n} ({m.in_features}x{m.out_features})" for n, m in mods.items()
+                    if m.in_features % run or m.out_features % run]
+        if bad_pack:
+            raise ValueError(f"{self.name}: {self.bits}-bit GPTQ packing needs in/out features divisible by "
+                             f"{run}; offending layers: {', '.join(bad_pack[:5])}"
+                             f"{' ...' if len(bad_pack) > 5 else ''}; add them to ignore")
+        if self.group_size == -1:
+            return
+        bad = {n: m.in_features for n, m in mods.items() if m.in_features % self.group_size}
+        if bad:
+            widths = sorted(set(m.in_features for m in mods.values()))
+            ok = [g for g in GROUP_SIZES if g == -1 or all(w % g == 0 for w in widths)]
+            shown = ", ".join(f"{n} (in_features={k})" for n, k in list(bad.items())[:4])
+            more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+            raise ValueError(f"{self.name}.group_size={self.group_size} does not divide in_features of "
+                             f"{len(bad)} layers: {shown}{more}; group sizes that work here: {ok}")
+
+
+def swap_in_quantized(model: nn.Module, name: str, linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor,
+                      zero: torch.Tensor, cfg: WeightQuantConfig, ctx: Context, g_idx: torch.Tensor | None = None,
+                      **stats) -> QuantLinear:
+    """Replace `linear` (at `name`) by a packed QuantLinear and record its spec and SQNR."""
+    qlin = QuantLinear.from_codes(q, scale, zero, cfg.bits, cfg.group_size, g_idx=g_idx,
+                                  bias=None if linear.bias is None else linear.bias.data)
+    w = linear.weight.data
+    stats["sqnr_db"] = round(sqnr_db(w, qlin.dequantized_weight()), 3)
+    model.set_submodule(name, qlin)
+    ctx.module_specs[name] = {"type": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+                              "in_features": qlin.in_features, "out_features": qlin.out_features,
+                              "bias": linear.bias is not None, "desc_act": g_idx is not None}
+    ctx.record(name, **stats)
+    return qlin

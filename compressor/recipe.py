@@ -1,0 +1,148 @@
+"""Recipes: strict YAML lists of passes, validated before any work starts.
+
+    description: 4-bit round-to-nearest, group size 64, asymmetric
+    targets: ['.*']                 # optional, regexes over module names
+    ignore: ['lm_head', 'embed']    # optional, default ignores lm_head and embeddings
+    calibration: {samples: 64, seqlen: 512}   # optional
+    passes:
+      - rtn: {bits: 4, group_size: 64, sym: false}
+
+Each pass entry is built with ``Config(**fields)``, so an unknown key is an error naming it and the
+allowed ones. Recipe-level ``targets``/``ignore`` are defaults that a pass entry may override.
+Ordering across passes is checked in one place, `check_order`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .passes import PASSES, PassConfig, Stage
+
+__all__ = ["Recipe", "RecipeError", "RECIPES_DIR", "load_recipe", "list_recipes", "check_order"]
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_TOP_KEYS = {"description", "targets", "ignore", "calibration", "passes"}
+_CALIB_KEYS = {"samples", "seqlen", "seed"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be found, parsed or validated."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    passes: tuple[PassConfig, ...]
+    description: str = ""
+    calibration: dict[str, int] = field(default_factory=dict)
+    source: str = "<inline>"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(p.needs_calibration for p in self.passes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"description": self.description, "calibration": dict(self.calibration),
+                "passes": [p.to_dict() for p in self.passes], "source": self.source}
+
+
+def check_order(passes: tuple[PassConfig, ...]) -> None:
+    """The cross-pass rules, all in one place.
+
+    * stages never decrease: transforms, then at most one quantization, then recovery passes;
+    * a transform that prepares for quantization (AWQ) needs a quantization pass after it with the
+      same bits and group size.
+    """
+    if not passes:
+        raise RecipeError("recipe has no passes")
+    stages = [p.stage for p in passes]
+    for a, b, pa, pb in zip(stages, stages[1:], passes, passes[1:]):
+        if b < a:
+            raise RecipeError(f"pass {pb.name!r} ({b.name.lower()}) cannot follow {pa.name!r} ({a.name.lower()}): "
+                              f"order is transform -> quantize -> recover")
+    quant = [p for p in passes if p.stage == Stage.QUANTIZE]
+    if len(quant) > 1:
+        raise RecipeError(f"at most one quantization pass per recipe, got {[p.name for p in quant]}")
+    for p in passes:
+        need = getattr(p, "requires_quantizer", False)
+        if need:
+            if not quant:
+                raise RecipeError(f"pass {p.name!r} prepares weights for quantization: add a quantization pass "
+                                  f"(rtn or gptq) after it")
+            q = quant[0]
+            if (getattr(q, "bits", None), getattr(q, "group_size", None)) != (p.bits, p.group_size):
+                raise RecipeError(f"pass {p.name!r} searched for w{p.bits}g{p.group_size} but {q.name!r} quantizes "
+                                  f"to w{q.bits}g{q.group_size}; make them equal")
+
+
+def _build_pass(entry: Any, defaults: dict[str, Any], where: str) -> PassConfig:
+    if not (isinstance(entry, dict) and len(entry) == 1):
+        raise RecipeError(f"{where}: each pass is a one-key mapping like '- rtn: {{bits: 4}}', got {entry!r}")
+    (name, fields), = entry.items()
+    if name not in PASSES:
+        raise RecipeError(f"{where}: unknown pass {name!r}; allowed: {sorted(PASSES)}")
+    cls = PASSES[name]
+    fields = dict(fields or {})
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in fields if k not in allowed]
+    if unknown:
+        raise RecipeError(f"{where}: unknown key {unknown[0]!r} for pass {name!r}; allowed: {allowed}")
+    for k, v in defaults.items():
+        fields.setdefault(k, v)
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def parse_recipe(data: Any, source: str = "<inline>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with a 'passes' list, got {type(data).__name__}")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise RecipeError(f"{source}: unknown key {unknown[0]!r}; allowed: {sorted(_TOP_KEYS)}")
+    if not isinstance(data.get("passes"), list):
+        raise RecipeError(f"{source}: 'passes' must be a list of passes")
+    calib = dict(data.get("calibration") or {})
+    bad = sorted(set(calib) - _CALIB_KEYS)
+    if bad:
+        raise RecipeError(f"{source}: unknown key {bad[0]!r} in calibration; allowed: {sorted(_CALIB_KEYS)}")
+    for k, v in calib.items():
+        if not isinstance(v, int) or v < (0 if k == "seed" else 1):
+            raise RecipeError(f"{source}: calibration.{k}={v!r} must be a positive integer")
+    defaults = {k: tuple([data[k]] if isinstance(data[k], str) else data[k]) for k in ("targets", "ignore") if k in data}
+    passes = tuple(_build_pass(e, defaults, f"{source}: passes[{i}]") for i, e in enumerate(data["passes"]))
+    check_order(passes)
+    return Recipe(passes=passes, description=str(data.get("description", "")), calibration=calib, source=source)
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """`NAME` finds ``recipes/NAME.yaml``; anything else is read as a path."""
+    s = str(name_or_path)
+    p = Path(s)
+    if not p.suffix and not p.exists():
+        p = RECIPES_DIR / f"{s}.yaml"
+        if not p.exists():
+            raise RecipeError(f"unknown recipe {s!r}; available: {', '.join(list_recipes()) or 'none'} "
+                              f"(or pass a path to a .yaml file)")
+    if not p.is_file():
+        raise RecipeError(f"recipe file {s!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    return parse_recipe(data, source=p.stem if p.parent == RECIPES_DIR else str(p))
+
+
+def list_recipes() -> dict[str, str]:
+    """name -> description of every recipe in `RECIPES_DIR`."""
+    out = {}
+    for f in sorted(RECIPES_DIR.glob("*.yaml")):
+        try:
+            out[f.stem] = str((yaml.safe_load(f.read_text()) or {}).get("description", ""))
+        except yaml.YAMLError:
+            out[f.stem] = "(invalid YAML)"
+    return out

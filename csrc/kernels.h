@@ -1,0 +1,65 @@
+// Tile kernels for group-wise dequant-matmul, one set per instruction set.
+//
+// This header is plain C++ on purpose: the ISA-specific translation units (kernels_avx512.cpp,
+// kernels_avx2.cpp) are compiled with `#pragma GCC target(...)` and must not include ATen headers.
+// If they did, inline functions from those headers could be emitted with AVX-512 instructions and
+// the linker could keep that copy for the generic code, which would then crash on older CPUs.
+//
+// Repacked weight layout ("tile-major"), shared by every kernel and by the Python reference
+// (compressor/kernels/repack.py). With K = in_features, N = out_features, P = 32 / bits codes per
+// int32 word, kTileN = 32 output columns per tile, Nt = ceil(N / kTileN), G = K / group:
+//   qweight int32 (Nt, K / P, kTileN): word [t, w, c] holds the codes of input channels
+//           k = P*w .. P*w + P-1 of output column n = kTileN*t + c, code j in bits [bits*j, bits*(j+1)).
+//           This is the GPTQ word (8 nibbles along in_features) with the columns cut into tiles,
+//           so that one thread streams one contiguous block of memory per tile instead of K/P
+//           strided rows (the strided walk defeats the hardware prefetcher and the TLB).
+//   scales  fp16  (Nt, G, kTileN), zeros fp16 (Nt, G, kTileN) or null for symmetric
+//           (zero = 2**(bits-1)). Padded columns have scale 0, so they contribute 0.
+#pragma once
+
+#include <cstdint>
+
+namespace compressor {
+
+constexpr int kTileN = 32;
+
+struct TileArgs {
+  const float* x;        // (M, K) fp32 activations, row stride ldx
+  int64_t ldx;
+  const float* xsum;     // (M, G) sums of x over each group, row stride G
+  const int32_t* qw;     // (K / P, kTileN) words of this tile
+  const uint16_t* sc;    // (G, kTileN) fp16 scales of this tile
+  const uint16_t* zp;    // (G, kTileN) fp16 zeros of this tile, or nullptr (symmetric)
+  int64_t K, G, group;   // group = K / G input channels per group
+  int bits;
+  float* y;              // (M, kTileN) fp32 output block, row stride ldy; overwritten
+  int64_t ldy;
+};
+
+// y[m, :] = sum_k x[m, k] * (q[k, :] - zero[g(k), :]) * scale[g(k), :] for m < rows, rows <= kMaxRows.
+// The inner loop multiplies raw codes and applies scale and zero once per group:
+//   sum_k x_k (q_k - z) s = s * (sum_k x_k q_k) - (z s) * (sum_k x_k)
+// which leaves one FMA per weight. Both sums are exact-order fp32, so fp32 accuracy is kept.
+using GemvTileFn = void (*)(const TileArgs& a, int rows);
+
+// Dequantize a tile to fp32 (or bf16) W^T: out[k * ld + c] = (q[k, c] - zero) * scale for k < K,
+// c < kTileN. Used by the large-batch path, which feeds the result to a GEMM.
+using DequantTileFn = void (*)(const TileArgs& a, void* out, int64_t ld, bool bf16);
+
+struct KernelSet {
+  const char* name;
+  int max_rows;  // rows one gemv call can hold in registers
+  GemvTileFn gemv;
+  DequantTileFn dequant;
+};
+
+// Each returns nullptr when the translation unit was built without that instruction set.
+const KernelSet* avx512_kernels();
+const KernelSet* avx2_kernels();
+const KernelSet* scalar_kernels();
+
+// fp16 <-> fp32 and fp32 -> bf16 without intrinsics (scalar paths and tails).
+float half_to_float(uint16_t h);
+uint16_t float_to_bf16(float f);
+
+}  // namespace compressor

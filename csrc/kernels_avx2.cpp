@@ -1,0 +1,127 @@
+// AVX2 + FMA + F16C tile kernels (Haswell / Zen 1 or newer). Same algorithm as the AVX-512 set,
+// with 8-lane registers: a 32-column tile is four ymm registers.
+//
+// vpermps on ymm uses only 3 index bits, so it cannot look up 16 nibble values; codes are
+// decoded with shift + and + convert instead.
+#pragma GCC target("avx2,fma,f16c")
+
+#include <immintrin.h>
+
+#include "kernels.h"
+
+namespace compressor {
+namespace {
+
+// 16 ymm registers: 2 rows x 4 partial sums + 4 decoded codes + 1 broadcast. The running totals
+// live in a small stack block, touched once per group.
+constexpr int kMaxRows = 2;
+
+template <int BITS>
+inline __m256 decode(__m256i w, int j) {
+  constexpr int mask = (1 << BITS) - 1;
+  const __m256i s = j == 0 ? w : _mm256_srli_epi32(w, BITS * j);
+  const __m256i b = BITS * (j + 1) == 32 ? s : _mm256_and_si256(s, _mm256_set1_epi32(mask));
+  return _mm256_cvtepi32_ps(b);
+}
+
+inline __m256 load_half8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <int BITS, int ROWS>
+void gemv_rows(const TileArgs& a) {
+  constexpr int P = 32 / BITS;
+  const __m256 zero_sym = _mm256_set1_ps(float(1 << (BITS - 1)));
+  const int64_t words_per_group = a.group / P;
+  const int32_t* qw = a.qw;
+
+  alignas(32) float out[ROWS][kTileN] = {};
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m256 acc[ROWS][4];
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
+    const float* xg = a.x + g * a.group;
+    for (int64_t w = 0; w < words_per_group; ++w, qw += kTileN) {
+      __m256i wv[4];
+      for (int c = 0; c < 4; ++c) wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + 8 * c));
+      const float* xw = xg + w * P;
+#pragma GCC unroll 8
+      for (int j = 0; j < P; ++j) {
+        __m256 d[4];
+        for (int c = 0; c < 4; ++c) d[c] = decode<BITS>(wv[c], j);
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256 xb = _mm256_broadcast_ss(xw + r * a.ldx + j);
+          for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_fmadd_ps(d[c], xb, acc[r][c]);
+        }
+      }
+    }
+    // Group epilogue: out += s * sum(x q) - (z s) * sum(x).
+    for (int c = 0; c < 4; ++c) {
+      const __m256 s = load_half8(a.sc + g * kTileN + 8 * c);
+      const __m256 z = a.zp ? load_half8(a.zp + g * kTileN + 8 * c) : zero_sym;
+      const __m256 zs = _mm256_mul_ps(z, s);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256 xs = _mm256_set1_ps(a.xsum[r * a.G + g]);
+        __m256 o = _mm256_load_ps(out[r] + 8 * c);
+        o = _mm256_fnmadd_ps(zs, xs, _mm256_fmadd_ps(acc[r][c], s, o));
+        _mm256_store_ps(out[r] + 8 * c, o);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(a.y + r * a.ldy + 8 * c, _mm256_load_ps(out[r] + 8 * c));
+}
+
+void gemv_any(const TileArgs& a, int rows) {
+  if (a.bits == 4) {
+    if (rows == 1) gemv_rows<4, 1>(a); else gemv_rows<4, 2>(a);
+  } else {
+    if (rows == 1) gemv_rows<8, 1>(a); else gemv_rows<8, 2>(a);
+  }
+}
+
+template <int BITS>
+void dequant(const TileArgs& a, void* out, int64_t ld, bool bf16) {
+  constexpr int P = 32 / BITS;
+  const __m256 zero_sym = _mm256_set1_ps(float(1 << (BITS - 1)));
+  const int64_t words_per_group = a.group / P;
+  const int32_t* qw = a.qw;
+  int64_t k = 0;
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m256 s[4], z[4];
+    for (int c = 0; c < 4; ++c) {
+      s[c] = load_half8(a.sc + g * kTileN + 8 * c);
+      z[c] = a.zp ? load_half8(a.zp + g * kTileN + 8 * c) : zero_sym;
+    }
+    for (int64_t w = 0; w < words_per_group; ++w, qw += kTileN) {
+      for (int j = 0; j < P; ++j, ++k) {
+        alignas(32) float row[kTileN];
+        for (int c = 0; c < 4; ++c) {
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + 8 * c));
+          // (q - z) * s, in the reference's order, so the GEMM sees bit-identical weights.
+          _mm256_store_ps(row + 8 * c, _mm256_mul_ps(_mm256_sub_ps(decode<BITS>(wv, j), z[c]), s[c]));
+        }
+        if (bf16) {
+          uint16_t* o = static_cast<uint16_t*>(out) + k * ld;
+          for (int c = 0; c < kTileN; ++c) o[c] = float_to_bf16(row[c]);
+        } else {
+          float* o = static_cast<float*>(out) + k * ld;
+          for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_load_ps(row + 8 * c));
+        }
+      }
+    }
+  }
+}
+
+void dequant_any(const TileArgs& a, void* out, int64_t ld, bool bf16) {
+  if (a.bits == 4) dequant<4>(a, out, ld, bf16);
+  else dequant<8>(a, out, ld, bf16);
+}
+
+const KernelSet kSet{"avx2", kMaxRows, gemv_any, dequant_any};
+
+}  // namespace
+
+const KernelSet* avx2_kernels() { return &kSet; }
+
+}  // namespace compressor

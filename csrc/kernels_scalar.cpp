@@ -1,0 +1,81 @@
+// Portable tile kernels: any CPU, baseline flags. Slow but exact; used when neither AVX2 nor
+// AVX-512 is available, and as a readable statement of what the vector kernels compute.
+#include <cstring>
+
+#include "kernels.h"
+
+namespace compressor {
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);  // normal: rebias 15 -> 127
+  } else if (man == 0) {
+    bits = sign;  // +-0
+  } else {  // subnormal: normalise the mantissa
+    exp = 113;
+    while (!(man & 0x400)) { man <<= 1; --exp; }
+    bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((bits >> 16) | 0x40);  // quiet nan
+  bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even
+  return uint16_t(bits >> 16);
+}
+
+namespace {
+
+inline float code(const int32_t* qw, int64_t k, int c, int bits) {
+  const int per = 32 / bits;
+  const uint32_t word = uint32_t(qw[(k / per) * kTileN + c]);
+  return float((word >> (bits * (k % per))) & ((1u << bits) - 1));
+}
+
+inline float zero_of(const TileArgs& a, int64_t g, int c) {
+  return a.zp ? half_to_float(a.zp[g * kTileN + c]) : float(1 << (a.bits - 1));
+}
+
+void gemv(const TileArgs& a, int rows) {
+  for (int r = 0; r < rows; ++r) {
+    const float* x = a.x + r * a.ldx;
+    for (int c = 0; c < kTileN; ++c) {
+      float out = 0.f;
+      for (int64_t g = 0; g < a.G; ++g) {
+        float dot = 0.f;
+        for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) dot += x[k] * code(a.qw, k, c, a.bits);
+        const float s = half_to_float(a.sc[g * kTileN + c]);
+        out += s * dot - zero_of(a, g, c) * s * a.xsum[r * a.G + g];
+      }
+      a.y[r * a.ldy + c] = out;
+    }
+  }
+}
+
+void dequant(const TileArgs& a, void* out, int64_t ld, bool bf16) {
+  for (int64_t k = 0; k < a.K; ++k) {
+    const int64_t g = k / a.group;
+    for (int c = 0; c < kTileN; ++c) {
+      const float w = (code(a.qw, k, c, a.bits) - zero_of(a, g, c)) * half_to_float(a.sc[g * kTileN + c]);
+      if (bf16) static_cast<uint16_t*>(out)[k * ld + c] = float_to_bf16(w);
+      else static_cast<float*>(out)[k * ld + c] = w;
+    }
+  }
+}
+
+const KernelSet kSet{"scalar", 4, gemv, dequant};
+
+}  // namespace
+
+const KernelSet* scalar_kernels() { return &kSet; }
+
+}  // namespace compressor

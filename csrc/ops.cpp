@@ -1,0 +1,204 @@
+// CPU implementations of the `compressor::int4_linear` and `compressor::int8_linear` ops.
+//
+// The schemas, fake implementations and pure-PyTorch references live in
+// compressor/kernels/ops.py; this file only registers CPU kernels for them. Importing
+// `compressor._C` is what swaps the reference out.
+//
+// Two regimes:
+//  * M < kGemmMinRows (decode): batch-1..16 matmul is bound by reading the weight, so a tile kernel
+//    streams the packed codes once and keeps up to `max_rows` activation rows in registers
+//    (kernels_*.cpp). Threads split the output tiles, each a contiguous block of memory.
+//  * M >= kGemmMinRows (prefill): the matmul is compute bound. Weights are dequantized, a block of
+//    columns at a time sized to stay in L2/L3, into fp32 (or bf16 for bf16 activations) and the
+//    block goes through ATen's GEMM (MKL / oneDNN), which is faster than any hand-written loop here.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace compressor {
+namespace {
+
+constexpr int64_t kGemmMinRows = 32;
+// Dequantized block size for the GEMM path: large enough that each GEMM call has work for every
+// thread, small enough that the block is still in cache when the GEMM reads it.
+constexpr int64_t kGemmBlockBytes = 4 << 20;
+
+const KernelSet* detect() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bf16"))
+    return avx512_kernels();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return avx2_kernels();
+  return scalar_kernels();
+}
+
+std::atomic<const KernelSet*> g_kernels{nullptr};
+
+const KernelSet* kernels() {
+  const KernelSet* ks = g_kernels.load(std::memory_order_relaxed);
+  if (!ks) {
+    ks = detect();
+    g_kernels.store(ks);
+  }
+  return ks;
+}
+
+// Test hook: force an instruction set ("avx512", "avx2", "scalar") or "auto". Refuses a set the
+// CPU lacks. Returns the name now in use.
+std::string set_isa(const std::string& name) {
+  const KernelSet* best = detect();
+  const KernelSet* ks = nullptr;
+  if (name == "auto") ks = best;
+  else if (name == "scalar") ks = scalar_kernels();
+  else if (name == "avx2") ks = (best == scalar_kernels()) ? nullptr : avx2_kernels();
+  else if (name == "avx512") ks = (best == avx512_kernels()) ? best : nullptr;
+  TORCH_CHECK(ks, "instruction set '", name, "' is unknown or not supported by this CPU (best is ", best->name, ")");
+  g_kernels.store(ks);
+  return ks->name;
+}
+
+std::string isa() { return kernels()->name; }
+
+at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& perm,
+                     const std::optional<at::Tensor>& bias, int64_t group_size, int64_t out_features,
+                     int bits) {
+  const int P = 32 / bits;
+  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16, got ", x.scalar_type());
+  const int64_t K = x.size(-1), N = out_features;
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 3 && qweight.size(2) == kTileN,
+              "qweight must be int32 (N/", kTileN, ", K/", P, ", ", kTileN, "), got ", qweight.sizes());
+  const int64_t Nt = qweight.size(0);
+  TORCH_CHECK(N > 0 && Nt == (N + kTileN - 1) / kTileN, "out_features=", N, " needs ",
+              (N + kTileN - 1) / kTileN, " tiles of ", kTileN, " columns, qweight has ", Nt);
+  TORCH_CHECK(K % P == 0 && qweight.size(1) == K / P, "in_features=", K, " (x.size(-1)) must be a multiple of ", P,
+              " and match qweight.size(1)*", P, "=", qweight.size(1) * P);
+  const int64_t group = group_size == -1 ? K : group_size;
+  TORCH_CHECK(group > 0 && K % group == 0 && group % P == 0, "group_size=", group_size,
+              " must be -1 or a multiple of ", P, " that divides in_features=", K);
+  const int64_t G = K / group;
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.sizes() == at::IntArrayRef({Nt, G, kTileN}),
+              "scales must be float16 (", Nt, ", ", G, ", ", kTileN, "), got ", scales.scalar_type(), " ", scales.sizes());
+  if (zeros)
+    TORCH_CHECK(zeros->scalar_type() == at::kHalf && zeros->sizes() == scales.sizes(),
+                "zeros must be float16 with the shape of scales ", scales.sizes(), ", got ", zeros->sizes());
+  if (perm)
+    TORCH_CHECK(perm->scalar_type() == at::kLong && perm->dim() == 1 && perm->size(0) == K,
+                "perm must be int64 (", K, ",), got ", perm->scalar_type(), " ", perm->sizes());
+  if (bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be (", N, ",), got ", bias->sizes());
+  for (const at::Tensor* t : {&x, &qweight, &scales})
+    TORCH_CHECK(t->device().is_cpu(), "compressor kernels run on CPU tensors only");
+
+  const at::Tensor qw = qweight.contiguous(), sc = scales.contiguous();
+  const at::Tensor zp = zeros ? zeros->contiguous() : at::Tensor();
+  at::Tensor x2 = x.reshape({-1, K});
+  if (perm) x2 = x2.index_select(1, *perm);  // act-order: channels were sorted by group at repack
+  const int64_t M = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+
+  const KernelSet* ks = kernels();
+  TileArgs base{};
+  base.K = K;
+  base.G = G;
+  base.group = group;
+  base.bits = bits;
+  const auto tile = [&](TileArgs a, int64_t t) {
+    a.qw = qw.data_ptr<int32_t>() + t * (K / P) * kTileN;
+    a.sc = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()) + t * G * kTileN;
+    a.zp = zp.defined() ? reinterpret_cast<const uint16_t*>(zp.data_ptr<at::Half>()) + t * G * kTileN : nullptr;
+    return a;
+  };
+
+  if (M < kGemmMinRows) {
+    const at::Tensor xf = x2.to(at::kFloat).contiguous();
+    at::Tensor y = at::empty({M, N}, xf.options());
+    const float* xp = xf.data_ptr<float>();
+    std::vector<float> xsum(M * G);  // (M, G): the zero-point term needs sum(x) per group
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.f;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xp[m * K + k];
+        xsum[m * G + g] = s;
+      }
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, Nt, 1, [&](int64_t t0, int64_t t1) {
+      alignas(64) float block[4 * kTileN];  // (rows, kTileN): the tile's output before the N tail is cut
+      for (int64_t t = t0; t < t1; ++t) {
+        TileArgs a = tile(base, t);
+        a.ldx = K;
+        a.y = block;
+        a.ldy = kTileN;
+        const int64_t cols = std::min<int64_t>(kTileN, N - t * kTileN);
+        for (int64_t m0 = 0; m0 < M; m0 += ks->max_rows) {
+          const int rows = int(std::min<int64_t>(ks->max_rows, M - m0));
+          a.x = xp + m0 * K;
+          a.xsum = xsum.data() + m0 * G;
+          ks->gemv(a, rows);
+          for (int r = 0; r < rows; ++r)
+            std::memcpy(yp + (m0 + r) * N + t * kTileN, block + r * kTileN, cols * sizeof(float));
+        }
+      }
+    });
+    if (bias) y.add_(bias->to(at::kFloat));
+    return y.to(x.scalar_type()).reshape(out_shape);
+  }
+
+  // Prefill: dequantize column blocks into (K, cols) W^T and hand them to the GEMM.
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const at::Tensor xin = x2.contiguous();
+  const int64_t elem = bf16 ? 2 : 4;
+  const int64_t tiles_per_block = std::max<int64_t>(1, std::min<int64_t>(Nt, kGemmBlockBytes / (K * elem * kTileN)));
+  const int64_t ld = tiles_per_block * kTileN;
+  at::Tensor wbuf = at::empty({K, ld}, xin.options());
+  at::Tensor y = at::empty({M, N}, xin.options());
+  for (int64_t b0 = 0; b0 < Nt; b0 += tiles_per_block) {
+    const int64_t nb = std::min(tiles_per_block, Nt - b0);
+    at::parallel_for(0, nb, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        ks->dequant(tile(base, b0 + i), static_cast<char*>(wbuf.data_ptr()) + i * kTileN * elem, ld, bf16);
+    });
+    const int64_t cols = std::min(nb * kTileN, N - b0 * kTileN);
+    at::Tensor yb = y.narrow(1, b0 * kTileN, cols);
+    at::mm_out(yb, xin, wbuf.narrow(1, 0, cols));
+  }
+  if (bias) y.add_(bias->to(y.scalar_type()));
+  return y.reshape(out_shape);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& perm,
+                       const std::optional<at::Tensor>& bias, int64_t group_size, int64_t out_features) {
+  return dq_linear(x, qweight, scales, zeros, perm, bias, group_size, out_features, 4);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& perm,
+                       const std::optional<at::Tensor>& bias, int64_t group_size, int64_t out_features) {
+  return dq_linear(x, qweight, scales, zeros, perm, bias, group_size, out_features, 8);
+}
+
+}  // namespace
+}  // namespace compressor
+
+TORCH_LIBRARY_IMPL(compressor, CPU, m) {
+  m.impl("int4_linear", &compressor::int4_linear);
+  m.impl("int8_linear", &compressor::int8_linear);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "compressor CPU dequant-matmul kernels (registers compressor::int4_linear / int8_linear)";
+  m.def("isa", &compressor::isa, "instruction set the kernels use");
+  m.def("_set_isa", &compressor::set_isa, "force 'avx512', 'avx2', 'scalar' or 'auto' (tests)");
+}

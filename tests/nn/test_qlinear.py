@@ -1,0 +1,27 @@
+"""QuantLinear holds exactly the codes it was built from, and its forward matches dequant + F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compressor.nn.qlinear import QuantLinear
+from compressor.quant.primitives import choose_qparams, dequantize, quantize
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (4, 32, True), (8, -1, True), (3, 64, False)])
+def test_from_codes_round_trip(bits, group, sym):
+    w = torch.randn(96, 128)
+    s, z = choose_qparams(w, bits, group, sym)
+    q = quantize(w, s, z, bits, group)
+    m = QuantLinear.from_codes(q, s, z, bits, group, bias=torch.randn(96))
+    q2, s2, z2, _ = m.codes()
+    assert torch.equal(q2, q) and torch.equal(z2, z) and torch.equal(s2, s)
+    x = torch.randn(3, 5, 128)
+    ref = F.linear(x, dequantize(q, s, z, group), m.bias)
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="does not divide"):
+        QuantLinear(96, 64, 4, 64)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        QuantLinear(64, 40, 3, 32)

@@ -1,0 +1,68 @@
+"""CLI bad inputs: one-line errors, exit status 2, OUT untouched."""
+import pytest
+
+from compressor.cli import main
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_unknown_recipe(capsys, tiny_llama, tmp_path):
+    code, err = _run(capsys, "--recipe", "nope", tiny_llama, "-o", tmp_path / "o")
+    assert code == 2 and "unknown recipe 'nope'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_with_unknown_key(capsys, tiny_llama, tmp_path):
+    r = tmp_path / "bad.yaml"
+    r.write_text("passes:\n  - rtn: {bits: 4, group: 64}\n")
+    code, err = _run(capsys, "--recipe", r, tiny_llama, "-o", tmp_path / "o")
+    assert code == 2 and "unknown key 'group'" in err and len(err.splitlines()) == 1
+
+
+def test_group_size_that_does_not_divide(capsys, tiny_llama_96, tmp_path):
+    r = tmp_path / "g64.yaml"
+    r.write_text("passes:\n  - rtn: {bits: 4, group_size: 64}\n")
+    code, err = _run(capsys, "--recipe", r, tiny_llama_96, "-o", tmp_path / "o")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "group_size=64 does not divide in_features" in err and "q_proj (in_features=96)" in err
+    assert "group sizes that work here: [-1, 32]" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_out_untouched(capsys, tiny_llama, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep").write_text("precious")
+    code, err = _run(capsys, "--recipe", "rtn-w4g64", tiny_llama, "-o", out)
+    assert code == 2 and "already exists; pass --overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["keep"]
+
+
+def test_truncated_model(capsys, tiny_llama, tmp_path):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama, d)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    code, err = _run(capsys, "--recipe", "rtn-w4g64", d, "-o", tmp_path / "o")
+    assert code == 2 and "truncated safetensors" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_happy_path_with_eval(capsys, tiny_llama, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    code = main(["--recipe", "rtn-w8", str(tiny_llama), "-o", str(tmp_path / "o"), "--eval-data", str(text),
+                 "--seqlen", "64", "--eval-windows", "3", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0 and "perplexity" in out and "weights on disk" in out
+    assert (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_recipes_listing(capsys):
+    assert main(["recipes"]) == 0
+    assert "rtn-w4g64" in capsys.readouterr().out

@@ -1,0 +1,55 @@
+"""Recipe validation: unknown passes and keys, bad values, ordering, shipped recipes."""
+import pytest
+
+from compressor.recipe import RecipeError, list_recipes, load_recipe, parse_recipe
+
+
+def test_shipped_recipes_parse():
+    names = list_recipes()
+    assert {"rtn-w4g64", "rtn-w8"} <= set(names)
+    for n in names:
+        load_recipe(n)
+    r = load_recipe("rtn-w4g64").passes[0]
+    assert (r.name, r.bits, r.group_size, r.sym) == ("rtn", 4, 64, False)
+    r = load_recipe("rtn-w8").passes[0]
+    assert (r.bits, r.group_size) == (8, -1)
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"passes": [{"nope": {}}]}, r"unknown pass 'nope'; allowed: \[.*'rtn'"),
+    ({"passes": [{"rtn": {"bitz": 4}}]}, r"unknown key 'bitz' for pass 'rtn'; allowed: \[.*'bits'"),
+    ({"passes": [{"rtn": {"bits": 5}}]}, r"bits=5 is not supported; allowed: \[3, 4, 8\]"),
+    ({"passes": [{"rtn": {"group_size": 48}}]}, r"group_size=48 is not supported"),
+    ({"passes": [{"rtn": {"targets": ["("]}}]}, r"invalid regex"),
+    ({"passes": [{"rtn": {}}], "extra": 1}, r"unknown key 'extra'; allowed"),
+    ({"passes": []}, r"no passes"),
+    ({"passes": [{"rtn": {}}, {"rtn": {}}]}, r"at most one quantization pass"),
+    ({"passes": [{"rtn": {}, "gptq": {}}]}, r"one-key mapping"),
+    ({"passes": [{"rtn": {}}], "calibration": {"samplez": 3}}, r"unknown key 'samplez' in calibration"),
+    ([1, 2], r"a recipe is a mapping"),
+])
+def test_validation_errors(data, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(data)
+
+
+def test_unknown_recipe_name_lists_available():
+    with pytest.raises(RecipeError, match=r"unknown recipe 'nope'; available: .*rtn-w4g64"):
+        load_recipe("nope")
+
+
+def test_recipe_file_with_unknown_key(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("passes:\n  - rtn: {bits: 4, grp: 64}\n")
+    with pytest.raises(RecipeError, match="unknown key 'grp'"):
+        load_recipe(p)
+    p.write_text("passes: [rtn: {bits: 4\n")
+    with pytest.raises(RecipeError, match="invalid YAML"):
+        load_recipe(p)
+
+
+def test_recipe_level_targets_are_defaults():
+    r = parse_recipe({"ignore": ["mlp"], "passes": [{"rtn": {}}, ]})
+    assert r.passes[0].ignore == ("mlp",)
+    r = parse_recipe({"ignore": ["mlp"], "passes": [{"rtn": {"ignore": ["attn"]}}]})
+    assert r.passes[0].ignore == ("attn",)
