@@ -37,7 +37,7 @@ def _extensions():
     ext = CppExtension(
         "compressor._C", sources,
         # -fopenmp makes at::parallel_for parallel; the libgomp torch ships satisfies the link.
-        extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+        extra_compile_args=["-O3", "-fopenmp", "-std=c++20"],
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}

@@ -26,11 +26,12 @@ constexpr int kTileN = 32;
 struct TileArgs {
   const float* x;        // (M, K) fp32 activations, row stride ldx
   int64_t ldx;
-  const float* xsum;     // (M, G) sums of x over each group, row stride G
+  const float* xsum;     // (M, K / block) sums of x over each block, row stride K / block
   const int32_t* qw;     // (K / P, kTileN) words of this tile
   const uint16_t* sc;    // (G, kTileN) fp16 scales of this tile
   const uint16_t* zp;    // (G, kTileN) fp16 zeros of this tile, or nullptr (symmetric)
   int64_t K, G, group;   // group = K / G input channels per group
+  int64_t block;         // channels per partial sum in gemv; divides group (see ops.cpp)
   int bits;
   float* y;              // (M, kTileN) fp32 output block, row stride ldy; overwritten
   int64_t ldy;
@@ -39,7 +40,9 @@ struct TileArgs {
 // y[m, :] = sum_k x[m, k] * (q[k, :] - zero[g(k), :]) * scale[g(k), :] for m < rows, rows <= kMaxRows.
 // The inner loop multiplies raw codes and applies scale and zero once per group:
 //   sum_k x_k (q_k - z) s = s * (sum_k x_k q_k) - (z s) * (sum_k x_k)
-// which leaves one FMA per weight. Both sums are exact-order fp32, so fp32 accuracy is kept.
+// which leaves one FMA per weight. The two sums cancel by up to ~3x, so they are taken over blocks
+// of at most 256 channels (`block`) rather than whole per-channel rows: that keeps the fp32 result
+// within ~1e-6 of a float64 matmul.
 using GemvTileFn = void (*)(const TileArgs& a, int rows);
 
 // Dequantize a tile to fp32 (or bf16) W^T: out[k * ld + c] = (q[k, c] - zero) * scale for k < K,

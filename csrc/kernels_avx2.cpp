@@ -32,16 +32,17 @@ template <int BITS, int ROWS>
 void gemv_rows(const TileArgs& a) {
   constexpr int P = 32 / BITS;
   const __m256 zero_sym = _mm256_set1_ps(float(1 << (BITS - 1)));
-  const int64_t words_per_group = a.group / P;
+  const int64_t words_per_block = a.block / P, blocks_per_group = a.group / a.block, NB = a.K / a.block;
   const int32_t* qw = a.qw;
 
   alignas(32) float out[ROWS][kTileN] = {};
-  for (int64_t g = 0; g < a.G; ++g) {
+  for (int64_t b = 0; b < NB; ++b) {
+    const int64_t g = b / blocks_per_group;
     __m256 acc[ROWS][4];
     for (int r = 0; r < ROWS; ++r)
       for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
-    const float* xg = a.x + g * a.group;
-    for (int64_t w = 0; w < words_per_group; ++w, qw += kTileN) {
+    const float* xg = a.x + b * a.block;
+    for (int64_t w = 0; w < words_per_block; ++w, qw += kTileN) {
       __m256i wv[4];
       for (int c = 0; c < 4; ++c) wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + 8 * c));
       const float* xw = xg + w * P;
@@ -55,13 +56,13 @@ void gemv_rows(const TileArgs& a) {
         }
       }
     }
-    // Group epilogue: out += s * sum(x q) - (z s) * sum(x).
+    // Block epilogue: out += s * sum(x q) - (z s) * sum(x).
     for (int c = 0; c < 4; ++c) {
       const __m256 s = load_half8(a.sc + g * kTileN + 8 * c);
       const __m256 z = a.zp ? load_half8(a.zp + g * kTileN + 8 * c) : zero_sym;
       const __m256 zs = _mm256_mul_ps(z, s);
       for (int r = 0; r < ROWS; ++r) {
-        const __m256 xs = _mm256_set1_ps(a.xsum[r * a.G + g]);
+        const __m256 xs = _mm256_set1_ps(a.xsum[r * NB + b]);
         __m256 o = _mm256_load_ps(out[r] + 8 * c);
         o = _mm256_fnmadd_ps(zs, xs, _mm256_fmadd_ps(acc[r][c], s, o));
         _mm256_store_ps(out[r] + 8 * c, o);

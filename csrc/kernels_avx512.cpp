@@ -4,6 +4,8 @@
 // baseline x86-64 and `ops.cpp` picks this set at run time after checking CPU features.
 // See kernels.h for the weight layout.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma,f16c")
+// gcc 12 flags the deliberately undefined register inside its own _mm512_undefined_* intrinsics.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <immintrin.h>
 
@@ -43,18 +45,19 @@ void gemv_rows(const TileArgs& a) {
   constexpr int S = ROWS == 1 ? 2 : 1;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 zero_sym = _mm512_set1_ps(float(1 << (BITS - 1)));
-  const int64_t words_per_group = a.group / P;
+  const int64_t words_per_block = a.block / P, blocks_per_group = a.group / a.block, NB = a.K / a.block;
   const int32_t* qw = a.qw;
 
   __m512 out[ROWS][2];
   for (int r = 0; r < ROWS; ++r) out[r][0] = out[r][1] = _mm512_setzero_ps();
 
-  for (int64_t g = 0; g < a.G; ++g) {
+  for (int64_t b = 0; b < NB; ++b) {
+    const int64_t g = b / blocks_per_group;
     __m512 acc[S][ROWS][2];
     for (int s = 0; s < S; ++s)
       for (int r = 0; r < ROWS; ++r) acc[s][r][0] = acc[s][r][1] = _mm512_setzero_ps();
-    const float* xg = a.x + g * a.group;
-    for (int64_t w = 0; w < words_per_group; ++w, qw += kTileN) {
+    const float* xg = a.x + b * a.block;
+    for (int64_t w = 0; w < words_per_block; ++w, qw += kTileN) {
       const __m512i w0 = _mm512_loadu_si512(qw);
       const __m512i w1 = _mm512_loadu_si512(qw + 16);
       const float* xw = xg + w * P;
@@ -70,7 +73,7 @@ void gemv_rows(const TileArgs& a) {
         }
       }
     }
-    // Group epilogue: out += s * sum(x q) - (z s) * sum(x).
+    // Block epilogue: out += s * sum(x q) - (z s) * sum(x).
     const uint16_t* sc = a.sc + g * kTileN;
     const __m512 s0 = load_half16(sc), s1 = load_half16(sc + 16);
     const __m512 z0 = a.zp ? load_half16(a.zp + g * kTileN) : zero_sym;
@@ -82,7 +85,7 @@ void gemv_rows(const TileArgs& a) {
         p0 = _mm512_add_ps(p0, acc[1][r][0]);
         p1 = _mm512_add_ps(p1, acc[1][r][1]);
       }
-      const __m512 xs = _mm512_set1_ps(a.xsum[r * a.G + g]);
+      const __m512 xs = _mm512_set1_ps(a.xsum[r * NB + b]);
       out[r][0] = _mm512_fnmadd_ps(zs0, xs, _mm512_fmadd_ps(p0, s0, out[r][0]));
       out[r][1] = _mm512_fnmadd_ps(zs1, xs, _mm512_fmadd_ps(p1, s1, out[r][1]));
     }

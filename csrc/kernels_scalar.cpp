@@ -50,11 +50,13 @@ void gemv(const TileArgs& a, int rows) {
     const float* x = a.x + r * a.ldx;
     for (int c = 0; c < kTileN; ++c) {
       float out = 0.f;
-      for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t NB = a.K / a.block;
+      for (int64_t b = 0; b < NB; ++b) {
+        const int64_t g = b * a.block / a.group;
         float dot = 0.f;
-        for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k) dot += x[k] * code(a.qw, k, c, a.bits);
+        for (int64_t k = b * a.block; k < (b + 1) * a.block; ++k) dot += x[k] * code(a.qw, k, c, a.bits);
         const float s = half_to_float(a.sc[g * kTileN + c]);
-        out += s * dot - zero_of(a, g, c) * s * a.xsum[r * a.G + g];
+        out += s * dot - zero_of(a, g, c) * s * a.xsum[r * NB + b];
       }
       a.y[r * a.ldy + c] = out;
     }

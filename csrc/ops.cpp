@@ -29,6 +29,7 @@ constexpr int64_t kGemmMinRows = 32;
 // Dequantized block size for the GEMM path: large enough that each GEMM call has work for every
 // thread, small enough that the block is still in cache when the GEMM reads it.
 constexpr int64_t kGemmBlockBytes = 4 << 20;
+constexpr int64_t kMinBytesPerThread = 96 << 10;
 
 const KernelSet* detect() {
   __builtin_cpu_init();
@@ -125,15 +126,24 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
     at::Tensor y = at::empty({M, N}, xf.options());
     const float* xp = xf.data_ptr<float>();
-    std::vector<float> xsum(M * G);  // (M, G): the zero-point term needs sum(x) per group
+    // Partial sums run over blocks of <= 256 channels that divide the group (kernels.h explains).
+    int64_t block = std::min<int64_t>(group, 256) / P * P;
+    while (group % block) block -= P;
+    base.block = block;
+    const int64_t NB = K / block;
+    std::vector<float> xsum(M * NB);  // (M, NB): the zero-point term needs sum(x) per block
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t b = 0; b < NB; ++b) {
         float s = 0.f;
-        for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xp[m * K + k];
-        xsum[m * G + g] = s;
+        for (int64_t k = b * block; k < (b + 1) * block; ++k) s += xp[m * K + k];
+        xsum[m * NB + b] = s;
       }
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, Nt, 1, [&](int64_t t0, int64_t t1) {
+    // Waking a second thread costs a few microseconds, as much as streaming ~100 KB, so small layers
+    // (e.g. a 576x192 projection) stay on one thread.
+    const int64_t tile_bytes = (K / P) * kTileN * 4 + 2 * G * kTileN * 2;
+    const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / tile_bytes);
+    at::parallel_for(0, Nt, grain, [&](int64_t t0, int64_t t1) {
       alignas(64) float block[4 * kTileN];  // (rows, kTileN): the tile's output before the N tail is cut
       for (int64_t t = t0; t < t1; ++t) {
         TileArgs a = tile(base, t);
@@ -144,7 +154,7 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
         for (int64_t m0 = 0; m0 < M; m0 += ks->max_rows) {
           const int rows = int(std::min<int64_t>(ks->max_rows, M - m0));
           a.x = xp + m0 * K;
-          a.xsum = xsum.data() + m0 * G;
+          a.xsum = xsum.data() + m0 * NB;
           ks->gemv(a, rows);
           for (int r = 0; r < rows; ++r)
             std::memcpy(yp + (m0 + r) * N + t * kTileN, block + r * kTileN, cols * sizeof(float));

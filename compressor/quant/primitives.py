@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["choose_qparams", "quantize", "dequantize", "fake_quantize", "sqnr_db", "group_view"]
+__all__ = ["choose_qparams", "quantize", "dequantize", "fake_quantize", "sqnr_db", "group_view", "mse_clip_search"]
 
 
 def _check(w: torch.Tensor, bits: int, group_size: int) -> int:
@@ -41,6 +41,20 @@ def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1] // g, g)
 
 
+def _qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool):
+    """Scale and zero from a group's (clipped) range; any shape, elementwise."""
+    maxq = 2 ** bits - 1
+    if sym:
+        scale = torch.maximum(wmax, -wmin) * 2 / maxq
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        scale = (wmax - wmin) / maxq
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-wmin / scale).clamp(1, maxq)
+    return scale.clamp(min=1e-6).half().float(), zero
+
+
 def choose_qparams(w: torch.Tensor, bits: int, group_size: int, sym: bool,
                    clip: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for each (row, group).
@@ -53,23 +67,12 @@ def choose_qparams(w: torch.Tensor, bits: int, group_size: int, sym: bool,
         scale (out, n_groups) float32, zero (out, n_groups) float32 holding integers.
     """
     _check(w, bits, group_size)
-    maxq = 2 ** bits - 1
     wg = group_view(w.float(), group_size)
     wmin = wg.amin(dim=-1).clamp(max=0)
     wmax = wg.amax(dim=-1).clamp(min=0)
     if clip is not None:
         wmin, wmax = wmin * clip, wmax * clip
-    if sym:
-        amax = torch.maximum(wmax, -wmin)
-        scale = amax * 2 / maxq
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(min=1e-6).half().float()
-        zero = torch.full_like(scale, float((maxq + 1) // 2))
-    else:
-        scale = (wmax - wmin) / maxq
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.round(-wmin / scale).clamp(1, maxq)
-    scale = scale.clamp(min=1e-6).half().float()
-    return scale, zero
+    return _qparams_from_range(wmin, wmax, bits, sym)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -92,6 +95,31 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, clip=N
     """Round-trip through the grid (used by searches and as a test oracle)."""
     scale, zero = choose_qparams(w, bits, group_size, sym, clip)
     return dequantize(quantize(w, scale, zero, bits, group_size), scale, zero, group_size, w.dtype)
+
+
+def mse_clip_search(w: torch.Tensor, bits: int, group_size: int, sym: bool, grid: int = 100,
+                    maxshrink: float = 0.8, norm: float = 2.4, chunk: int = 16) -> torch.Tensor:
+    """Per-(row, group) range shrink factor minimising ``sum |w - Q(w)|^norm`` (GPTQ's ``mse`` option).
+
+    Tries ``p = 1, 1 - 1/grid, ..., 1 - maxshrink`` (`chunk` candidates at a time, vectorised) and
+    keeps the best per group. Returns (out, n_groups) float32 factors for ``choose_qparams(clip=)``.
+    """
+    maxq = 2 ** bits - 1
+    wg = group_view(w.float(), group_size)                        # (N, G, g)
+    wmin, wmax = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    ps = 1 - torch.arange(int(maxshrink * grid) + 1, dtype=torch.float32) / grid
+    best = torch.full(wg.shape[:2], float("inf"))
+    best_p = torch.ones(wg.shape[:2])
+    for c in range(0, ps.numel(), chunk):
+        p = ps[c:c + chunk].view(-1, 1, 1)                        # (P, 1, 1)
+        scale, zero = _qparams_from_range(wmin * p, wmax * p, bits, sym)   # (P, N, G)
+        q = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
+        err = ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - wg).abs_().pow_(norm).sum(-1)
+        e, i = err.min(0)                                        # first (largest p) wins ties
+        better = e < best
+        best = torch.where(better, e, best)
+        best_p = torch.where(better, p.view(-1)[i], best_p)
+    return best_p
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:

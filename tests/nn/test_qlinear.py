@@ -17,7 +17,9 @@ def test_from_codes_round_trip(bits, group, sym):
     assert torch.equal(q2, q) and torch.equal(z2, z) and torch.equal(s2, s)
     x = torch.randn(3, 5, 128)
     ref = F.linear(x, dequantize(q, s, z, group), m.bias)
-    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    # the compiled kernel accumulates in another order than F.linear: fp32 normwise relative error
+    assert float((m(x) - ref).norm() / ref.norm()) < 1e-5
+    torch.testing.assert_close(m.reference_forward(x), ref, rtol=0, atol=0)
 
 
 def test_refuses_bad_shapes():

@@ -1,0 +1,125 @@
+"""Shared benchmark harness: machine header, cache-busting timing, stream bandwidth, tables, JSON.
+
+Conventions (house style, after nanoGPT/llm.c and Marlin's bench.py):
+  * every timing is a median over repetitions, after warm-up;
+  * weights rotate over copies totalling more than `ROTATE_BYTES`, so each call reads them from
+    DRAM rather than from the last-level cache;
+  * ratios are against baselines measured in the same run, on the same machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["ROTATE_BYTES", "machine_info", "header", "copies_for", "time_rotating", "stream_read_gbps",
+           "print_table", "write_json"]
+
+ROTATE_BYTES = 1 << 30  # 1 GiB, well past any L3 on this class of machine
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cache_l3() -> str:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def machine_info() -> dict:
+    from compressor import kernels
+    ext = kernels.extension
+    return {
+        "cpu": _cpu_model(),
+        "l3": _cache_l3(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "compressor_kernels": ext.isa() if ext is not None else "reference (no extension)",
+        "python": platform.python_version(),
+    }
+
+
+def header(title: str, info: dict) -> str:
+    return (f"# {title}\n# cpu: {info['cpu']} | L3 {info['l3']} | threads: {info['threads']} | "
+            f"torch {info['torch']} ({info['torch_cpu_capability']}) | kernels: {info['compressor_kernels']}")
+
+
+def copies_for(nbytes: int, total: int = ROTATE_BYTES) -> int:
+    """How many copies of an `nbytes` operand make more than `total` bytes (at least 2)."""
+    return max(2, math.ceil((total + 1) / max(nbytes, 1)))
+
+
+def time_rotating(fn: Callable, args: Sequence[tuple], reps: int = 30, warmup: int = 3,
+                  min_time: float = 0.2, max_time: float = 3.0) -> float:
+    """Median seconds of ``fn(*args[i % len(args)])``, cycling through the copies in order.
+
+    Every call gets the next copy. The copies were written one after another, so each was last
+    touched more than ROTATE_BYTES ago when its turn comes, in the first lap as in later ones; no
+    full lap is needed. Runs at least `reps` calls and `min_time` seconds, at most `max_time`.
+    """
+    for i in range(warmup):
+        fn(*args[i % len(args)])
+    times, i, start = [], warmup, time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_time:
+        a = args[i % len(args)]
+        t0 = time.perf_counter()
+        fn(*a)
+        times.append(time.perf_counter() - t0)
+        i += 1
+        if time.perf_counter() - start > max_time and len(times) >= 5:
+            break
+    return statistics.median(times)
+
+
+def stream_read_gbps(nbytes: int = 2 * ROTATE_BYTES, reps: int = 7) -> float:
+    """Streaming read bandwidth in GB/s: median time of a vectorised sum over `nbytes` of float32.
+
+    The reduction does one add per 4 bytes, far below what the cores can issue, so the time is the
+    time to read the buffer from DRAM.
+    """
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    buf.sum()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    del buf
+    return nbytes / statistics.median(times) / 1e9
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Markdown table. columns: (key, title, format spec); missing values print as '—'."""
+    def cell(r, key, fmt):
+        v = r.get(key)
+        if v is None:
+            return "—"
+        return format(v, fmt) if fmt else str(v)
+    print("| " + " | ".join(t for _, t, _ in columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for r in rows:
+        print("| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |")
+
+
+def write_json(path: str, info: dict, rows: list[dict], **extra) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"machine": info, **extra, "rows": rows}, f, indent=1)

@@ -1,0 +1,179 @@
+"""Quality at equal bits on SmolLM2-135M: ours (RTN, GPTQ, AWQ, AWQ+GPTQ) against fp32 and peers.
+
+    python benchmarks/quality.py [--windows 16] [--out out/quality] [--rows fp32,rtn-w4g64,...]
+
+Every row runs in its own subprocess so that its peak RSS and time are its own. Our rows compress
+with the shipped recipe, write the checkpoint, *reload it with compressor.load* and measure the
+reloaded model's perplexity (the in-memory model's perplexity is measured too and must agree).
+Peer rows (bitsandbytes NF4 blocksize 64, HQQ 4-bit g64) quantize in memory through the peers' own
+libraries. Calibration uses wikitext2-valid.tokens; evaluation uses the first N windows of 2048
+tokens of wikitext2-test.txt. Writes quality.json and quality.md beside the table it prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+OURS = {  # row -> (recipe, bits, group)
+    "rtn-w4g64": ("rtn-w4g64", 4, 64), "gptq-w4g64": ("gptq-w4g64", 4, 64), "awq-w4g64": ("awq-w4g64", 4, 64),
+    "awq-gptq-w4g64": ("awq-gptq-w4g64", 4, 64), "rtn-w3g64": (None, 3, 64), "gptq-w3g64": ("gptq-w3g64", 3, 64),
+}
+PEERS = {"bnb-nf4-b64": (4, 64), "hqq-w4g64": (4, 64)}
+DEFAULT_ROWS = ["fp32", *OURS, *PEERS]
+RTN_W3G64 = {"description": "RTN 3-bit g64 asym (benchmark row)", "passes": [{"rtn": {"bits": 3, "group_size": 64}}]}
+
+
+def _worker(row: str, args) -> dict:
+    import torch
+
+    import compressor
+    from compressor.api import compress, dir_bytes
+    from compressor.eval import perplexity
+    from compressor.models import load_hf, resolve
+    from compressor.recipe import parse_recipe
+
+    torch.set_num_threads(args.threads)
+    test = args.data / "wikitext2-test.txt"
+    src = resolve("smollm2-135m")
+    t0 = time.perf_counter()
+    out: dict = {"row": row}
+    if row == "fp32":
+        model, tok = load_hf(src)
+        out.update(method="fp32", bits=32, group=None, mb=dir_bytes(src) / 2**20, seconds=0.0)
+    elif row in OURS:
+        recipe, bits, group = OURS[row]
+        recipe = recipe or parse_recipe(RTN_W3G64, "rtn-w3g64")
+        dest = Path(args.out) / row
+        res = compress("smollm2-135m", recipe, dest, calib_data=str(args.data / "wikitext2-valid.tokens"),
+                       overwrite=True, progress=False)
+        secs = time.perf_counter() - t0
+        tok = res.tokenizer
+        ppl_mem = perplexity(res.model, tok, test, 2048, args.windows, progress=False)
+        del res
+        model = compressor.load(dest)
+        out.update(method=row.rsplit("-", 1)[0].upper(), bits=bits, group=group, mb=dir_bytes(dest) / 2**20,
+                   seconds=secs, ppl_in_memory=ppl_mem, checkpoint=str(dest))
+    else:
+        bits, group = PEERS[row]
+        model, tok = load_hf(src)
+        if row.startswith("bnb"):
+            _bnb_nf4(model, group)
+        else:
+            _hqq(model, bits, group)
+        secs = time.perf_counter() - t0
+        out.update(method=row, bits=bits, group=group, mb=_param_bytes(model) / 2**20, seconds=secs,
+                   note="in-memory size of quantized params")
+    out["ppl"] = perplexity(model, tok, test, 2048, args.windows, progress=False)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _targets(model):
+    from compressor.passes import select_linears
+    return select_linears(model)
+
+
+def _param_bytes(model) -> int:
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    for m in model.modules():                       # bitsandbytes keeps absmax etc. in a quant_state
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None:
+            n += sum(t.numel() * t.element_size() for t in qs.as_dict(packed=True).values() if hasattr(t, "numel"))
+    return n
+
+
+def _bnb_nf4(model, blocksize: int) -> None:
+    import bitsandbytes as bnb
+    import torch
+    for name, lin in _targets(model).items():
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", blocksize=blocksize,
+                                     compress_statistics=True).to("cpu")
+        if lin.bias is not None:
+            q.bias = lin.bias
+        model.set_submodule(name, q)
+
+
+def _hqq(model, bits: int, group: int) -> None:
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    cfg = BaseQuantizeConfig(nbits=bits, group_size=group)
+    for name, lin in _targets(model).items():
+        model.set_submodule(name, HQQLinear(lin, quant_config=cfg, compute_dtype=torch.float32, device="cpu"))
+
+
+def _run_row(row: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", row, "--windows", str(args.windows), "--out", str(args.out),
+           "--data", str(args.data), "--threads", str(args.threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        err = (r.stderr.strip().splitlines() or ["?"])[-1]
+        return {"row": row, "method": row, "error": err}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict], windows: int) -> str:
+    fp = next(r for r in rows if r["row"] == "fp32")["ppl"]
+    rtn = {r["bits"]: r["ppl"] - fp for r in rows if r["row"].startswith("rtn-") and "ppl" in r}
+    head = ["method", "bits", "group", f"ppl ({windows}x2048)", "Δppl", "Δ/RTNΔ", "ckpt MB", "compress s", "peak RSS MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | | | failed: {r['error'][:80]} | | | | | |")
+            continue
+        d = r["ppl"] - fp
+        rel = d / rtn[r["bits"]] if r["bits"] in rtn and r["row"] != "fp32" else None
+        lines.append(f"| {r['row']} | {r['bits']} | {r['group'] or '-'} | {r['ppl']:.3f} | {d:+.3f} | "
+                     f"{'' if rel is None else f'{rel:.3f}'} | {r['mb']:.1f} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |")
+        r["delta_ppl"], r["delta_vs_rtn"] = d, rel
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker")
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args)))
+        return 0
+    for f in ("wikitext2-test.txt", "wikitext2-valid.tokens"):
+        if not (args.data / f).is_file():
+            sys.exit(f"quality.py: {args.data / f} not found (pass --data DIR)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for row in args.rows.split(","):
+        print(f"[{time.strftime('%H:%M:%S')}] {row} ...", file=sys.stderr, flush=True)
+        rows.append(_run_row(row, args))
+        print(f"    {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    table = _table(rows, args.windows)
+    header = (f"SmolLM2-135M-Instruct, wikitext-2 test, first {args.windows} windows of 2048 tokens; "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
+              f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(header)
+    print(table)
+    (args.out / "quality.md").write_text(f"{header}\n\n{table}\n")
+    (args.out / "quality.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

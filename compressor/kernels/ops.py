@@ -1,0 +1,104 @@
+"""`compressor::int4_linear` and `compressor::int8_linear`: group-wise dequant-matmul custom ops.
+
+Both compute ``y = x @ W.T + bias`` with ``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]`` and
+``g = k // group_size`` (the affine grid of `compressor.quant.primitives`), reading the packed
+codes in the kernel layout built by `compressor.kernels.repack`. Schema (same for both)::
+
+    (Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? perm, Tensor? bias,
+     int group_size, int out_features) -> Tensor
+
+With K = in_features, N = out_features, P = 32 / bits, T = `TILE_N` (32), Nt = ceil(N / T),
+G = K / group_size (1 for ``group_size=-1``, per-channel):
+
+* ``x``: float32 or bfloat16 ``(..., K)``, any leading shape; the output has x's dtype and
+  shape ``(..., N)``.
+* ``qweight``: int32 ``(Nt, K / P, T)``; word ``[t, w, c]`` holds codes of input channels
+  ``P*w .. P*w+P-1`` of output column ``T*t + c``, code ``j`` in bits ``[bits*j, bits*(j+1))``.
+* ``scales``: float16 ``(Nt, G, T)``; columns past N have scale 0.
+* ``zeros``: float16 ``(Nt, G, T)`` holding integers, or None for symmetric (zero ``2**(bits-1)``).
+* ``perm``: int64 ``(K,)`` or None. Act-order checkpoints have their input channels sorted by
+  group at repack time; the op gathers ``x[..., perm]`` so the packed order is contiguous per group.
+* ``bias``: ``(N,)`` or None, added in the output dtype.
+
+Constraints: K a multiple of P; group_size -1 or a multiple of P dividing K. N is free (the op
+pads to whole tiles), unlike the GPTQ checkpoint layout, which needs N a multiple of 32 / bits.
+
+The CPU kernel comes from the compiled extension `compressor._C` (csrc/); without it, or with
+``COMPRESSOR_NO_EXT=1``, the pure-PyTorch `reference` below is registered as the CPU kernel. The
+same `reference` is the test oracle.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TILE_N", "OPS", "reference", "extension", "unpack_weight"]
+
+log = logging.getLogger(__name__)
+
+TILE_N = 32  # output columns per tile; must match kTileN in csrc/kernels.h
+
+_SCHEMA = ("(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? perm, Tensor? bias, "
+           "int group_size, int out_features) -> Tensor")
+_BITS = {"int4_linear": 4, "int8_linear": 8}
+
+
+def unpack_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                  group_size: int, out_features: int) -> torch.Tensor:
+    """Kernel layout -> (N, K) float32 weight in packed (possibly permuted) channel order."""
+    nt, kw, t = qweight.shape
+    per = 32 // bits
+    k = kw * per
+    n = out_features
+    shifts = (torch.arange(per, dtype=torch.int32) * bits).view(1, 1, per, 1)
+    q = (qweight.unsqueeze(2) >> shifts) & (2 ** bits - 1)                  # (Nt, K/P, P, T)
+    q = q.reshape(nt, k, t).permute(0, 2, 1).reshape(nt * t, k)[:n]        # (N, K)
+    g = 1 if group_size == -1 else k // group_size
+    s = scales.float().permute(0, 2, 1).reshape(nt * t, g)[:n]              # (N, G)
+    z = (zeros.float().permute(0, 2, 1).reshape(nt * t, g)[:n] if zeros is not None
+         else torch.full_like(s, float(2 ** (bits - 1))))
+    w = (q.float().view(n, g, k // g) - z.unsqueeze(-1)) * s.unsqueeze(-1)  # (N, G, group)
+    return w.reshape(n, k)
+
+
+def reference(x, qweight, scales, zeros, perm, bias, group_size, out_features, *, bits):
+    """Plain PyTorch: dequantize to float32, round to x's dtype, then ``F.linear``."""
+    w = unpack_weight(qweight, scales, zeros, bits, group_size, out_features)
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _fake(x, qweight, scales, zeros, perm, bias, group_size, out_features, *, bits):
+    torch._check(x.shape[-1] == qweight.shape[1] * (32 // bits),
+                 lambda: f"x.shape[-1]={x.shape[-1]} does not match {bits}-bit qweight {tuple(qweight.shape)}")
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _load_extension():
+    """Import `compressor._C` (which registers the CPU kernels) unless disabled; None on failure."""
+    if os.environ.get("COMPRESSOR_NO_EXT") == "1":
+        return None
+    try:
+        from .. import _C
+    except ImportError as e:
+        log.info("compressor._C is not available (%s); using the PyTorch reference kernels", e)
+        return None
+    return _C
+
+
+_lib = torch.library.Library("compressor", "FRAGMENT")
+for _name, _bits in _BITS.items():
+    _lib.define(_name + _SCHEMA)
+    torch.library.register_fake(f"compressor::{_name}", functools.partial(_fake, bits=_bits), lib=_lib)
+
+extension = _load_extension()
+if extension is None:
+    for _name, _bits in _BITS.items():
+        _lib.impl(_name, functools.partial(reference, bits=_bits), "CPU")
+
+OPS = {4: torch.ops.compressor.int4_linear.default, 8: torch.ops.compressor.int8_linear.default}

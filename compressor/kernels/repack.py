@@ -1,0 +1,110 @@
+"""Repack at load time: GPTQ checkpoint layout -> the tile-major layout the CPU kernels read.
+
+The on-disk format never changes; this runs once per `QuantLinear` (on its first forward) and the
+result is cached on the module. See `compressor.kernels.ops` for the target layout. In short, the
+GPTQ int32 word (P = 32 / bits codes along in_features) is kept, and the output columns are cut
+into tiles of `TILE_N` so each thread streams one contiguous block; scales and zeros follow the
+same tiling; zeros are dropped for symmetric grids.
+
+Act-order (``desc_act``) checkpoints have a non-monotone ``g_idx``. Input channels are sorted by
+group once here (`perm`), the op gathers ``x[..., perm]``, and every group becomes a contiguous run
+of channels again, which is what the kernel's per-group epilogue needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ops import OPS, TILE_N
+
+__all__ = ["PackedWeight", "pack", "pack_module", "channel_order"]
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """One linear layer's weight in kernel layout, callable as ``packed(x, bias)``."""
+    bits: int
+    qweight: torch.Tensor          # int32 (Nt, K / P, TILE_N)
+    scales: torch.Tensor           # fp16  (Nt, G, TILE_N)
+    zeros: torch.Tensor | None     # fp16  (Nt, G, TILE_N), None if symmetric
+    perm: torch.Tensor | None      # int64 (K,), None unless act-order
+    group_size: int
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return OPS[self.bits](x, self.qweight, self.scales, self.zeros, self.perm, bias,
+                              self.group_size, self.out_features)
+
+    def args(self, bias: torch.Tensor | None = None) -> tuple:
+        """The op's arguments after ``x``."""
+        return (self.qweight, self.scales, self.zeros, self.perm, bias, self.group_size, self.out_features)
+
+
+def channel_order(g_idx: torch.Tensor | None, k: int, group: int) -> torch.Tensor | None:
+    """Permutation that makes every group a contiguous run of `group` channels; None if identity.
+
+    Raises ValueError when no permutation can (groups of unequal size).
+    """
+    natural = torch.arange(k) // group
+    if g_idx is None or torch.equal(g_idx.long(), natural):
+        return None
+    perm = torch.argsort(g_idx.long(), stable=True)
+    if not torch.equal(g_idx.long()[perm], natural):
+        counts = torch.bincount(g_idx.long()).tolist()
+        raise ValueError(f"g_idx groups have sizes {sorted(set(counts))}, not all {group}: "
+                         "the kernels need equal groups")
+    return perm
+
+
+def _words(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """(R, K) codes -> (R, K / P) int32 words, code j of a word in bits [bits*j, bits*(j+1))."""
+    per = 32 // bits
+    r, k = q.shape
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    w = (q.to(torch.int64).view(r, k // per, per) << shifts).sum(-1)      # values in [0, 2**32)
+    return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
+
+
+def _tiles(t: torch.Tensor, nt: int) -> torch.Tensor:
+    """(Npad, X) -> (Nt, X, TILE_N): columns of one tile become the fastest dimension."""
+    return t.view(nt, TILE_N, t.shape[1]).permute(0, 2, 1).contiguous()
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+         g_idx: torch.Tensor | None = None) -> PackedWeight:
+    """Codes and qparams (as from `compressor.quant.primitives`) -> `PackedWeight`.
+
+    Args:
+        q: (N, K) integer codes in [0, 2**bits).
+        scale, zero: (N, G) float; zero holds integers. Scales are stored as fp16 (exact for
+            GPTQ checkpoints, whose scales are fp16 already).
+        g_idx: (K,) group of each input channel, or None for ``k // group``.
+    """
+    if bits not in OPS:
+        raise ValueError(f"bits={bits}: the kernels support {sorted(OPS)}")
+    n, k = q.shape
+    per = 32 // bits
+    group = k if group_size == -1 else group_size
+    if k % per or group <= 0 or k % group or group % per:
+        raise ValueError(f"in_features={k} and group_size={group_size} must be multiples of {per}, "
+                         "and the group must divide in_features")
+    perm = channel_order(g_idx, k, group)
+    if perm is not None:
+        q = q[:, perm]                                                    # (N, K), groups contiguous
+    nt = -(-n // TILE_N)
+    pad = nt * TILE_N - n
+    q = torch.nn.functional.pad(q.to(torch.int64), (0, 0, 0, pad))      # (Npad, K), padded codes 0
+    scale = torch.nn.functional.pad(scale.float(), (0, 0, 0, pad))       # (Npad, G), padded scale 0
+    zero = zero.float()
+    sym = bool((zero == 2 ** (bits - 1)).all())
+    zeros = None if sym else _tiles(torch.nn.functional.pad(zero, (0, 0, 0, pad)).half(), nt)
+    return PackedWeight(bits=bits, qweight=_tiles(_words(q, bits), nt), scales=_tiles(scale.half(), nt),
+                        zeros=zeros, perm=perm, group_size=group_size, in_features=k, out_features=n)
+
+
+def pack_module(module) -> PackedWeight:
+    """`QuantLinear` (GPTQ buffers) -> `PackedWeight`. Raises ValueError if unsupported."""
+    q, scale, zero, g_idx = module.codes()
+    return pack(q, scale, zero, module.bits, module.group_size, g_idx)

@@ -1,0 +1,192 @@
+"""GPTQ: accurate post-training quantization from second-order information.
+
+Frantar, Ashkboos, Hoefler, Alistarh. "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323).
+
+For a linear layer with weight W (N x K) and calibration inputs X, GPTQ rounds W column by column
+to minimise the layer-output error ||W X - Q X||^2. After rounding column i, the error is spread
+over the not-yet-rounded columns using the inverse Hessian H^-1 = (2 X X^T + damp I)^-1 (the
+Optimal Brain Surgeon update). Columns are processed in blocks of `blocksize` with lazy updates,
+and with `act_order` in order of decreasing diag(H), which then needs `g_idx` in the checkpoint.
+
+Sample recipe::
+
+    calibration: {samples: 64, seqlen: 512}
+    passes:
+      - gptq: {bits: 4, group_size: 64, sym: false, act_order: true, clip_search: true}
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..quant.primitives import choose_qparams, mse_clip_search
+from ..sequential import catch_block_inputs, find_blocks, group_inputs, run_block, trace_groups
+from .base import Context, register_pass
+from .weight_quant import WeightQuantConfig, swap_in_quantized
+
+__all__ = ["gptq_quantize", "GPTQConfig", "layer_output_error"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the algorithm: pure tensor functions
+# ------------------------------------------------------------------------------------------------
+
+def _qparams(w: torch.Tensor, bits: int, sym: bool, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, g) slice -> scale, zero of shape (N, 1)."""
+    clip = mse_clip_search(w, bits, -1, sym) if clip_search else None
+    return choose_qparams(w, bits, -1, sym, clip)
+
+
+def layer_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the summed squared output error for inputs whose H = X X^T."""
+    D = (W - Q).double()
+    return float(torch.einsum("nk,kl,nl->", D, H.double(), D))
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool,
+                  blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
+                  clip_search: bool = False):
+    """Quantize W (N, K) given H (K, K) = 2 X X^T / n.
+
+    Returns:
+        q (N, K) uint8 codes in the original channel order, scale (N, G), zero (N, G),
+        g_idx (K,) int32 group of each input channel, and the OBS loss sum_i (w_i - q_i)^2 / d_i^2 / 2.
+    """
+    W = W.clone().float()
+    H = H.clone().float()
+    N, K = W.shape
+    g = K if group_size == -1 else group_size
+    maxq = 2 ** bits - 1
+
+    dead = torch.diag(H) == 0                      # inputs that are always zero: any value is exact
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.arange(K)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    damp = percdamp * torch.mean(torch.diag(H))
+    H[range(K), range(K)] += damp
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    codes = torch.zeros(N, K, dtype=torch.uint8)
+    scales, zeros = [], []
+    losses = torch.zeros(N)
+    if group_size == -1:
+        scale, zero = _qparams(W, bits, sym, clip_search)
+        scales.append(scale), zeros.append(zero)
+
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group_size != -1 and col % g == 0:
+                # the group's columns with every update so far (inside this block when it fits)
+                wg = W1[:, i:i + g] if i + g <= i2 - i1 else W[:, col:col + g]
+                scale, zero = _qparams(wg, bits, sym, clip_search)
+                scales.append(scale), zeros.append(zero)
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = torch.clamp(torch.round(w / scale[:, 0]) + zero[:, 0], 0, maxq)
+            dq = (q - zero[:, 0]) * scale[:, 0]
+            codes[:, col] = q.to(torch.uint8)
+            losses += (w - dq) ** 2 / d ** 2 / 2
+            err = (w - dq) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    scale = torch.cat(scales, dim=1)               # (N, G), groups in processing order
+    zero = torch.cat(zeros, dim=1)
+    invperm = torch.argsort(perm)
+    g_idx = (torch.arange(K) // g)[invperm].to(torch.int32)
+    return codes[:, invperm].contiguous(), scale, zero, g_idx, float(losses.sum())
+
+
+# ------------------------------------------------------------------------------------------------
+# wiring: layer-sequential calibration over decoder blocks
+# ------------------------------------------------------------------------------------------------
+
+@register_pass("gptq")
+@dataclass(frozen=True)
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ weight quantization; see the module docstring for the sample recipe.
+
+    act_order: process columns by decreasing Hessian diagonal (stores g_idx, desc_act: true).
+    clip_search: MSE search for each group's range (GPTQ's ``mse`` option).
+    """
+    needs_calibration = True
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    clip_search: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.blocksize < 1 or (self.group_size != -1 and self.blocksize % self.group_size):
+            raise ValueError(f"gptq.blocksize={self.blocksize} must be a positive multiple of group_size={self.group_size}")
+        if not 0 < self.percdamp < 1:
+            raise ValueError(f"gptq.percdamp={self.percdamp} must be in (0, 1)")
+
+    def preflight(self, model: nn.Module, ctx: Context) -> None:
+        super().preflight(model, ctx)
+        prefix, _ = find_blocks(model)
+        outside = [n for n in self.modules(model) if not n.startswith(prefix + ".")]
+        if outside:
+            raise ValueError(f"gptq quantizes Linears inside the decoder blocks ({prefix}.*); {outside[:3]} lie "
+                             f"outside: add them to ignore")
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        prefix, blocks = find_blocks(model)
+        targets = self.modules(model)
+        inp = catch_block_inputs(model, ctx.calibration())
+        bar = tqdm(blocks, desc=f"gptq w{self.bits}g{self.group_size}", unit="block", disable=not ctx.progress)
+        for b, block in enumerate(bar):
+            pre = f"{prefix}.{b}."
+            names = {n[len(pre):]: m for n, m in targets.items() if n.startswith(pre)}
+            results = {}
+            for grp in trace_groups(block, inp, names):
+                t0 = time.perf_counter()
+                K = names[grp[0]].in_features
+                H = torch.zeros(K, K)
+                n = 0
+
+                def accumulate(x: torch.Tensor) -> None:
+                    nonlocal n
+                    x = x.reshape(-1, K).float()
+                    H.addmm_(x.t(), x)
+                    n += x.shape[0]
+
+                group_inputs(block, inp, (grp[0], names[grp[0]]), accumulate)
+                H.mul_(2 / n)
+                t_h = (time.perf_counter() - t0) / len(grp)
+                for name in grp:
+                    t1 = time.perf_counter()
+                    lin = names[name]
+                    W = lin.weight.data
+                    q, scale, zero, g_idx, loss = gptq_quantize(W, H, self.bits, self.group_size, self.sym,
+                                                                self.blocksize, self.percdamp, self.act_order,
+                                                                self.clip_search)
+                    Wq = (q.float() - zero[:, g_idx.long()]) * scale[:, g_idx.long()]
+                    stats = {"gptq_loss": round(loss, 6),
+                             "output_error_rel": round(layer_output_error(W, Wq, H) / max(layer_output_error(W, 0 * W, H), 1e-30), 8)}
+                    lin.weight.data = Wq.to(W.dtype)          # later groups see the quantized layer
+                    results[name] = (lin, W, q, scale, zero, g_idx, stats, t_h + time.perf_counter() - t1)
+            inp = run_block(block, inp)                       # next inputs, through the quantized block
+            for name, (lin, W, q, scale, zero, g_idx, stats, sec) in results.items():
+                lin.weight.data = W                           # SQNR is measured against the float weight
+                swap_in_quantized(model, pre + name, lin, q, scale, zero, self, ctx,
+                                  g_idx=g_idx if self.act_order else None, seconds=round(sec, 3), **stats)
+        return model

@@ -1,0 +1,151 @@
+"""Layer-sequential calibration: run a model one decoder block at a time on calibration windows.
+
+The IST-DASLab/gptq scheme: a catcher grabs the inputs of block 0, then each block is processed
+and its outputs become the next block's inputs. Only one block's activations are alive at a time
+(``n_samples x seqlen x hidden`` floats), so peak memory stays near the model's own size.
+
+Within a block, linear layers that read the same tensor (q/k/v; gate/up) form a *group*; groups are
+found once by tracing which modules receive the same input object, in execution order. For
+true-sequential methods, `group_inputs` runs the block only up to the group it needs (a pre-hook
+raises `_Stop`), so later groups see the effect of earlier groups' changes.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+__all__ = ["find_blocks", "BlockInputs", "catch_block_inputs", "run_block", "trace_groups", "group_inputs",
+           "input_hooks", "kwargs_for"]
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass early."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, blocks): the ModuleList whose length is ``config.num_hidden_layers``."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return name, mod
+    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} (a ModuleList of {n} layers)")
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering a block, in batches, plus the keyword arguments blocks receive."""
+    hidden: list[torch.Tensor]              # each (batch, seqlen, hidden)
+    kwargs: dict[str, Any]                  # attention mask, position embeddings, ... (same for all batches)
+
+
+@contextlib.contextmanager
+def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None],
+                stop_after: str | None = None) -> Iterator[None]:
+    """Call ``fn(name, input)`` before each module runs; optionally stop the forward after `stop_after`.
+
+    Hooks are always removed, even if the forward raises.
+    """
+    handles = []
+
+    def make(name):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            fn(name, x)
+            if name == stop_after:
+                raise _Stop
+        return hook
+
+    try:
+        for name, m in modules.items():
+            handles.append(m.register_forward_pre_hook(make(name), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def catch_block_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> BlockInputs:
+    """Run the model up to block 0 on `ids` (n, seqlen) and keep what enters it."""
+    _, blocks = find_blocks(model)
+    hidden: list[torch.Tensor] = []
+    kwargs: dict[str, Any] = {}
+
+    def grab(mod, args, kw):
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        if not kwargs:
+            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            try:
+                model(ids[i:i + batch_size], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    kwargs.pop("past_key_values", None)
+    kwargs["use_cache"] = False
+    return BlockInputs(hidden, kwargs)
+
+
+def kwargs_for(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Slice batch-dependent kwargs (a mask or position tensor caught on a larger batch)."""
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > batch:
+            v = v[:batch]
+        elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
+            v = tuple(t[:batch] if t.dim() > 0 and t.shape[0] > batch else t for t in v)
+        out[k] = v
+    return out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inp: BlockInputs) -> BlockInputs:
+    """Full forward of `block` over every batch; returns the next block's inputs."""
+    outs = []
+    for x in inp.hidden:
+        y = block(x, **kwargs_for(inp.kwargs, x.shape[0]))
+        outs.append(y[0] if isinstance(y, tuple) else y)
+    return BlockInputs(outs, inp.kwargs)
+
+
+@torch.no_grad()
+def group_inputs(block: nn.Module, inp: BlockInputs, first: tuple[str, nn.Module],
+                 fn: Callable[[torch.Tensor], None]) -> None:
+    """Run `block` on every batch only as far as the module `first`; pass its input to `fn`."""
+    name, mod = first
+    with input_hooks({name: mod}, lambda _, x: fn(x), stop_after=name):
+        for x in inp.hidden:
+            try:
+                block(x, **kwargs_for(inp.kwargs, x.shape[0]))
+            except _Stop:
+                pass
+
+
+@torch.no_grad()
+def trace_groups(block: nn.Module, inp: BlockInputs, names: dict[str, nn.Module]) -> list[list[str]]:
+    """Group the linear layers of a block by shared input, in execution order (one short forward)."""
+    order: list[tuple[str, int]] = []
+    alive: list[torch.Tensor] = []      # keep inputs alive so that no id() is reused during the trace
+    with input_hooks(names, lambda n, x: (alive.append(x), order.append((n, id(x))))):
+        x = inp.hidden[0][:1]
+        block(x, **kwargs_for(inp.kwargs, 1))
+    groups: list[list[str]] = []
+    seen: dict[int, int] = {}
+    for n, key in order:
+        if n in (g for grp in groups for g in grp):
+            continue
+        if key in seen:
+            groups[seen[key]].append(n)
+        else:
+            seen[key] = len(groups)
+            groups.append([n])
+    return groups

@@ -1,0 +1,98 @@
+"""`compressor.kernels.quant_linear`: QuantLinear.forward against QuantLinear.reference_forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.kernels import prepare_
+from compressor.nn.qlinear import QuantLinear
+from compressor.quant.primitives import choose_qparams, quantize
+
+
+def rel_err(y, ref) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def make_qlinear(n, k, bits, group, sym=False, g_idx=None, bias=True, seed=0) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    scale, zero = choose_qparams(w, bits, group, sym)
+    q = quantize(w, scale, zero, bits, group)
+    return QuantLinear.from_codes(q, scale, zero, bits, group, g_idx=g_idx,
+                                  bias=torch.randn(n, generator=g) if bias else None)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (4, 32, True), (4, 128, False), (4, -1, True),
+                                            (8, -1, True), (8, 64, False)])
+@pytest.mark.parametrize("shape", [(1, 1), (3,), (2, 17), (64,)])
+def test_forward_matches_reference(bits, group, sym, shape):
+    m = make_qlinear(96, 384, bits, group, sym)
+    x = torch.randn(*shape, 384)
+    y = m(x)
+    assert m._kernel_state.packed is not None          # the op ran, not the fallback
+    assert y.shape == (*shape, 96)
+    assert rel_err(y, m.reference_forward(x)) <= 1e-5
+    xb = x.bfloat16()
+    yb = m(xb)
+    # reference_forward itself would fail here: F.linear refuses a bf16 input with the fp32 bias.
+    ref = torch.nn.functional.linear(xb, m.dequantized_weight(torch.bfloat16), m.bias.bfloat16())
+    assert yb.dtype == torch.bfloat16 and rel_err(yb, ref) <= 2 ** -7
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bits_take_the_reference(bits):
+    m = make_qlinear(64, 128, bits, 32)
+    x = torch.randn(5, 128)
+    assert torch.equal(m(x), m.reference_forward(x))
+    assert m._kernel_state.packed is None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_order_g_idx(bits):
+    """A GPTQ desc_act checkpoint: groups are contiguous only after permuting input channels."""
+    k, group = 256, 32
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(1))
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // group).to(torch.int32)   # non-monotone
+    m = make_qlinear(64, k, bits, group, g_idx=g_idx)
+    x = torch.randn(3, k)
+    assert rel_err(m(x), m.reference_forward(x)) <= 1e-5
+    assert m._kernel_state.packed.perm is not None
+
+
+def test_unequal_groups_fall_back():
+    k = 128
+    g_idx = torch.cat([torch.zeros(48), torch.ones(16), torch.full((64,), 2)]).to(torch.int32).flip(0)
+    m = make_qlinear(32, k, 4, 64, g_idx=None)
+    m.g_idx.copy_(torch.where(g_idx > 1, 1, g_idx))     # groups of 48 and 80 channels
+    x = torch.randn(2, k)
+    assert torch.equal(m(x), m.reference_forward(x))
+    assert m._kernel_state.packed is None
+
+
+def test_cache_follows_load_state_dict():
+    a, b = make_qlinear(64, 128, 4, 64, seed=0), make_qlinear(64, 128, 4, 64, seed=1)
+    x = torch.randn(2, 128)
+    a(x)                                                  # builds the cache for a's weights
+    a.load_state_dict(b.state_dict())                     # in-place copy_
+    assert rel_err(a(x), b.reference_forward(x)) <= 1e-5
+    c = make_qlinear(64, 128, 4, 64, seed=2)
+    a.load_state_dict(c.state_dict(), assign=True)        # new tensors
+    assert rel_err(a(x), c.reference_forward(x)) <= 1e-5
+
+
+def test_prepare_and_compile():
+    model = torch.nn.Sequential(make_qlinear(64, 128, 4, 64), torch.nn.ReLU(), make_qlinear(32, 64, 8, -1))
+    prepare_(model)
+    assert all(m._kernel_state is not None for m in model if isinstance(m, QuantLinear))
+    x = torch.randn(3, 128)
+    ref = model[2].reference_forward(torch.relu(model[0].reference_forward(x)))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert rel_err(compiled(x), ref) <= 1e-5
+
+
+def test_module_built_in_inference_mode():
+    with torch.inference_mode():
+        m = make_qlinear(64, 128, 4, 64)
+        x = torch.randn(2, 128)
+        assert rel_err(m(x), m.reference_forward(x)) <= 1e-5

@@ -1,0 +1,172 @@
+"""`compressor::int4_linear` / `int8_linear` against their PyTorch reference, on every compiled ISA.
+
+Tolerances: fp32 activations, relative error ||y - ref|| / ||ref|| <= 1e-5 (the kernels keep fp32
+accumulation and fp32 dequantized weights). bf16 activations: relative error <= 2**-7, the size of
+bf16 rounding. The reference rounds the dequantized weight to bf16 before ``F.linear`` (as
+`QuantLinear.reference_forward` does); the decode kernels multiply the exact fp32 weight and round
+only the output, so they differ from it by one bf16 rounding of the weight (measured ~3e-3).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compressor.kernels import OPS, extension, pack, reference
+from compressor.kernels.ops import unpack_weight
+from compressor.quant.primitives import choose_qparams, dequantize, quantize
+
+def _isas() -> list[str]:
+    if extension is None:
+        return ["reference"]
+    out = []
+    for name in ("avx512", "avx2", "scalar"):
+        try:
+            extension._set_isa(name)
+            out.append(name)
+        except RuntimeError:
+            pass
+    extension._set_isa("auto")
+    return out
+
+
+ISAS = _isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if extension is not None:
+        extension._set_isa(request.param)
+    yield request.param
+    if extension is not None:
+        extension._set_isa("auto")
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def assert_bf16_close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert rel_err(y, ref) <= 2 ** -7
+
+
+def make_packed(n: int, k: int, bits: int, group: int, sym: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    scale, zero = choose_qparams(w, bits, group, sym)
+    q = quantize(w, scale, zero, bits, group)
+    return pack(q, scale, zero, bits, group), (q, scale, zero)
+
+
+# K not a multiple of 256, N odd (the op pads N to whole tiles; QuantLinear itself needs N % 8 == 0).
+SHAPES = [(33, 384), (17, 1152), (65, 640)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_op_matches_reference(isa, bits, group, sym):
+    for n, k in SHAPES + ([(9, 200)] if group == -1 else []):
+        p, _ = make_packed(n, k, bits, group, sym)
+        assert (p.zeros is None) == sym
+        for m in (1, 3, 17, 64):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            y = p(x)
+            ref = reference(x, *p.args(), bits=bits)
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            assert rel_err(y, ref) <= 1e-5, (n, k, m)
+            xb = x.bfloat16()
+            assert_bf16_close(p(xb), reference(xb, *p.args(), bits=bits))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, -1)])
+def test_batch_shapes_bias_and_perm(isa, bits, group):
+    n, k = 45, 256
+    p, (q, scale, zero) = make_packed(n, k, bits, group, sym=False)
+    bias = torch.randn(n)
+    for shape in [(k,), (2, 3, k), (0, k), (40, k)]:
+        x = torch.randn(*shape)
+        y = OPS[bits](x, *p.args(bias))
+        assert y.shape == (*shape[:-1], n)
+        if x.numel():
+            assert rel_err(y, reference(x, *p.args(bias), bits=bits)) <= 1e-5
+    perm = torch.randperm(k)
+    args = (p.qweight, p.scales, p.zeros, perm, bias, group, n)
+    x = torch.randn(5, k)
+    assert rel_err(OPS[bits](x, *args), reference(x, *args, bits=bits)) <= 1e-5
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, -1])
+def test_repack_round_trip_is_exact(bits, group):
+    """unpack(pack(q)) reproduces dequantize(q) bit for bit, padding included."""
+    for n, k in [(33, 384), (8, 64)]:
+        p, (q, scale, zero) = make_packed(n, k, bits, group, sym=False)
+        assert p.qweight.shape == (-(-n // 32), k * bits // 32, 32)
+        w = unpack_weight(p.qweight, p.scales, p.zeros, bits, group, n)
+        assert torch.equal(w, dequantize(q, scale, zero, group))
+
+
+def test_opcheck():
+    for bits, group, sym, bias, perm in [(4, 64, False, True, False), (4, -1, True, False, True),
+                                         (8, 32, False, False, False), (8, -1, True, True, True)]:
+        n, k = 40, 128
+        p, _ = make_packed(n, k, bits, group, sym)
+        args = (p.qweight, p.scales, p.zeros, torch.randperm(k) if perm else None,
+                torch.randn(n) if bias else None, group, n)
+        for x in (torch.randn(3, k), torch.randn(2, 1, k).bfloat16()):
+            torch.library.opcheck(OPS[bits], (x, *args))
+
+
+@pytest.mark.skipif(extension is None, reason="constraint checks are in the C++ kernel")
+def test_errors_name_the_sizes():
+    p, _ = make_packed(40, 128, 4, 64, sym=True)
+    with pytest.raises(RuntimeError, match="in_features=96"):
+        p(torch.randn(2, 96))
+    with pytest.raises(RuntimeError, match="out_features=100"):
+        OPS[4](torch.randn(2, 128), p.qweight, p.scales, None, None, None, 64, 100)
+    with pytest.raises(RuntimeError, match="group_size=48"):
+        OPS[4](torch.randn(2, 128), p.qweight, p.scales, None, None, None, 48, 40)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        p(torch.randn(2, 128).half())
+
+
+def test_pack_rejects_unsupported():
+    q = torch.zeros(8, 64, dtype=torch.uint8)
+    s, z = torch.ones(8, 1), torch.full((8, 1), 4.0)
+    with pytest.raises(ValueError, match="bits=3"):
+        pack(q, s, z, 3, -1)
+    g_idx = torch.zeros(64, dtype=torch.int32)  # one group of 64 channels where two of 32 are expected
+    with pytest.raises(ValueError, match="not all 32"):
+        pack(q, torch.ones(8, 2), torch.full((8, 2), 8.0), 4, 32, g_idx=g_idx)
+
+
+def test_no_ext_env_uses_reference():
+    """COMPRESSOR_NO_EXT=1 registers the PyTorch reference as the CPU kernel."""
+    code = (
+        "import torch\n"
+        "from compressor.kernels import extension, pack, reference\n"
+        "assert extension is None\n"
+        "q = torch.randint(0, 16, (33, 128), dtype=torch.uint8)\n"
+        "s, z = torch.rand(33, 2) + 0.1, torch.randint(1, 16, (33, 2)).float()\n"
+        "p = pack(q, s, z, 4, 64)\n"
+        "x = torch.randn(3, 128)\n"
+        "assert torch.equal(p(x), reference(x, *p.args(), bits=4))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, COMPRESSOR_NO_EXT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_threads_split_tiles():
+    """Two threads over many tiles give the single-thread result exactly (each tile is independent)."""
+    p, _ = make_packed(32 * 40 + 7, 512, 4, 64, sym=False)
+    x = torch.randn(5, 512)
+    y1 = p(x)
+    torch.set_num_threads(2)
+    assert torch.equal(p(x), y1)
