@@ -71,6 +71,7 @@ setup(
     },
     entry_points={"console_scripts": [
         "compress=compressor.cli:main",
+        "compress-bench=compressor.bench.cli:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["find_blocks", "BlockInputs", "catch_block_inputs", "run_block", "trace_groups", "group_inputs",
-           "input_hooks", "kwargs_for"]
+           "input_hooks", "kwargs_for", "paired_group_inputs"]
 
 
 class _Stop(Exception):
@@ -117,17 +117,31 @@ def run_block(block: nn.Module, inp: BlockInputs) -> BlockInputs:
     return BlockInputs(outs, inp.kwargs)
 
 
+def _input_of(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], name: str) -> torch.Tensor:
+    """Run `block` on `x` only as far as submodule `name`; return that module's input."""
+    got: list[torch.Tensor] = []
+    with input_hooks({name: block.get_submodule(name)}, lambda _, t: got.append(t), stop_after=name):
+        try:
+            block(x, **kwargs_for(kwargs, x.shape[0]))
+        except _Stop:
+            pass
+    return got[0]
+
+
 @torch.no_grad()
-def group_inputs(block: nn.Module, inp: BlockInputs, first: tuple[str, nn.Module],
-                 fn: Callable[[torch.Tensor], None]) -> None:
-    """Run `block` on every batch only as far as the module `first`; pass its input to `fn`."""
-    name, mod = first
-    with input_hooks({name: mod}, lambda _, x: fn(x), stop_after=name):
-        for x in inp.hidden:
-            try:
-                block(x, **kwargs_for(inp.kwargs, x.shape[0]))
-            except _Stop:
-                pass
+def group_inputs(block: nn.Module, inp: BlockInputs, name: str, fn: Callable[[torch.Tensor], None]) -> None:
+    """Run `block` on every batch only as far as submodule `name`; pass its input to `fn`."""
+    for x in inp.hidden:
+        fn(_input_of(block, x, inp.kwargs, name))
+
+
+@torch.no_grad()
+def paired_group_inputs(block: nn.Module, inp: BlockInputs, ref_block: nn.Module, ref_inp: BlockInputs, name: str,
+                        fn: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+    """Like `group_inputs`, batch by batch for two streams: the compressed block on the compressed
+    stream and the float reference block on the float stream; calls ``fn(x, x_ref)``."""
+    for x, xr in zip(inp.hidden, ref_inp.hidden):
+        fn(_input_of(block, x, inp.kwargs, name), _input_of(ref_block, xr, ref_inp.kwargs, name))
 
 
 @torch.no_grad()

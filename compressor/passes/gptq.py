@@ -17,6 +17,7 @@ Sample recipe::
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -25,11 +26,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..quant.primitives import choose_qparams, mse_clip_search
-from ..sequential import catch_block_inputs, find_blocks, group_inputs, run_block, trace_groups
+from ..sequential import catch_block_inputs, find_blocks, group_inputs, paired_group_inputs, run_block, trace_groups
 from .base import Context, register_pass
 from .weight_quant import WeightQuantConfig, swap_in_quantized
 
-__all__ = ["gptq_quantize", "GPTQConfig", "layer_output_error"]
+__all__ = ["gptq_quantize", "GPTQConfig", "layer_output_error", "fp_target_correction"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -38,8 +39,25 @@ __all__ = ["gptq_quantize", "GPTQConfig", "layer_output_error"]
 
 def _qparams(w: torch.Tensor, bits: int, sym: bool, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, g) slice -> scale, zero of shape (N, 1)."""
-    clip = mse_clip_search(w, bits, -1, sym) if clip_search else None
+    clip = mse_clip_search(w, bits, -1, sym, grid=50, maxshrink=0.3) if clip_search else None
     return choose_qparams(w, bits, -1, sym, clip)
+
+
+def fp_target_correction(W: torch.Tensor, dXtX: torch.Tensor, H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Weights whose output on the quantized stream X best matches the float layer on the float stream.
+
+    Earlier layers are already quantized, so a layer sees inputs X (n x K) that differ from the float
+    model's X_ref. Instead of reproducing W X (GPTQ), aim at W X_ref: the least-squares solution of
+    min_W* ||X_ref W^T - X W*^T|| is W* = W + W (X_ref - X)^T X (X^T X + damp I)^-1. GPTQ then
+    rounds W* on H = X^T X, and by orthogonality of the least-squares residual the two errors add.
+    This is the asymmetric-calibration idea of GPTAQ (Li et al., ICML 2025) in closed form.
+
+    Args: W (N, K); dXtX (K, K) = 2 (X_ref - X)^T X / n; H (K, K) = 2 X^T X / n (same scaling).
+    """
+    Hd = H.double().clone()
+    Hd[range(H.shape[0]), range(H.shape[0])] += percdamp * torch.mean(torch.diag(Hd))
+    L = torch.linalg.cholesky(Hd)
+    return (W.double() + torch.cholesky_solve((W.double() @ dXtX.double()).t(), L).t()).to(W.dtype)
 
 
 def layer_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -124,6 +142,8 @@ class GPTQConfig(WeightQuantConfig):
 
     act_order: process columns by decreasing Hessian diagonal (stores g_idx, desc_act: true).
     clip_search: MSE search for each group's range (GPTQ's ``mse`` option).
+    fp_target: aim each layer at the *float* model's output rather than at its own float weights on
+        the already-quantized input stream (asymmetric calibration, see `fp_target_correction`).
     """
     needs_calibration = True
 
@@ -131,6 +151,7 @@ class GPTQConfig(WeightQuantConfig):
     percdamp: float = 0.01
     act_order: bool = False
     clip_search: bool = False
+    fp_target: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -152,31 +173,40 @@ class GPTQConfig(WeightQuantConfig):
         prefix, blocks = find_blocks(model)
         targets = self.modules(model)
         inp = catch_block_inputs(model, ctx.calibration())
+        ref_inp = inp if self.fp_target else None      # the float model's stream, for fp_target
         bar = tqdm(blocks, desc=f"gptq w{self.bits}g{self.group_size}", unit="block", disable=not ctx.progress)
         for b, block in enumerate(bar):
             pre = f"{prefix}.{b}."
             names = {n[len(pre):]: m for n, m in targets.items() if n.startswith(pre)}
+            ref_block = copy.deepcopy(block) if self.fp_target else None
             results = {}
             for grp in trace_groups(block, inp, names):
                 t0 = time.perf_counter()
                 K = names[grp[0]].in_features
                 H = torch.zeros(K, K)
+                dXtX = torch.zeros(K, K) if self.fp_target else None   # (X_ref - X)^T X
                 n = 0
 
-                def accumulate(x: torch.Tensor) -> None:
+                def accumulate(x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
                     nonlocal n
                     x = x.reshape(-1, K).float()
                     H.addmm_(x.t(), x)
+                    if x_ref is not None:
+                        dXtX.addmm_((x_ref.reshape(-1, K).float() - x).t(), x)
                     n += x.shape[0]
 
-                group_inputs(block, inp, (grp[0], names[grp[0]]), accumulate)
+                if self.fp_target:
+                    paired_group_inputs(block, inp, ref_block, ref_inp, grp[0], accumulate)
+                else:
+                    group_inputs(block, inp, grp[0], accumulate)
                 H.mul_(2 / n)
                 t_h = (time.perf_counter() - t0) / len(grp)
                 for name in grp:
                     t1 = time.perf_counter()
                     lin = names[name]
                     W = lin.weight.data
-                    q, scale, zero, g_idx, loss = gptq_quantize(W, H, self.bits, self.group_size, self.sym,
+                    target = W if dXtX is None else fp_target_correction(W, dXtX * (2 / n), H, self.percdamp)
+                    q, scale, zero, g_idx, loss = gptq_quantize(target, H, self.bits, self.group_size, self.sym,
                                                                 self.blocksize, self.percdamp, self.act_order,
                                                                 self.clip_search)
                     Wq = (q.float() - zero[:, g_idx.long()]) * scale[:, g_idx.long()]
@@ -185,6 +215,9 @@ class GPTQConfig(WeightQuantConfig):
                     lin.weight.data = Wq.to(W.dtype)          # later groups see the quantized layer
                     results[name] = (lin, W, q, scale, zero, g_idx, stats, t_h + time.perf_counter() - t1)
             inp = run_block(block, inp)                       # next inputs, through the quantized block
+            if self.fp_target:
+                ref_inp = run_block(ref_block, ref_inp)
+                del ref_block
             for name, (lin, W, q, scale, zero, g_idx, stats, sec) in results.items():
                 lin.weight.data = W                           # SQNR is measured against the float weight
                 swap_in_quantized(model, pre + name, lin, q, scale, zero, self, ctx,

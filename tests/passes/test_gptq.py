@@ -89,3 +89,18 @@ def test_act_order_g_idx_round_trips(tiny_llama, tmp_path):
     x = torch.randint(0, 200, (1, 40))
     with torch.no_grad():
         assert torch.equal(res.model(x).logits, loaded(x).logits)
+
+
+def test_fp_target_correction_is_least_squares():
+    """W* = argmin ||X_ref W^T - X W*^T||: compare with torch.linalg.lstsq in float64."""
+    from compressor.passes.gptq import fp_target_correction
+    g = torch.Generator().manual_seed(0)
+    n, K, N = 2048, 32, 8
+    X = torch.randn(n, K, generator=g)
+    X_ref = X + 0.1 * torch.randn(n, K, generator=g)
+    W = torch.randn(N, K, generator=g)
+    W_star = fp_target_correction(W, 2 * (X_ref - X).t() @ X / n, 2 * X.t() @ X / n, percdamp=1e-7)
+    ls = torch.linalg.lstsq(X.double(), (X_ref @ W.t()).double()).solution.t()
+    torch.testing.assert_close(W_star.double(), ls, rtol=1e-4, atol=1e-5)
+    # identical streams: no correction at all
+    torch.testing.assert_close(fp_target_correction(W, torch.zeros(K, K), 2 * X.t() @ X / n, 0.01), W)

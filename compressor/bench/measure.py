@@ -1,0 +1,298 @@
+"""The measuring side of `compress-bench`: one model per process, driven one run at a time.
+
+Why a process per model
+-----------------------
+Resident memory is a property of a process, not of a model. If BASE and a candidate shared one
+interpreter, the candidate's "RSS after load" would include BASE's weights, and freed memory that
+the allocator keeps would blur every later number. So each model lives in its own worker process
+(`ProcessWorker`, ``python -m compressor.bench.measure``) that imports the same libraries, then
+loads exactly one model. Its numbers are therefore comparable row to row:
+
+  * ``rss_base``: RSS after importing torch, transformers and compressor, before the load: the same
+    runtime overhead for every row (shown in the header, kept in the JSON);
+  * ``rss_load``: RSS right after the load (and the kernel repack, `compressor.kernels.prepare_`);
+    this is what a server holding the model pays before its first request. It can be below the
+    size of the weights when the loader maps the file and pages it in lazily (transformers does
+    this for safetensors); the first run then faults the rest in;
+  * ``peak_rss``: the high-water mark of RSS during one generation run. Linux lets a process reset
+    its own high-water mark (``echo 5 > /proc/self/clear_refs``, then ``VmHWM`` in
+    ``/proc/self/status``), so the peak is exact and excludes the load and perplexity peaks, and
+    includes every page of weights the run touched. Where that file is unavailable a 1 ms psutil
+    sampler thread stands in (``peak_rss_method`` says which).
+
+All workers stay alive for the whole benchmark but only one runs at a time: the driver sends a
+command to one, waits for its answer, then sends the next to another. That is what lets the runs
+alternate A B A B ... (see `compressor.bench.run`) without the models competing for the cores.
+
+Protocol: one JSON object per line on the worker's stdin, one JSON answer per line on a private
+copy of its stdout; everything else the libraries print goes to stderr (a log file the driver reads
+back on failure). `LocalWorker` runs the same `Measurer` in the calling process, for tests.
+
+Generation is greedy with a KV cache, written out by hand rather than with ``model.generate`` so
+the prefill and the decode steps are timed apart: one forward over the ``(batch, prompt_len)``
+prompt gives the first token (its time is the time to first token, TTFT), then ``gen_len - 1``
+single-token steps reuse the cache. No token is compared to EOS, so every run makes exactly
+``gen_len`` tokens per sequence (the ``min_new_tokens == max_new_tokens`` of ``generate``).
+Prompts are random token ids from a seeded generator, identical for every model with the same vocabulary.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["RunSample", "PeakRSS", "greedy", "Measurer", "LocalWorker", "ProcessWorker", "WorkerError", "rss_bytes"]
+
+
+class WorkerError(RuntimeError):
+    """A worker process died or answered with an error."""
+
+
+@dataclass(frozen=True)
+class RunSample:
+    """One timed generation run of one model at one batch size (seconds and bytes)."""
+    batch: int
+    prefill_s: float      # forward over the prompt plus the argmax of the first token (= TTFT)
+    decode_s: float       # the gen_len - 1 single-token steps that follow
+    peak_rss: int         # high-water mark of RSS during this run
+
+    def prefill_tok_s(self, prompt_len: int) -> float:
+        return self.batch * prompt_len / self.prefill_s
+
+    def decode_tok_s(self, gen_len: int) -> float:
+        return self.batch * (gen_len - 1) / self.decode_s
+
+
+# ---------------------------------------------------------------------------------------------
+# resident memory
+# ---------------------------------------------------------------------------------------------
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def _reset_peak() -> bool:
+    """Reset this process's RSS high-water mark (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+class PeakRSS:
+    """Context manager: ``.peak`` is the highest RSS (bytes) while the block ran."""
+
+    def __enter__(self):
+        self.exact = _reset_peak()
+        self.peak = rss_bytes()
+        if not self.exact:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        if self.exact:
+            self.peak = max(self.peak, _status_kib("VmHWM") * 1024)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_bytes())
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# greedy generation, timed in two parts
+# ---------------------------------------------------------------------------------------------
+
+def greedy(model, ids, gen_len: int):
+    """Greedy decoding with a KV cache: (tokens, prefill seconds, decode seconds).
+
+    ids: (batch, prompt_len) int64. Returns tokens (batch, gen_len) int64. The prefill is one
+    forward over the prompt plus the argmax of the first token; the decode is the ``gen_len - 1``
+    single-token steps after it. Same tokens as ``model.generate(ids, do_sample=False,
+    min_new_tokens=gen_len, max_new_tokens=gen_len)`` (tested), without its per-step overhead
+    of logits processors and stopping criteria.
+    """
+    import torch
+    out_tokens = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)                 # (batch, 1)
+        t1 = time.perf_counter()
+        cache = out.past_key_values
+        del out
+        out_tokens.append(tok)
+        for _ in range(gen_len - 1):
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            cache = out.past_key_values
+            out_tokens.append(tok)
+        t2 = time.perf_counter()
+    return torch.cat(out_tokens, dim=1), t1 - t0, t2 - t1
+
+
+# ---------------------------------------------------------------------------------------------
+# the measurer: holds one model, answers commands
+# ---------------------------------------------------------------------------------------------
+
+def load_model(path: str | Path):
+    """(model, tokenizer, kind) for a resolved directory: a compressed checkpoint or an HF model."""
+    from compressor.checkpoint import is_checkpoint
+    if is_checkpoint(path):
+        import compressor
+        from compressor.kernels import prepare_
+        model, tok = compressor.load(path, with_tokenizer=True)
+        return prepare_(model), tok, "checkpoint"   # repack now, not inside the first timed token
+    from compressor.models import load_hf
+    model, tok = load_hf(path)
+    return model, tok, "hf"
+
+
+class Measurer:
+    """One model in this process. Each public method is one protocol command."""
+
+    def __init__(self, threads: int):
+        import torch
+        torch.set_num_threads(threads)
+        self.model = None
+        gc.collect()
+        self.rss_base = rss_bytes()
+
+    def load(self, path: str) -> dict:
+        t0 = time.perf_counter()
+        self.model, _, kind = load_model(path)
+        load_s = time.perf_counter() - t0
+        gc.collect()
+        return {"kind": kind, "load_s": load_s, "rss_base": self.rss_base, "rss_load": rss_bytes(),
+                "peak_rss_method": "VmHWM" if _reset_peak() else "psutil-sampler"}
+
+    def generate(self, batch: int, prompt_len: int, gen_len: int, seed: int) -> dict:
+        """One greedy run on seeded random prompts: time the prefill (TTFT) and the decode steps apart."""
+        import torch
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, self.model.config.vocab_size, (batch, prompt_len), generator=g)  # (batch, prompt_len)
+        with PeakRSS() as mem:
+            _, prefill_s, decode_s = greedy(self.model, ids, gen_len)
+        return asdict(RunSample(batch=batch, prefill_s=prefill_s, decode_s=decode_s, peak_rss=mem.peak))
+
+    def perplexity(self, ids: list[int], seqlen: int) -> dict:
+        import torch
+
+        from compressor.eval import perplexity
+        t0 = time.perf_counter()
+        ppl = perplexity(self.model, None, torch.tensor(ids, dtype=torch.int64), seqlen=seqlen, progress=False)
+        return {"ppl": ppl, "seconds": time.perf_counter() - t0, "windows": len(ids) // seqlen}
+
+    def handle(self, msg: dict) -> dict:
+        commands = {"load": self.load, "generate": self.generate, "perplexity": self.perplexity}
+        cmd = msg.pop("cmd")
+        if cmd not in commands:
+            raise ValueError(f"unknown worker command {cmd!r}; known: {sorted(commands)}")
+        return commands[cmd](**msg)
+
+
+class LocalWorker:
+    """The `Measurer` in this process (tests, debugging). Memory numbers then include whatever else
+    the process holds, so `compressor.bench.run` uses `ProcessWorker` unless told otherwise."""
+
+    def __init__(self, threads: int):
+        self._m = Measurer(threads)
+
+    def call(self, cmd: str, **kw) -> dict:
+        return self._m.handle({"cmd": cmd, **kw})
+
+    def close(self):
+        self._m = None
+
+
+class ProcessWorker:
+    """A `Measurer` in a child process, spoken to with JSON lines."""
+
+    def __init__(self, threads: int, label: str = "model"):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+        self.label = label
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self._p = subprocess.Popen([sys.executable, "-m", "compressor.bench.measure", str(threads)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                   text=True, env=env)
+
+    def call(self, cmd: str, **kw) -> dict:
+        try:
+            self._p.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+            self._p.stdin.flush()
+        except BrokenPipeError:
+            pass
+        line = self._p.stdout.readline()
+        if not line:
+            raise WorkerError(f"{self.label}: worker process died during {cmd!r}: {self._tail()}")
+        ans = json.loads(line)
+        if "error" in ans:
+            raise WorkerError(f"{self.label}: {cmd} failed: {ans['error']}")
+        return ans
+
+    def _tail(self) -> str:
+        self._p.wait(timeout=10)
+        self._log.seek(0)
+        lines = [ln for ln in self._log.read().strip().splitlines() if ln.strip()]
+        return (lines[-1] if lines else f"exit status {self._p.returncode}")[:300]
+
+    def close(self):
+        if self._p.poll() is None:
+            try:
+                self._p.stdin.close()
+                self._p.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self._p.kill()
+                self._p.wait()
+        self._log.close()
+
+
+def _serve(threads: int) -> None:
+    # Answers go to a private copy of stdout; fd 1 is pointed at stderr so that nothing the
+    # libraries print (Python or C++) can corrupt the protocol.
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    import compressor  # noqa: F401  (import everything before the baseline RSS is read)
+    import compressor.eval  # noqa: F401
+    import transformers  # noqa: F401
+    m = Measurer(threads)
+    for line in sys.stdin:
+        try:
+            ans = m.handle(json.loads(line))
+        except Exception as e:  # reported to the driver, which turns it into a one-line error
+            ans = {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+        proto.write(json.dumps(ans) + "\n")
+        proto.flush()
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]))

@@ -1,0 +1,171 @@
+"""Renderings of a `compressor.bench.BenchResult`: a rich table, JSON, Markdown and a PNG.
+
+Every rendering reads the same `Row` list, so the terminal, the files and the plot always agree.
+Model-wide values (size, RSS after load, perplexity) are printed on a model's first row only.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import BenchResult, Row
+
+__all__ = ["header_lines", "table_cells", "print_table", "write_json", "write_markdown", "plot"]
+
+MIB = 2 ** 20
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    cell: Callable[[Row, bool], str]    # (row, first row of its model) -> text
+    model_wide: bool = False
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:+.2f}%"
+
+
+def _cost(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"${v:.3g}" if v < 1 else f"${v:,.2f}"
+
+
+COLUMNS = [
+    Column("model", lambda r, first: r.label if first else ""),
+    Column("batch", lambda r, first: str(r.batch)),
+    Column("disk MiB", lambda r, first: f"{r.disk_bytes / MIB:,.1f}", True),
+    Column("RSS load MiB", lambda r, first: f"{r.rss_load / MIB:,.0f}", True),
+    Column("ppl", lambda r, first: _num(r.ppl, ".3f"), True),
+    Column("Δppl", lambda r, first: "base" if r.is_base else _pct(r.ppl_increase_pct), True),
+    Column("peak RSS MiB", lambda r, first: f"{r.peak_rss / MIB:,.0f}"),
+    Column("TTFT ms", lambda r, first: f"{r.ttft_s * 1e3:,.1f}" if r.ttft_s < 0.1 else f"{r.ttft_s * 1e3:,.0f}"),
+    Column("prefill tok/s", lambda r, first: f"{r.prefill_tok_s:,.1f} ±{r.prefill_spread_pct:.0f}%"),
+    Column("decode tok/s", lambda r, first: f"{r.decode_tok_s:,.1f} ±{r.decode_spread_pct:.0f}%"),
+    Column("decode ×base", lambda r, first: "base" if r.is_base else f"{r.decode_speedup:.2f}x"),
+    Column("$/1M gen", lambda r, first: _cost(r.cost_gen)),
+    Column("$/1M prompt", lambda r, first: _cost(r.cost_prompt)),
+    Column("gate", lambda r, first: "FAIL" if r.failures else ("—" if r.is_base else "ok")),
+]
+
+
+def table_cells(result: BenchResult) -> list[list[str]]:
+    out, prev = [], None
+    for r in result.rows:
+        first = r.label != prev
+        out.append([c.cell(r, first) if (first or not c.model_wide) else "" for c in COLUMNS])
+        prev = r.label
+    return out
+
+
+def header_lines(result: BenchResult) -> list[str]:
+    m, c = result.machine, result.config
+    v = ", ".join(f"{k} {x}" for k, x in m["versions"].items())
+    base_rss = {mr.label: mr.rss_base for mr in result.models}
+    lines = [
+        f"cpu: {m['cpu']} | {m['physical_cores']} cores, {m['logical_cpus']} logical | threads: {m['threads']}",
+        f"{v} | {m['date']}",
+        f"greedy, prompt {c.prompt_len} random tokens (seed {c.seed}), {c.gen_len} generated tokens; "
+        f"median of {c.runs} runs after {c.warmup} warm-up, models alternating run by run; ratios are medians "
+        f"of per-run ratios to {result.models[0].label}",
+        ("one process per model" if result.isolated else "all models in one process (memory columns not per model)")
+        + "; runtime RSS before load: "
+        + ", ".join(f"{k} {b / MIB:,.0f} MiB" for k, b in base_rss.items()),
+    ]
+    if result.eval_data:
+        w = result.models[0].ppl_windows
+        lines.append(f"perplexity: {result.eval_data}, {w} window{'s' if w != 1 else ''} of {c.seqlen} tokens")
+    if c.price_per_hour is not None:
+        lines.append(f"cost at ${c.price_per_hour:g}/hour at the measured prefill / decode throughput")
+    gates = [f"--max-ppl-increase {c.max_ppl_increase:g}%" if c.max_ppl_increase is not None else "",
+             f"--min-speedup {c.min_speedup:g}x (decode)" if c.min_speedup is not None else ""]
+    if any(gates):
+        lines.append("gate: " + ", ".join(g for g in gates if g))
+    return lines
+
+
+def print_table(result: BenchResult, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    for line in header_lines(result):
+        console.print(f"# {line}", style="dim", highlight=False)
+    t = Table(show_lines=False, header_style="bold")
+    for i, c in enumerate(COLUMNS):
+        t.add_column(c.title, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for r, cells in zip(result.rows, table_cells(result)):
+        t.add_row(*cells, style="red" if r.failures else None)
+    console.print(t)
+    for f in result.failures:
+        console.print(f"[red]gate failed[/red]: {f}", highlight=False)
+
+
+def write_json(result: BenchResult, path: str | Path) -> Path:
+    """Everything: machine, config, rows, and per model every raw warm-up and timed run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_dict(), indent=1))
+    return path
+
+
+def write_markdown(result: BenchResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# compress-bench", ""] + [f"- {h}" for h in header_lines(result)] + [""]
+    lines.append("| " + " | ".join(c.title for c in COLUMNS) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|")
+    for cells in table_cells(result):
+        lines.append("| " + " | ".join(x or " " for x in cells) + " |")
+    if result.failures:
+        lines += ["", "**Gate failed:**", ""] + [f"- {f}" for f in result.failures]
+    lines += ["", "TTFT: the prompt's forward plus the first token. Decode tok/s: batch × (gen-len − 1) / time of "
+              "the decode steps. ± is half the range of the runs over their median. $/1M: hourly price / "
+              "(3600 × tokens/s) × 1e6."]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot(result: BenchResult, path: str | Path) -> Path:
+    """Quality against cost: one labelled point per model, at the largest batch size.
+
+    x is $/1M generated tokens when a price was given, else decode tokens/s; y is perplexity when
+    it was measured, else size on disk.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = max(result.config.batches)
+    rows = [r for r in result.rows if r.batch == b]
+    priced = result.config.price_per_hour is not None
+    xs = [r.cost_gen if priced else r.decode_tok_s for r in rows]
+    has_ppl = all(r.ppl is not None for r in rows)
+    ys = [r.ppl if has_ppl else r.disk_bytes / MIB for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for r, x, y in zip(rows, xs, ys):
+        ax.scatter([x], [y], s=60, color="tab:red" if r.failures else ("tab:gray" if r.is_base else "tab:blue"),
+                   zorder=3)
+        note = f"{r.label}\n{r.disk_bytes / MIB:,.1f} MiB, {r.decode_tok_s:,.1f} tok/s"
+        ax.annotate(note, (x, y), textcoords="offset points", xytext=(8, 6), fontsize=8)
+    ax.set_xlabel(f"\\$ per 1M generated tokens at \\${result.config.price_per_hour:g}/h (batch {b})" if priced
+                  else f"decode tokens/s (batch {b})")
+    ax.set_ylabel("perplexity" + (f" ({Path(result.eval_data).name})" if result.eval_data else "")
+                  if has_ppl else "size on disk (MiB)")
+    ax.set_title("quality vs cost: lower left is better" if priced else "quality vs speed")
+    ax.ticklabel_format(useOffset=False, style="plain")
+    ax.grid(True, alpha=0.3)
+    ax.margins(x=0.35, y=0.25)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
