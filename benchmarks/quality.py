@@ -56,6 +56,7 @@ def _worker(row: str, args) -> dict:
         res = compress("smollm2-135m", recipe, dest, calib_data=str(args.data / "wikitext2-valid.tokens"),
                        overwrite=True, progress=False)
         secs = time.perf_counter() - t0
+        out["compress_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         tok = res.tokenizer
         ppl_mem = perplexity(res.model, tok, test, 2048, args.windows, progress=False)
         del res
@@ -70,6 +71,7 @@ def _worker(row: str, args) -> dict:
         else:
             _hqq(model, bits, group)
         secs = time.perf_counter() - t0
+        out["compress_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out.update(method=row, bits=bits, group=group, mb=_param_bytes(model) / 2**20, seconds=secs,
                    note="in-memory size of quantized params")
     out["ppl"] = perplexity(model, tok, test, 2048, args.windows, progress=False)
@@ -129,18 +131,49 @@ def _run_row(row: str, args) -> dict:
 def _table(rows: list[dict], windows: int) -> str:
     fp = next(r for r in rows if r["row"] == "fp32")["ppl"]
     rtn = {r["bits"]: r["ppl"] - fp for r in rows if r["row"].startswith("rtn-") and "ppl" in r}
-    head = ["method", "bits", "group", f"ppl ({windows}x2048)", "Δppl", "Δ/RTNΔ", "ckpt MB", "compress s", "peak RSS MiB"]
+    head = ["method", "bits", "group", f"ppl ({windows}x2048)", "Δppl", "Δ/RTNΔ", "ckpt MB", "compress s",
+            "peak RSS MiB compress", "peak RSS MiB all", "ppl in memory"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | | | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['row']} | | | failed: {r['error'][:80]} |" + " |" * (len(head) - 4))
             continue
         d = r["ppl"] - fp
         rel = d / rtn[r["bits"]] if r["bits"] in rtn and r["row"] != "fp32" else None
         lines.append(f"| {r['row']} | {r['bits']} | {r['group'] or '-'} | {r['ppl']:.3f} | {d:+.3f} | "
-                     f"{'' if rel is None else f'{rel:.3f}'} | {r['mb']:.1f} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |")
+                     f"{'' if rel is None else f'{rel:.3f}'} | {r['mb']:.1f} | {r['seconds']:.0f} | "
+                     f"{r.get('compress_rss_mib', r['peak_rss_mib']):.0f} | {r['peak_rss_mib']:.0f} | "
+                     + (f"{r['ppl_in_memory']:.3f} |" if "ppl_in_memory" in r else " |"))
         r["delta_ppl"], r["delta_vs_rtn"] = d, rel
     return "\n".join(lines)
+
+
+def _acceptance(rows: list[dict]) -> list[tuple[str, bool, str]]:
+    """Issue 3's bars, checked on the rows of this run."""
+    by = {r["row"]: r for r in rows if "error" not in r}
+    out = []
+
+    def rel(row):
+        return by[row]["delta_vs_rtn"] if row in by else float("nan")
+
+    out.append(("GPTQ w4g64 Δppl <= 0.40 x RTN's", rel("gptq-w4g64") <= 0.40, f"{rel('gptq-w4g64'):.3f}"))
+    ours4 = [r for r in ("gptq-w4g64", "awq-w4g64", "awq-gptq-w4g64") if r in by]
+    if ours4:
+        best = min(ours4, key=lambda r: by[r]["ppl"])
+        peers = {p: by[p]["ppl"] for p in PEERS if p in by}
+        ok = rel(best) <= 0.35 and all(by[best]["ppl"] < v for v in peers.values())
+        out.append((f"best 4-bit ({best}) Δppl <= 0.35 x RTN's and below {', '.join(peers) or 'no peers'}", ok,
+                    f"{rel(best):.3f}; ppl {by[best]['ppl']:.3f} vs " +
+                    ", ".join(f"{p} {v:.3f}" for p, v in peers.items())))
+    out.append(("GPTQ w3g64 Δppl <= 0.35 x RTN w3g64's", rel("gptq-w3g64") <= 0.35, f"{rel('gptq-w3g64'):.3f}"))
+    if "gptq-w4g64" in by:
+        s = by["gptq-w4g64"]["seconds"]
+        out.append(("GPTQ w4g64 compresses in < 300 s", s < 300, f"{s:.0f} s"))
+    for r in by.values():
+        if "ppl_in_memory" in r:
+            d = abs(r["ppl"] - r["ppl_in_memory"]) / r["ppl_in_memory"]
+            out.append((f"{r['row']}: reloaded ppl == in-memory ppl (within 0.1%)", d <= 1e-3, f"{d * 100:.4f}%"))
+    return out
 
 
 def main() -> int:
@@ -168,10 +201,15 @@ def main() -> int:
     header = (f"SmolLM2-135M-Instruct, wikitext-2 test, first {args.windows} windows of 2048 tokens; "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
               f"{time.strftime('%Y-%m-%d %H:%M')}")
+    checks = _acceptance(rows)
+    acc = "\n".join(f"- [{'x' if ok else ' '}] {name}: {val}" for name, ok, val in checks)
     print(header)
     print(table)
-    (args.out / "quality.md").write_text(f"{header}\n\n{table}\n")
-    (args.out / "quality.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    print("\n## acceptance (issue 3)\n" + acc)
+    (args.out / "quality.md").write_text(f"{header}\n\n{table}\n\n## acceptance (issue 3)\n{acc}\n")
+    (args.out / "quality.json").write_text(json.dumps(
+        {"header": header, "rows": rows, "acceptance": [dict(check=n, ok=o, value=v) for n, o, v in checks]},
+        indent=2))
     return 0
 
 

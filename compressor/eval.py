@@ -43,7 +43,27 @@ def perplexity(model, tokenizer, text: str | Path | torch.Tensor, seqlen: int = 
     nll, count = 0.0, 0
     for i in tqdm(range(n), desc=desc, unit="window", disable=not progress, leave=False):
         x = ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0)
-        logits = model(x, use_cache=False).logits[0, :-1].float()
-        nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        nll += _window_nll(model, x)
         count += seqlen - 1
     return math.exp(nll / count)
+
+
+def _window_nll(model, x: torch.Tensor, chunk: int = 512) -> float:
+    """Summed NLL of x[0, 1:] given its prefixes.
+
+    The output head runs on `chunk` positions at a time, so a 2048-token window over a 49k
+    vocabulary never holds its full (seqlen x vocab) logits and their log-softmax at once.
+    Models without a separable decoder and head fall back to their full logits.
+    """
+    decoder = getattr(model, "get_decoder", lambda: None)()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = model(x, use_cache=False).logits[0, :-1].float()
+        return F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+    h = decoder(input_ids=x, use_cache=False).last_hidden_state[0, :-1]
+    scale = getattr(model.config, "logit_scale", None) or 1.0
+    total = 0.0
+    for i in range(0, h.shape[0], chunk):
+        logits = head(h[i:i + chunk]).float() * scale
+        total += F.cross_entropy(logits, x[0, 1 + i:1 + i + chunk], reduction="sum").item()
+    return total

@@ -17,9 +17,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["find_blocks", "BlockInputs", "catch_block_inputs", "run_block", "trace_groups", "group_inputs",
-           "input_hooks", "kwargs_for", "paired_group_inputs"]
+           "input_hooks", "kwargs_for", "collect_inputs", "last_group_inputs",
+           "residual_update"]
 
 
 class _Stop(Exception):
@@ -136,15 +138,6 @@ def group_inputs(block: nn.Module, inp: BlockInputs, name: str, fn: Callable[[to
 
 
 @torch.no_grad()
-def paired_group_inputs(block: nn.Module, inp: BlockInputs, ref_block: nn.Module, ref_inp: BlockInputs, name: str,
-                        fn: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-    """Like `group_inputs`, batch by batch for two streams: the compressed block on the compressed
-    stream and the float reference block on the float stream; calls ``fn(x, x_ref)``."""
-    for x, xr in zip(inp.hidden, ref_inp.hidden):
-        fn(_input_of(block, x, inp.kwargs, name), _input_of(ref_block, xr, ref_inp.kwargs, name))
-
-
-@torch.no_grad()
 def trace_groups(block: nn.Module, inp: BlockInputs, names: dict[str, nn.Module]) -> list[list[str]]:
     """Group the linear layers of a block by shared input, in execution order (one short forward)."""
     order: list[tuple[str, int]] = []
@@ -163,3 +156,58 @@ def trace_groups(block: nn.Module, inp: BlockInputs, names: dict[str, nn.Module]
             seen[key] = len(groups)
             groups.append([n])
     return groups
+
+
+@torch.no_grad()
+def collect_inputs(block: nn.Module, inp: BlockInputs, names: list[str],
+                   store: torch.dtype | None = None) -> tuple[dict[str, list[torch.Tensor]], BlockInputs]:
+    """One full forward of `block` per batch, keeping the inputs of submodules `names` (per batch)
+    and the block's outputs. For a block that does not change (a float reference), this replaces
+    one early-stopped forward per group.
+
+    `store` (e.g. float16) halves the memory of the kept inputs; a tensor outside its range is
+    kept as it is.
+    """
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def keep(n: str, t: torch.Tensor) -> None:
+        if store is not None and t.is_floating_point() and t.abs().max() < torch.finfo(store).max / 2:
+            t = t.to(store)
+        got[n].append(t)
+
+    with input_hooks({n: block.get_submodule(n) for n in names}, keep):
+        out = run_block(block, inp)
+    return got, out
+
+
+@torch.no_grad()
+def last_group_inputs(block: nn.Module, inp: BlockInputs, name: str,
+                      fn: Callable[[torch.Tensor], None]) -> tuple[list[torch.Tensor], BlockInputs]:
+    """Full forwards of `block` that pass submodule `name`'s input to `fn` and keep it.
+
+    Returns (inputs of `name` per batch, block outputs with the *current* weights). When `name` is
+    the last layer of the block and feeds the output through a residual sum (llama's down_proj),
+    `residual_update` turns these outputs into the outputs after `name` changes, saving a forward.
+    """
+    kept: list[torch.Tensor] = []
+    with input_hooks({name: block.get_submodule(name)}, lambda _, t: (kept.append(t), fn(t))):
+        out = run_block(block, inp)
+    return kept, out
+
+
+@torch.no_grad()
+def residual_update(block: nn.Module, inp: BlockInputs, out: BlockInputs, name: str, x: list[torch.Tensor],
+                    delta: torch.Tensor, rtol: float = 1e-3) -> BlockInputs:
+    """Outputs of `block` after submodule `name`'s weight changed by `delta` (new - old).
+
+    Assumes out = ... + name(x), i.e. the layer's output reaches the block output through a plain
+    residual sum, so the change is x @ delta^T. The assumption is checked on the first batch
+    against a real forward; if it does not hold, every batch is recomputed.
+    """
+    new = [y + F.linear(xi, delta.to(xi.dtype)).reshape(y.shape) for y, xi in zip(out.hidden, x)]
+    check = run_block(block, BlockInputs(inp.hidden[:1], inp.kwargs)).hidden[0]
+    err = (check - new[0]).norm() / check.norm().clamp_min(1e-30)
+    if err > rtol:
+        return run_block(block, inp)
+    new[0] = check
+    return BlockInputs(new, out.kwargs)

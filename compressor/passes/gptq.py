@@ -17,7 +17,6 @@ Sample recipe::
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -26,7 +25,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..quant.primitives import choose_qparams, mse_clip_search
-from ..sequential import catch_block_inputs, find_blocks, group_inputs, paired_group_inputs, run_block, trace_groups
+from ..sequential import (catch_block_inputs, collect_inputs, find_blocks, group_inputs, last_group_inputs,
+                          residual_update, run_block, trace_groups)
 from .base import Context, register_pass
 from .weight_quant import WeightQuantConfig, swap_in_quantized
 
@@ -178,27 +178,33 @@ class GPTQConfig(WeightQuantConfig):
         for b, block in enumerate(bar):
             pre = f"{prefix}.{b}."
             names = {n[len(pre):]: m for n, m in targets.items() if n.startswith(pre)}
-            ref_block = copy.deepcopy(block) if self.fp_target else None
-            results = {}
-            for grp in trace_groups(block, inp, names):
+            groups = trace_groups(block, inp, names)
+            ref_x = None
+            if self.fp_target:          # the float block once: every group's reference input, and its output
+                ref_x, ref_inp = collect_inputs(block, ref_inp, [g[0] for g in groups], store=torch.float16)
+            results, last = {}, None
+            for gi, grp in enumerate(groups):
                 t0 = time.perf_counter()
                 K = names[grp[0]].in_features
                 H = torch.zeros(K, K)
                 dXtX = torch.zeros(K, K) if self.fp_target else None   # (X_ref - X)^T X
                 n = 0
+                refs = iter(ref_x[grp[0]]) if self.fp_target else None
 
-                def accumulate(x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
+                def accumulate(x: torch.Tensor) -> None:
                     nonlocal n
                     x = x.reshape(-1, K).float()
                     H.addmm_(x.t(), x)
-                    if x_ref is not None:
-                        dXtX.addmm_((x_ref.reshape(-1, K).float() - x).t(), x)
+                    if refs is not None:
+                        dXtX.addmm_((next(refs).reshape(-1, K).float() - x).t(), x)
                     n += x.shape[0]
 
-                if self.fp_target:
-                    paired_group_inputs(block, inp, ref_block, ref_inp, grp[0], accumulate)
+                if gi == len(groups) - 1 and len(grp) == 1:   # full forwards now; fix the outputs up later
+                    last = (grp[0], *last_group_inputs(block, inp, grp[0], accumulate))
                 else:
                     group_inputs(block, inp, grp[0], accumulate)
+                if ref_x is not None:
+                    del ref_x[grp[0]]
                 H.mul_(2 / n)
                 t_h = (time.perf_counter() - t0) / len(grp)
                 for name in grp:
@@ -214,10 +220,13 @@ class GPTQConfig(WeightQuantConfig):
                              "output_error_rel": round(layer_output_error(W, Wq, H) / max(layer_output_error(W, 0 * W, H), 1e-30), 8)}
                     lin.weight.data = Wq.to(W.dtype)          # later groups see the quantized layer
                     results[name] = (lin, W, q, scale, zero, g_idx, stats, t_h + time.perf_counter() - t1)
-            inp = run_block(block, inp)                       # next inputs, through the quantized block
-            if self.fp_target:
-                ref_inp = run_block(ref_block, ref_inp)
-                del ref_block
+            if last is None:
+                inp = run_block(block, inp)                   # next inputs, through the quantized block
+            else:
+                name, x, out = last
+                lin, W = results[name][:2]
+                inp = residual_update(block, inp, out, name, x, lin.weight.data - W)
+                del x, out, last
             for name, (lin, W, q, scale, zero, g_idx, stats, sec) in results.items():
                 lin.weight.data = W                           # SQNR is measured against the float weight
                 swap_in_quantized(model, pre + name, lin, q, scale, zero, self, ctx,
