@@ -53,14 +53,15 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_
     x = x.float()
     x_mean = x.abs().mean(0)                                   # (K,)
     W = torch.cat([w.float() for w in weights], 0)             # (N, K)
-    ref = x @ W.t()
+    # mean_{t,n} (x_t (W - Wq)_n)^2 = tr(D C D^T) / (T N) with C = X^T X: no (T, N) outputs needed
+    C = x.t() @ x
     best, best_s, best_a = float("inf"), torch.ones_like(x_mean), 0.0
     for i in range(n_grid):
         a = i / n_grid
         s = x_mean.pow(a).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        Wq = fake_quantize(W * s, bits, group_size, sym) / s
-        err = (ref - x @ Wq.t()).pow(2).mean().item()
+        D = W - fake_quantize(W * s, bits, group_size, sym) / s
+        err = ((D @ C) * D).sum().item() / (x.shape[0] * W.shape[0])
         if err < best:
             best, best_s, best_a = err, s, a
     return best_s, best_a
@@ -85,7 +86,7 @@ def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> No
 
 
 def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, sym: bool,
-                n_grid: int = 20, max_shrink: float = 0.5, chunk: int = 256) -> torch.Tensor:
+                n_grid: int = 20, max_shrink: float = 0.5, chunk: int = 64) -> torch.Tensor:
     """Per-(row, group) max |w| minimising the group's output error on inputs x.
 
     Args:
@@ -96,18 +97,20 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, sy
     N, K = w.shape
     g = K if group_size == -1 else group_size
     xg = x.float().reshape(-1, K // g, g)                      # (T, G, g)
+    # The error of group (n, G) over the tokens is d C_G d^T / T with C_G = X_G^T X_G (g x g), d the
+    # weight error: the same number as mean_t (x_t,G . d)^2 without materialising (T, n, G) outputs.
+    C = torch.einsum("tgk,tgl->gkl", xg, xg) / xg.shape[0]    # (G, g, g)
     best_max = torch.empty(N, K // g)
     for r0 in range(0, N, chunk):                              # rows in chunks to bound memory
         wg = group_view(w[r0:r0 + chunk].float(), g)           # (n, G, g)
-        ref = torch.einsum("tgk,ngk->tng", xg, wg)
         org_max = wg.abs().amax(-1, keepdim=True)              # (n, G, 1)
         best_err = torch.full(org_max.shape[:2], float("inf"))
         best = org_max[..., 0].clone()
         for i in range(int(max_shrink * n_grid)):
             mx = org_max * (1 - i / n_grid)
             cw = torch.clamp(wg, -mx, mx).reshape(wg.shape[0], K)
-            q = fake_quantize(cw, bits, group_size, sym).reshape(wg.shape)
-            err = (torch.einsum("tgk,ngk->tng", xg, q) - ref).pow(2).mean(0)     # (n, G)
+            d = fake_quantize(cw, bits, group_size, sym).reshape(wg.shape) - wg
+            err = (torch.einsum("ngk,gkl->ngl", d, C) * d).sum(-1)              # (n, G)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, mx[..., 0], best)
@@ -198,16 +201,27 @@ class AWQConfig(PassConfig):
                                        disable=not ctx.progress)):
             pre = f"{prefix}.{b}."
             names = {n[len(pre):]: m for n, m in targets.items() if n.startswith(pre)}
-            nxt = run_block(block, inp)                       # scaling keeps the float function
             groups = trace_groups(block, inp, names)
             producers = _producers(block, inp, groups, names)
+            # The same random max_tokens token positions for every group, kept as the block runs
+            # (one forward, which also gives the next block's inputs: scaling keeps the float function).
+            n_tok = sum(x.shape[0] * x.shape[1] for x in inp.hidden)
+            keep = torch.randperm(n_tok, generator=gen)[:self.max_tokens].sort().values
             feats: dict[str, list[torch.Tensor]] = {g[0]: [] for g in groups}
-            with input_hooks({g[0]: names[g[0]] for g in groups}, lambda n, x: feats[n].append(x.reshape(-1, x.shape[-1]))):
-                run_block(block, inp)
+            offset = {g[0]: 0 for g in groups}
+
+            def sample(n: str, x: torch.Tensor) -> None:
+                x = x.reshape(-1, x.shape[-1])
+                lo = offset[n]
+                sel = keep[(keep >= lo) & (keep < lo + x.shape[0])] - lo
+                feats[n].append(x[sel].clone())
+                offset[n] = lo + x.shape[0]
+
+            with input_hooks({g[0]: names[g[0]] for g in groups}, sample):
+                nxt = run_block(block, inp)
             for grp in groups:
                 t0 = time.perf_counter()
-                x = torch.cat(feats[grp[0]])
-                x = x[torch.randperm(x.shape[0], generator=gen)[:self.max_tokens]]
+                x = torch.cat(feats.pop(grp[0]))
                 lins = [names[n] for n in grp]
                 alpha = None
                 prev = producers.get(grp[0])

@@ -70,3 +70,23 @@ def test_recipe_needs_matching_quantizer():
         parse_recipe({"passes": [{"awq": {}}, {"rtn": {"group_size": 32}}]})
     with pytest.raises(RecipeError, match="cannot follow"):
         parse_recipe({"passes": [{"rtn": {}}, {"awq": {}}]})
+
+
+def test_search_clip_matches_direct_output_error():
+    """The Hessian form of the clip search picks what brute-force output errors pick."""
+    from compressor.passes.awq import search_clip
+    from compressor.quant.primitives import fake_quantize, group_view
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 128, generator=g).double()
+    w = torch.randn(8, 128, generator=g).double()
+    got = search_clip(x, w, 4, 32, False, n_grid=10, max_shrink=0.5)
+    wg = group_view(w, 32)
+    org = wg.abs().amax(-1, keepdim=True)
+    errs = []
+    for i in range(5):
+        mx = org * (1 - i / 10)
+        q = fake_quantize(torch.clamp(wg, -mx, mx).reshape(8, 128), 4, 32, False).reshape(wg.shape)
+        errs.append((torch.einsum("tgk,ngk->tng", x.reshape(-1, 4, 32), q - wg)).pow(2).mean(0))
+    best = torch.stack(errs).argmin(0)                                   # (n, G)
+    want = (org[..., 0] * (1 - best / 10)).float()
+    torch.testing.assert_close(got, want)
