@@ -123,7 +123,8 @@ def _run_row(row: str, args) -> dict:
            "--data", str(args.data), "--threads", str(args.threads)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        err = (r.stderr.strip().splitlines() or ["?"])[-1]
+        lines = [l for l in r.stderr.strip().splitlines() if "Error" in l or "error" in l]
+        err = lines[-1] if lines else f"worker exited with status {r.returncode}"
         return {"row": row, "method": row, "error": err}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
