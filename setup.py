@@ -62,12 +62,14 @@ setup(
         "psutil>=5.9",
         "sentencepiece",
         "protobuf",
+        "accelerate>=0.30",          # meta-device skeletons in compressor.load
+        "peft>=0.13",                # lora pass, adapter directories
+        "bitsandbytes>=0.45",        # nf4 pass (QLoRA base), NF4 peer rows
+        "matplotlib>=3.7",           # compress-bench --plot
     ],
     extras_require={
         "test": ["pytest>=7"],
-        "peers": ["bitsandbytes>=0.45", "hqq"],
-        "train": ["peft>=0.13", "bitsandbytes>=0.45", "accelerate"],
-        "bench": ["matplotlib>=3.7"],
+        "peers": ["hqq"],
     },
     entry_points={"console_scripts": [
         "compress=compressor.cli:main",

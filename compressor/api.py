@@ -1,9 +1,14 @@
 """The Python API: `compress_` applies a recipe to a model in place; `compress` is the whole job
 (resolve, load, preflight, passes, save) that the CLI calls.
+
+Passes that train (lora) keep their state in a work directory beside the output, ``OUT.work/``, which
+survives a crash and is removed after a successful save; ``resume=True`` continues from it.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +21,7 @@ from .models import load_hf, resolve, weights_hash
 from .passes import Context
 from .recipe import Recipe, load_recipe
 
-__all__ = ["compress_", "compress", "CompressResult", "preflight"]
+__all__ = ["compress_", "compress", "CompressResult", "preflight", "check_output", "work_dir_for"]
 
 log = logging.getLogger("compressor")
 
@@ -34,6 +39,9 @@ def preflight(model: nn.Module, recipe: Recipe | str | Path, ctx: Context | None
     if recipe.needs_calibration and ctx.calib_data is None:
         raise ValueError(f"recipe {recipe.source!r} needs calibration data: pass --calib-data FILE "
                          f"(for example ../shared/data/wikitext2-valid.tokens)")
+    if recipe.needs_train_data and ctx.train_data is None:
+        raise ValueError(f"recipe {recipe.source!r} needs training text: pass --train-data FILE "
+                         f"(for example ../shared/data/wikitext2-valid.tokens)")
     return recipe
 
 
@@ -41,16 +49,23 @@ def compress_(model: nn.Module, recipe: Recipe | str | Path, ctx: Context | None
     """Apply every pass of `recipe` to `model`, in place, and return it.
 
     `ctx` carries calibration data, the tokenizer and progress; it collects per-layer statistics
-    and the specs of compressed modules that `checkpoint.save` needs.
+    and the specs of compressed modules that `checkpoint.save` needs. A recipe that distils from
+    the original model uses `ctx.original`, or else a deep copy of `model` taken here.
+    Passes may return a different object (lora returns a peft model, or the merged float model):
+    use the return value.
     """
     recipe = _as_recipe(recipe)
     ctx = ctx or Context()
     for k, v in recipe.calibration.items():
         setattr(ctx, {"samples": "calib_samples", "seqlen": "calib_seqlen", "seed": "seed"}[k], v)
+    if recipe.needs_original and ctx.original is None:
+        snapshot = copy.deepcopy(model)            # the teacher, taken before any pass changes the model
+        ctx.original = lambda: snapshot
     preflight(model, recipe, ctx)
     for p in recipe.passes:
         t0 = time.perf_counter()
         model = p.apply(model, ctx)
+        ctx.applied.append(p.name)
         ctx.record(f"pass:{p.name}", seconds=round(time.perf_counter() - t0, 3))
     return model
 
@@ -71,24 +86,71 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, calib_data: str | None = None,
-             overwrite: bool = False, progress: bool = True, ctx: Context | None = None) -> CompressResult:
-    """Resolve `model_spec`, apply `recipe` and write the checkpoint to `out` atomically."""
+def work_dir_for(out: str | Path) -> Path:
+    """Where training state lives while `out` is being made: ``OUT.work`` beside it."""
     out = Path(out)
-    recipe = _as_recipe(recipe)
+    return out.parent / f"{out.name}.work"
+
+
+def check_output(out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Refuse an existing `out` (unless `overwrite`) and a work directory that does not fit `resume`.
+
+    Returns the work directory. Nothing is changed on disk.
+    """
+    out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {str(out)!r} already exists; pass --overwrite to replace it")
-    if calib_data is not None and not Path(calib_data).is_file():
-        raise FileNotFoundError(f"calibration file {calib_data!r} does not exist")
+    work = work_dir_for(out)
+    if resume:
+        if not any(work.glob("*.pt")):
+            raise FileNotFoundError(f"--resume: no training state in {str(work)!r} to continue from "
+                                    f"(run without --resume to start)")
+    elif work.exists() and not overwrite:
+        raise FileExistsError(f"{str(work)!r} holds the training state of an interrupted run; pass --resume to "
+                              f"continue it or --overwrite to start over")
+    return work
+
+
+def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, calib_data: str | None = None,
+             train_data: str | None = None, overwrite: bool = False, resume: bool = False, progress: bool = True,
+             ctx: Context | None = None) -> CompressResult:
+    """Resolve `model_spec`, apply `recipe` and write the result to `out` atomically.
+
+    The result is a compressed checkpoint, or peft's adapter directory when the recipe ends with
+    ``lora: {save: adapter}`` (`compressor.load` reads both). Training state is kept in
+    `work_dir_for(out)` until the save succeeds; `resume` continues from it.
+    """
+    out = Path(out)
+    recipe = _as_recipe(recipe)
+    work = check_output(out, overwrite, resume)
+    for flag, f in (("calibration", calib_data), ("training", train_data)):
+        if f is not None and not Path(f).is_file():
+            raise FileNotFoundError(f"{flag} file {f!r} does not exist")
+    unsaved = recipe.unsaved_quantizers()
+    if unsaved:
+        raise ValueError(f"recipe {recipe.source!r}: the modules of {unsaved} have no checkpoint format; end the "
+                         f"recipe with a lora pass (save: adapter), or use compress_ to keep the model in memory")
     t0 = time.perf_counter()
     src = resolve(model_spec)
     model, tok = load_hf(src)
     ctx = ctx or Context()
-    ctx.tokenizer, ctx.calib_data, ctx.progress = tok, calib_data, progress
+    ctx.tokenizer, ctx.calib_data, ctx.train_data, ctx.progress = tok, calib_data, train_data, progress
+    ctx.work_dir, ctx.resume = work, resume
+    ctx.original = lambda: load_hf(src)[0]   # the teacher is re-read from disk only when a pass asks
     preflight(model, recipe, ctx)           # refuse bad group sizes etc. before the hash and the work
-    source = {"spec": str(model_spec), "path": str(src), "sha256": weights_hash(src)}
-    compress_(model, recipe, ctx)
-    checkpoint.save(model, tok, out, recipe=recipe.to_dict(), module_specs=ctx.module_specs,
-                    layer_stats=ctx.layer_stats, source=source, overwrite=overwrite)
+    ctx.source = {"spec": str(model_spec), "path": str(src), "sha256": weights_hash(src)}
+    if work.exists() and not resume:        # --overwrite: the old training state is discarded
+        shutil.rmtree(work)
+    model = compress_(model, recipe, ctx)
+    extra = {"training": ctx.training} if ctx.training else {}
+    if ctx.evals:
+        extra["perplexity"] = ctx.evals
+    if recipe.artifact == "adapter":
+        checkpoint.save_adapter(model, tok, out, recipe=recipe.to_dict(), source=ctx.source,
+                                overwrite=overwrite, extra=extra)
+    else:
+        checkpoint.save(model, tok, out, recipe=recipe.to_dict(), module_specs=ctx.module_specs,
+                        layer_stats=ctx.layer_stats, source=ctx.source, overwrite=overwrite, extra=extra)
+    shutil.rmtree(work, ignore_errors=True)
     return CompressResult(out=out, model=model, tokenizer=tok, seconds=time.perf_counter() - t0,
                           source_bytes=dir_bytes(src), out_bytes=dir_bytes(out), ctx=ctx)

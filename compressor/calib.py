@@ -1,11 +1,23 @@
-"""Calibration data: N windows of L tokens sampled with a seed from a text file."""
+"""Calibration data: N windows of L tokens sampled with a seed from a text file; the default text."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-__all__ = ["tokenize_file", "calibration_windows"]
+__all__ = ["tokenize_file", "calibration_windows", "default_text_file", "DEFAULT_TEXT"]
+
+DEFAULT_TEXT = "wikitext2-valid.tokens"
+
+
+def default_text_file() -> Path | None:
+    """The text used when a recipe needs calibration or training text and none is given:
+    ``$COMPRESSOR_DATA/wikitext2-valid.tokens``, else ``../shared/data/wikitext2-valid.tokens``
+    relative to the working directory; None if neither exists."""
+    candidates = [Path(os.environ["COMPRESSOR_DATA"]) / DEFAULT_TEXT] if os.environ.get("COMPRESSOR_DATA") else []
+    candidates.append(Path("..") / "shared" / "data" / DEFAULT_TEXT)
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def tokenize_file(path: str | Path, tokenizer) -> torch.Tensor:

@@ -11,6 +11,12 @@ A checkpoint directory holds
     low-rank, NF4) add an entry in `MODULE_TYPES` and nothing else changes.
   * the tokenizer files.
 
+A recipe that ends with ``lora: {save: adapter}`` gives an *adapter directory* instead
+(`save_adapter`): peft's ``adapter_config.json`` and ``adapter_model.safetensors`` (load with
+``PeftModel.from_pretrained(base, path)``), ``compression.json`` with ``artifact: peft-adapter``,
+the recipe, the hash of the source weights and the training loss curve, and the tokenizer. The
+base is not stored: `load` re-makes it from the source model and the recipe's passes before lora.
+
 `save` writes to a temporary directory beside the destination and renames it into place, so a
 crash or Ctrl-C never leaves a half-written checkpoint.
 """
@@ -22,6 +28,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,11 +37,13 @@ import torch.nn as nn
 
 from .nn.qlinear import QuantLinear
 
-__all__ = ["FORMAT_VERSION", "MODULE_TYPES", "save", "load", "atomic_dir", "versions", "CheckpointError"]
+__all__ = ["FORMAT_VERSION", "MODULE_TYPES", "save", "save_adapter", "load", "atomic_dir", "versions",
+           "CheckpointError"]
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "compression.json"
+ADAPTER = "peft-adapter"
 
 
 class CheckpointError(ValueError):
@@ -52,7 +61,7 @@ MODULE_TYPES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"gptq": _gptq_
 def versions() -> dict[str, str]:
     import importlib.metadata as md
     out = {"python": platform.python_version()}
-    for pkg in ("compressor", "torch", "transformers", "safetensors"):
+    for pkg in ("compressor", "torch", "transformers", "safetensors", "peft", "bitsandbytes"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -138,14 +147,62 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe: dict[str, 
     return Path(out_dir)
 
 
+def save_adapter(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe: dict[str, Any],
+                 source: dict[str, Any], overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """Write a peft model's adapter (peft's own format), compression.json and the tokenizer atomically."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)                 # adapter_config.json, adapter_model.safetensors
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {"format_version": FORMAT_VERSION, "artifact": ADAPTER, "recipe": recipe, "source": source,
+                "versions": versions(), **(extra or {})}
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    return Path(out_dir)
+
+
+def _load_adapter(path: Path, meta: dict[str, Any], base: str | Path | None, dtype: torch.dtype) -> nn.Module:
+    """The source model, put through the recipe's passes before lora, with the adapter on top."""
+    import logging
+
+    from .passes.nf4 import import_bnb
+    import_bnb()                                            # before peft imports it, quietly
+    from peft import PeftModel
+
+    from .api import compress_
+    from .models import load_hf, resolve, weights_hash
+    from .passes import Context
+    from .recipe import Recipe
+
+    src_meta = meta.get("source", {})
+    if base is None:
+        base = src_meta.get("path") if Path(str(src_meta.get("path", ""))).is_dir() else src_meta.get("spec")
+    if base is None:
+        raise CheckpointError(f"{path}: adapter without a recorded source model; pass base=")
+    src = resolve(base)
+    if src_meta.get("sha256") and weights_hash(src) != src_meta["sha256"]:
+        logging.getLogger("compressor").warning("%s: base %s differs from the weights the adapter was trained on",
+                                                path, src)
+    model, _ = load_hf(src, dtype=dtype)
+    recipe = meta["recipe"]
+    before = [p for p in recipe["passes"][:-1]]
+    if before:
+        model = compress_(model, Recipe.from_dict({**recipe, "passes": before}), Context(progress=False))
+    with warnings.catch_warnings():                         # transformers' deprecation notes, via peft
+        warnings.simplefilter("ignore", FutureWarning)
+        return PeftModel.from_pretrained(model, str(path)).eval()
+
+
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / META).is_file()
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False):
+def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False,
+         base: str | Path | None = None):
     """Rebuild a compressed model: skeleton with empty parameters, swap modules, load with assign=True.
 
     Needs neither GPTQModel nor auto-gptq. Returns the model (and the tokenizer if asked).
+    An adapter directory comes back as a peft model on its base, re-made from `base` (default: the
+    source recorded in compression.json) by the recipe's passes before lora.
     """
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
@@ -163,6 +220,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
         raise CheckpointError(f"{path / META}: corrupt JSON ({e})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {meta.get('format_version')!r}, this compressor reads {FORMAT_VERSION}")
+    if meta.get("artifact") == ADAPTER:
+        model = _load_adapter(path, meta, base, dtype)
+        return (model, AutoTokenizer.from_pretrained(path)) if with_tokenizer else model
     wfile = path / WEIGHTS
     if not wfile.is_file():
         raise CheckpointError(f"{path}: missing {WEIGHTS}")

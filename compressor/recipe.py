@@ -44,6 +44,38 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return any(p.needs_calibration for p in self.passes)
 
+    @property
+    def needs_train_data(self) -> bool:
+        return any(p.needs_train_data for p in self.passes)
+
+    @property
+    def needs_original(self) -> bool:
+        return any(p.needs_original for p in self.passes)
+
+    @property
+    def artifact(self) -> str:
+        """What `compressor.api.compress` writes: 'checkpoint' (GPTQ layout) or 'adapter' (peft)."""
+        return self.passes[-1].artifact
+
+    def unsaved_quantizers(self) -> list[str]:
+        """Quantization passes whose modules would reach a checkpoint with no format to store them."""
+        if self.artifact != "checkpoint":
+            return []
+        last = []
+        for p in self.passes:
+            if p.leaves_float:
+                last = []
+            elif p.stage == Stage.QUANTIZE and not p.checkpointable:
+                last.append(p.name)
+        return last
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        """Inverse of `to_dict` (as stored in compression.json)."""
+        passes = [{d["pass"]: {k: v for k, v in d.items() if k != "pass"}} for d in data["passes"]]
+        return parse_recipe({"description": data.get("description", ""), "calibration": data.get("calibration") or {},
+                             "passes": passes}, source=data.get("source", "<inline>"))
+
     def to_dict(self) -> dict[str, Any]:
         return {"description": self.description, "calibration": dict(self.calibration),
                 "passes": [p.to_dict() for p in self.passes], "source": self.source}
@@ -52,30 +84,57 @@ class Recipe:
 def check_order(passes: tuple[PassConfig, ...]) -> None:
     """The cross-pass rules, all in one place.
 
-    * stages never decrease: transforms, then at most one quantization, then recovery passes;
-    * a transform that prepares for quantization (AWQ) needs a quantization pass after it with the
-      same bits and group size.
+    * A pass that gives float Linears back (`leaves_float`: lora with ``save: merged``) ends a
+      *segment*. Within a segment stages never decrease: transforms, then at most one quantization,
+      then recovery passes. So a recipe may quantize once more after a merge, and must: a merged
+      model is float, and the recipe says how to re-quantize it.
+    * A pass whose result is saved as an adapter (lora with ``save: adapter``) comes last.
+    * A transform that prepares for quantization (AWQ) needs the quantization pass of its segment,
+      after it, to use the same bits and group size; a pass that tunes integer-quantized layers
+      (PEQA) needs an integer quantization pass before it in its segment.
     """
     if not passes:
         raise RecipeError("recipe has no passes")
-    stages = [p.stage for p in passes]
-    for a, b, pa, pb in zip(stages, stages[1:], passes, passes[1:]):
-        if b < a:
-            raise RecipeError(f"pass {pb.name!r} ({b.name.lower()}) cannot follow {pa.name!r} ({a.name.lower()}): "
-                              f"order is transform -> quantize -> recover")
-    quant = [p for p in passes if p.stage == Stage.QUANTIZE]
-    if len(quant) > 1:
-        raise RecipeError(f"at most one quantization pass per recipe, got {[p.name for p in quant]}")
+    segments: list[list[PassConfig]] = [[]]
     for p in passes:
-        need = getattr(p, "requires_quantizer", False)
-        if need:
-            if not quant:
+        segments[-1].append(p)
+        if p.leaves_float:
+            segments.append([])
+    for i, seg in enumerate(segments):
+        for pa, pb in zip(seg, seg[1:]):
+            if pb.stage < pa.stage:
+                raise RecipeError(f"pass {pb.name!r} ({pb.stage.name.lower()}) cannot follow {pa.name!r} "
+                                  f"({pa.stage.name.lower()}): order is transform -> quantize -> recover "
+                                  f"(after lora with save: merged, one more quantize pass may follow)")
+        quant = [p for p in seg if p.stage == Stage.QUANTIZE]
+        if len(quant) > 1:
+            raise RecipeError(f"at most one quantization pass per recipe, got {[p.name for p in quant]} "
+                              f"(a second one may follow lora with save: merged)")
+        if i > 0 and not quant:
+            raise RecipeError(f"pass {segments[i - 1][-1].name!r} with save: merged gives back float weights: add a "
+                              f"quantization pass after it (for example gptq) or use save: adapter")
+        for j, p in enumerate(seg):
+            if getattr(p, "requires_quantized", False) and not any(hasattr(q, "group_size") for q in seg[:j]
+                                                                   if q.stage == Stage.QUANTIZE):
+                raise RecipeError(f"pass {p.name!r} trains the scales of integer-quantized layers: put it after "
+                                  f"rtn or gptq")
+            if not getattr(p, "requires_quantizer", False):
+                continue
+            after = [q for q in seg[j + 1:] if q.stage == Stage.QUANTIZE]
+            if not after:
                 raise RecipeError(f"pass {p.name!r} prepares weights for quantization: add a quantization pass "
                                   f"(rtn or gptq) after it")
-            q = quant[0]
-            if (getattr(q, "bits", None), getattr(q, "group_size", None)) != (p.bits, p.group_size):
+            q = after[0]
+            if not hasattr(q, "group_size"):
+                raise RecipeError(f"pass {p.name!r} searches for integer w{p.bits}g{p.group_size} rounding but "
+                                  f"{q.name!r} is not an integer quantizer; use rtn or gptq")
+            if (q.bits, q.group_size) != (p.bits, p.group_size):
                 raise RecipeError(f"pass {p.name!r} searched for w{p.bits}g{p.group_size} but {q.name!r} quantizes "
                                   f"to w{q.bits}g{q.group_size}; make them equal")
+    for p in passes[:-1]:
+        if p.artifact == "adapter":
+            raise RecipeError(f"pass {p.name!r} with save: adapter must be the last pass (its adapter is what is "
+                              f"saved); use save: merged to quantize again after it")
 
 
 def _build_pass(entry: Any, defaults: dict[str, Any], where: str) -> PassConfig:

@@ -12,21 +12,25 @@ registered by name:
 
 Every config validates itself in ``__post_init__`` (bad value -> ValueError naming it and the
 allowed set) and may check itself against the model in ``preflight`` before any pass runs.
-Cross-pass ordering is checked in `compressor.recipe.check_order` using each pass's `stage`.
+Cross-pass ordering is checked in `compressor.recipe.check_order` using each pass's `stage` and
+`leaves_float`; what `compressor.api.compress` writes follows from the last pass's `artifact`.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 
-__all__ = ["Stage", "PassConfig", "Context", "register_pass", "PASSES", "select_linears", "DEFAULT_IGNORE"]
+__all__ = ["Stage", "PassConfig", "Context", "register_pass", "PASSES", "select_linears", "DEFAULT_IGNORE",
+           "require_packages"]
 
 log = logging.getLogger("compressor")
 
@@ -37,7 +41,8 @@ class Stage(enum.IntEnum):
     """Where a pass may stand in a recipe; stages never decrease along the recipe.
 
     TRANSFORM: float-to-float rewrites (AWQ scaling, pruning, low-rank factorization).
-    QUANTIZE:  replaces float Linears with packed ones (RTN, GPTQ, NF4). At most one per recipe.
+    QUANTIZE:  replaces float Linears with packed ones (RTN, GPTQ, NF4). At most one per recipe,
+               or one more after a pass that `leaves_float` (LoRA with ``save: merged``).
     RECOVER:   trains or adapts what is there (LoRA, distillation) after any other pass.
     """
     TRANSFORM = 0
@@ -63,7 +68,10 @@ class PassConfig:
     """Fields every pass has: which modules it touches (regexes over module names)."""
     name: ClassVar[str] = "?"
     stage: ClassVar[Stage] = Stage.TRANSFORM
-    needs_calibration: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False     # reads ctx.calibration()
+    needs_train_data: ClassVar[bool] = False      # reads ctx.train_data
+    needs_original: ClassVar[bool] = False        # calls ctx.original() for the uncompressed model
+    checkpointable: ClassVar[bool] = True         # checkpoint.save can store the modules it makes
 
     targets: tuple[str, ...] = (r".*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
@@ -80,6 +88,16 @@ class PassConfig:
                 except re.error as e:
                     raise ValueError(f"{self.name}.{attr}: invalid regex {rx!r} ({e})") from None
             object.__setattr__(self, attr, v)
+
+    @property
+    def leaves_float(self) -> bool:
+        """True if the model leaves this pass with float Linears again, so one more quantize may follow."""
+        return False
+
+    @property
+    def artifact(self) -> str:
+        """What `compressor.api.compress` writes when this pass is last: 'checkpoint' or 'adapter'."""
+        return "checkpoint"
 
     # --- hooks a pass overrides -----------------------------------------------------------
     def preflight(self, model: nn.Module, ctx: "Context") -> None:
@@ -98,13 +116,16 @@ class PassConfig:
         return select_linears(model, self.targets, self.ignore)
 
 
-def select_linears(model: nn.Module, targets=(r".*",), ignore=DEFAULT_IGNORE) -> dict[str, nn.Linear]:
-    """Float ``nn.Linear`` modules whose name matches a target regex and no ignore regex."""
+def select_linears(model: nn.Module, targets=(r".*",), ignore=DEFAULT_IGNORE,
+                   kinds: tuple[type, ...] = (nn.Linear,)) -> dict[str, nn.Linear]:
+    """Modules of exactly one of the types `kinds` (default: float ``nn.Linear``) whose name matches a
+    target regex and no ignore regex. Subclasses such as bitsandbytes' ``Linear4bit`` are only
+    selected when listed in `kinds`."""
     tgt = [re.compile(t) for t in targets]
     ign = [re.compile(i) for i in ignore]
     out = {}
     for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear:
+        if type(mod) not in kinds:
             continue
         if any(r.search(name) for r in ign) or not any(r.search(name) for r in tgt):
             continue
@@ -112,20 +133,43 @@ def select_linears(model: nn.Module, targets=(r".*",), ignore=DEFAULT_IGNORE) ->
     return out
 
 
+def require_packages(who: str, *modules: str, extra: str = "train") -> None:
+    """Raise ValueError naming the pip extra if one of `modules` cannot be imported."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"{who} needs {', '.join(missing)}, which is not installed: "
+                         f"pip install -e .[{extra}]")
+
+
 @dataclass
 class Context:
-    """What a pass may use besides the model: calibration data, tokenizer, statistics, progress.
+    """What a pass may use besides the model: data, tokenizer, the original model, statistics, progress.
 
     `calibration()` loads calibration windows lazily (only passes that need them pay).
     `record(layer, **stats)` collects per-layer statistics that end up in compression.json.
+    `original()` returns the uncompressed float model (a teacher for distillation); `compress`
+    sets it to reload the source, `compress_` falls back to a deep copy taken before the first pass.
+    `measure(model, stage)` records the perplexity of the model as it stands, if the caller set
+    `evaluate` (the CLI does when given --eval-data); passes call it at the stages worth reporting.
+    `work_dir` (beside the output) holds training state that survives a crash; `resume` says
+    whether to continue from it.
     """
     tokenizer: Any = None
     calib_data: str | None = None
     calib_samples: int = 64
     calib_seqlen: int = 512
+    train_data: str | None = None
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
+    original: Callable[[], nn.Module] | None = None
+    evaluate: Callable[[nn.Module], float] | None = None
+    work_dir: Path | None = None
+    resume: bool = False
+    source: dict[str, Any] = field(default_factory=dict)       # spec, path, sha256 of the input model
+    applied: list[str] = field(default_factory=list)           # names of the passes applied so far
+    evals: dict[str, float] = field(default_factory=dict)      # stage label -> perplexity, in order
+    training: dict[str, dict[str, Any]] = field(default_factory=dict)   # pass -> loss curve etc.
     layer_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     module_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
     _calib: torch.Tensor | None = None
@@ -143,3 +187,14 @@ class Context:
 
     def record(self, layer: str, **stats: Any) -> None:
         self.layer_stats.setdefault(layer, {}).update(stats)
+
+    def measure(self, model: nn.Module, stage: str) -> float | None:
+        """Perplexity of `model` now, recorded under `stage` (e.g. 'nf4 + lora'); None without `evaluate`."""
+        if self.evaluate is None:
+            return None
+        was_training = model.training
+        ppl = self.evaluate(model)
+        model.train(was_training)
+        self.evals[stage] = ppl
+        log.info("perplexity after %s: %.3f", stage, ppl)
+        return ppl

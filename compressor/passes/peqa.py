@@ -1,0 +1,134 @@
+"""PEQA: train only the per-group scales of an integer-quantized model, keeping its integer codes.
+
+Kim, Lee, Kim, Park, Yoo, Kwon, Lee. "Memory-Efficient Fine-Tuning of Compressed Large Language
+Models via sub-4-bit Integer Quantization", NeurIPS 2023 (arXiv:2305.14152).
+
+A GPTQ or RTN layer stands for ``W = (q - z) * s`` per group: integer codes q (N, K), integer zero
+points z and float scales s (N, G). This pass freezes q and z and trains s by distillation from the
+uncompressed model (or with a causal-LM loss), on the training text. The checkpoint layout does not
+change (scales stay fp16 in the GPTQ format), so it is a free recovery step after a quantize pass;
+for example after re-quantizing a merged QLoRA model, where GPTQ's rounding error comes on top of
+the adapter's. Each scale is trained as ``s = s0 * exp(g)`` with g starting at 0, so `lr` is a
+relative step and means the same for every layer.
+
+Costs a training run like ``lora`` does; trains N * K / group_size numbers (1.7 M for SmolLM2-135M
+at g64), and needs the weight gradient of every layer.
+
+Sample recipe::
+
+    calibration: {samples: 64, seqlen: 512}
+    passes:
+      - gptq: {bits: 4, group_size: 64, sym: false, act_order: true}
+      - peqa: {steps: 64, lr: 2.0e-3, batch_size: 4, seqlen: 256, teacher: original}
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nn.qlinear import QuantLinear
+from .base import Context, register_pass
+from .training import TrainingConfig
+
+__all__ = ["grouped_weight", "ScaleTunedLinear", "PEQAConfig"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the math: pure tensor functions
+# ------------------------------------------------------------------------------------------------
+
+def grouped_weight(d: torch.Tensor, scale: torch.Tensor, g_idx: torch.Tensor | None) -> torch.Tensor:
+    """``W[:, k] = d[:, k] * scale[:, g_idx[k]]``.
+
+    Args: d (N, K) float, the centred codes q - z[g_idx]; scale (N, G); g_idx (K,) long, or None when
+    channel k is in group k // (K / G) (no act-order), which lets a reshape replace the gather.
+    """
+    N, K = d.shape
+    if g_idx is None:
+        return (d.view(N, scale.shape[1], -1) * scale.unsqueeze(-1)).view(N, K)
+    return d * scale[:, g_idx]
+
+
+# ------------------------------------------------------------------------------------------------
+# the module that trains, and the wiring
+# ------------------------------------------------------------------------------------------------
+
+class ScaleTunedLinear(nn.Module):
+    """A `QuantLinear`'s codes with trainable scales; `to_quant_linear` packs it back.
+
+    Buffers: ``d`` (N, K) fp32 centred codes q - z[g_idx] (exact small integers), ``scale0`` (N, G)
+    the original scales; parameter ``log_gain`` (N, G), zero at the start.
+    """
+
+    def __init__(self, qlin: QuantLinear):
+        super().__init__()
+        q, scale, zero, g_idx = qlin.codes()
+        g = g_idx.long()
+        self.bits, self.group_size = qlin.bits, qlin.group_size
+        self.in_features, self.out_features = qlin.in_features, qlin.out_features
+        k = q.shape[1]
+        trivial = torch.equal(g, torch.arange(k) // (k // scale.shape[1]))
+        self.register_buffer("q", q)
+        self.register_buffer("zero", zero.float())
+        self.register_buffer("g_idx", g)
+        self.register_buffer("d", q.float() - zero.float()[:, g])
+        self.register_buffer("scale0", scale.float())
+        self.register_buffer("bias", None if qlin.bias is None else qlin.bias.detach().clone())
+        self._gather = None if trivial else g
+        self.log_gain = nn.Parameter(torch.zeros_like(self.scale0))
+
+    def scale(self) -> torch.Tensor:
+        return self.scale0 * torch.exp(self.log_gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, grouped_weight(self.d, self.scale(), self._gather).to(x.dtype), self.bias)
+
+    @torch.no_grad()
+    def to_quant_linear(self) -> QuantLinear:
+        scale = self.scale().half().float()                 # what the checkpoint stores
+        return QuantLinear.from_codes(self.q, scale, self.zero, self.bits, self.group_size,
+                                      g_idx=self.g_idx.to(torch.int32), bias=self.bias)
+
+
+@register_pass("peqa")
+@dataclass(frozen=True)
+class PEQAConfig(TrainingConfig):
+    """Trains the scales of the integer-quantized Linears (rtn / gptq) that match targets/ignore.
+
+    The training fields (steps, lr, teacher, ...) are `TrainingConfig`'s; lr is relative (see the
+    module docstring). Must follow an integer quantization pass (checked in `check_order`).
+    """
+    requires_quantized = True
+    lr: float = 2e-3
+
+    def quantized(self, model: nn.Module) -> dict[str, QuantLinear]:
+        tgt = [re.compile(t) for t in self.targets]
+        ign = [re.compile(i) for i in self.ignore]
+        return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)
+                and any(r.search(n) for r in tgt) and not any(r.search(n) for r in ign)}
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        mods = self.quantized(model)
+        if not mods:
+            raise ValueError(f"peqa: no quantized layer matches targets={list(self.targets)} minus "
+                             f"ignore={list(self.ignore)}")
+        ctx.measure(model, " + ".join(ctx.applied))       # before training, e.g. 'nf4 + lora + gptq'
+        model.requires_grad_(False)
+        # Every QuantLinear is swapped, targeted or not: its packed kernel has no backward, and
+        # gradients must flow through all layers above the first trained one.
+        swapped = {n: ScaleTunedLinear(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        for name, m in swapped.items():
+            m.log_gain.requires_grad_(name in mods)
+            model.set_submodule(name, m)
+        self.fit(model, [swapped[n].log_gain for n in mods], ctx)
+        for name, m in swapped.items():
+            if name in mods:
+                gain = m.log_gain.detach().abs()
+                ctx.record(name, peqa_mean_abs_log_gain=round(float(gain.mean()), 6),
+                           peqa_max_abs_log_gain=round(float(gain.max()), 6))
+            model.set_submodule(name, m.to_quant_linear())
+        return model

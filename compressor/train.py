@@ -1,0 +1,212 @@
+"""Training loops for passes that train (``lora``, ``peqa``): the losses, deterministic data order,
+the learning-rate schedule, the loop itself, and a training state that is written atomically and
+restored exactly after a crash.
+
+Resume is exact rather than approximate. The batch of step s is a pure function of (seed, s); the
+state holds the trainable weights, the optimizer and scheduler states and the RNG states as of the
+end of a step. A resumed run therefore computes the same steps, bit for bit, as an uninterrupted
+one with the same seed on the same machine and thread count.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["distill_loss", "causal_lm_loss", "TokenWindows", "warmup_cosine", "rng_state", "set_rng_state",
+           "save_state", "load_state", "train"]
+
+log = logging.getLogger("compressor")
+
+STATE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------
+# losses: pure tensor functions
+# ------------------------------------------------------------------------------------------------
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 KL(softmax(teacher / T) || softmax(student / T))``, mean over tokens (Hinton et al. 2015).
+
+    Args: student, teacher (B, L, V) logits. T^2 keeps gradient sizes comparable across temperatures.
+    """
+    V = student.shape[-1]
+    s = F.log_softmax(student.float().reshape(-1, V) / temperature, dim=-1)
+    t = F.log_softmax(teacher.float().reshape(-1, V) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def causal_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits (B, L, V) at position i predict ids (B, L) at i + 1."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), ids[:, 1:].reshape(-1))
+
+
+# ------------------------------------------------------------------------------------------------
+# data, schedule, state
+# ------------------------------------------------------------------------------------------------
+
+class TokenWindows:
+    """Non-overlapping windows of `seqlen` tokens cut from a tokenized text, visited in a seeded random
+    order, one epoch after another.
+
+    `batch(step, batch_size)` depends only on (seed, step, batch_size): the data position needs no state.
+    """
+
+    def __init__(self, ids: torch.Tensor, seqlen: int, seed: int = 0):
+        n = ids.numel() // seqlen
+        if n < 1:
+            raise ValueError(f"training text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+        self.windows = ids[:n * seqlen].reshape(n, seqlen)        # (n, seqlen) int64
+        self.seed = seed
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """(n,) permutation of the windows for `epoch`."""
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders[epoch] = torch.randperm(len(self), generator=g)
+        return self._orders[epoch]
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        """(batch_size, seqlen) int64: the windows of step `step`."""
+        n = len(self)
+        idx = [self.order(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
+        return self.windows[torch.stack(idx)]
+
+
+def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write `state` to `path` atomically: a temporary file beside it, flushed, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"version": STATE_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a state written by `save_state`; ValueError if it is unreadable or from another version."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: torch raises several types
+        raise ValueError(f"{path}: unreadable training state ({e.__class__.__name__}); "
+                         f"pass --overwrite to start over") from None
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"{path}: training state version {state.get('version')!r}, this compressor reads "
+                         f"{STATE_VERSION}; pass --overwrite to start over")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------
+
+def train(model: nn.Module, params: list[nn.Parameter], data: TokenWindows, *, steps: int, lr: float, warmup: int,
+          batch_size: int, teacher: Callable[[], nn.Module] | None = None, temperature: float = 1.0,
+          state_file: Path | None = None, checkpoint_every: int = 0, fingerprint: dict | None = None,
+          resume: bool = False, progress: bool = True, desc: str = "train") -> dict[str, Any]:
+    """Train `params` of `model` with AdamW (warm-up, cosine decay to lr/10, gradient norm clipped to 1).
+
+    The loss is `distill_loss` against the logits of the model that `teacher()` returns (called only
+    if there is a step left to run), else `causal_lm_loss`.
+    With `state_file`, the state is saved every `checkpoint_every` steps and after the last one; with
+    `resume` and an existing `state_file` whose `fingerprint` matches, training continues from it.
+    Returns the loss curve and timings. `model` is left in eval mode.
+    """
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
+    step, losses, seconds = 0, [], 0.0
+    if resume and state_file is not None and state_file.exists():
+        st = load_state(state_file)
+        if st["fingerprint"] != fingerprint:
+            raise ValueError(f"{state_file} was written by a different recipe, model or training text; "
+                             f"pass --overwrite (without --resume) to start over")
+        with torch.no_grad():
+            for n, t in st["trainable"].items():
+                named[n].copy_(t)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        set_rng_state(st["rng"])
+        step, losses, seconds = st["step"], list(st["losses"]), st["seconds"]
+        log.info("%s: resuming from step %d of %d (%s)", desc, step, steps, state_file)
+    resumed_at = step
+    if teacher is not None and step < steps:
+        teacher = teacher().eval().requires_grad_(False)
+
+    def checkpoint() -> None:
+        save_state(state_file, {
+            "fingerprint": fingerprint, "step": step, "losses": losses, "seconds": seconds,
+            "trainable": {n: p.detach().clone() for n, p in named.items()},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
+
+    tokens = batch_size * data.windows.shape[1]
+    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress)
+    model.train()
+    t_run = time.perf_counter()
+    while step < steps:
+        t0 = time.perf_counter()
+        ids = data.batch(step, batch_size)                          # (B, L)
+        logits = model(input_ids=ids, use_cache=False).logits       # (B, L, V)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids, use_cache=False).logits
+            loss = distill_loss(logits, t_logits, temperature)
+            del t_logits
+        else:
+            loss = causal_lm_loss(logits, ids)
+        del logits
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(round(loss.item(), 6))
+        seconds += time.perf_counter() - t0
+        if state_file is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
+            checkpoint()
+        bar.update(1)
+        tok_s = (step - resumed_at) * tokens / (time.perf_counter() - t_run)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tok_s:.0f}")
+    bar.close()
+    model.eval()
+    tail = losses[-10:]
+    return {"loss": losses, "steps": steps, "tokens": steps * tokens, "seconds": round(seconds, 1),
+            "resumed_at_step": resumed_at or None, "final_loss_mean_last_10": round(sum(tail) / len(tail), 6)}
