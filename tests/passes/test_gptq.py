@@ -104,3 +104,30 @@ def test_fp_target_correction_is_least_squares():
     torch.testing.assert_close(W_star.double(), ls, rtol=1e-4, atol=1e-5)
     # identical streams: no correction at all
     torch.testing.assert_close(fp_target_correction(W, torch.zeros(K, K), 2 * X.t() @ X / n, 0.01), W)
+
+
+def _fp_target_model(tiny_llama, tmp_path, samples: int):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(["the quick brown fox jumps over the lazy dog and a model is smaller"] * 300))
+    recipe = tmp_path / f"r{samples}.yaml"
+    recipe.write_text("calibration: {samples: 16, seqlen: 64}\npasses:\n"
+                      f"  - gptq: {{bits: 4, group_size: 32, fp_target: true, fp_target_samples: {samples}}}\n")
+    return compressor.compress(str(tiny_llama), recipe, tmp_path / f"out{samples}", calib_data=str(calib),
+                               progress=False).model
+
+
+def test_fp_target_samples_subset(tiny_llama, tmp_path):
+    """fp_target_samples covering every window is the full float stream; a subset (one batch of 8
+    windows) gives a different, still finite, quantization."""
+    w = lambda m: m.model.layers[1].mlp.down_proj.qweight  # noqa: E731
+    full, every, sub = (_fp_target_model(tiny_llama, tmp_path, s) for s in (0, 16, 8))
+    assert torch.equal(w(full), w(every))
+    assert not torch.equal(w(full), w(sub))
+    assert torch.isfinite(sub.model.layers[1].mlp.down_proj.scales.float()).all()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_fp_target_samples_rejects(bad):
+    from compressor.passes.gptq import GPTQConfig
+    with pytest.raises(ValueError, match="fp_target_samples"):
+        GPTQConfig(bits=4, group_size=64, fp_target=True, fp_target_samples=bad)
