@@ -281,5 +281,5 @@ def test_recipe_rules_that_pass_and_shipped_recipes():
     assert [p.name for p in r.passes] == ["nf4", "lora"] and r.artifact == "adapter"
     assert r.passes[1].r == 16 and r.passes[1].teacher.value == "original" and r.needs_original
     r = load_recipe("qlora-4bit-merged")
-    assert [p.name for p in r.passes] == ["nf4", "lora", "gptq"] and r.artifact == "checkpoint"
+    assert [p.name for p in r.passes] == ["nf4", "lora", "gptq", "peqa"] and r.artifact == "checkpoint"
     assert r.passes[2].bits == 4 and r.needs_calibration and r.needs_train_data
