@@ -165,9 +165,11 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     return y.to(x.scalar_type()).reshape(out_shape);
   }
 
-  // Prefill: dequantize column blocks into (K, cols) W^T and hand them to the GEMM.
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  const at::Tensor xin = x2.contiguous();
+  // Prefill: dequantize column blocks into (K, cols) W^T and hand them to the GEMM. The GEMM runs
+  // in bf16 only where the CPU multiplies bf16 natively; elsewhere (AVX2, AVX-512 without BF16) a
+  // bf16 GEMM is emulated and ~40x slower than fp32, so bf16 activations are widened (exactly).
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && __builtin_cpu_supports("avx512bf16");
+  const at::Tensor xin = bf16 ? x2.contiguous() : x2.to(at::kFloat).contiguous();
   const int64_t elem = bf16 ? 2 : 4;
   const int64_t tiles_per_block = std::max<int64_t>(1, std::min<int64_t>(Nt, kGemmBlockBytes / (K * elem * kTileN)));
   const int64_t ld = tiles_per_block * kTileN;
@@ -184,7 +186,7 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     at::mm_out(yb, xin, wbuf.narrow(1, 0, cols));
   }
   if (bias) y.add_(bias->to(y.scalar_type()));
-  return y.reshape(out_shape);
+  return y.to(x.scalar_type()).reshape(out_shape);
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
