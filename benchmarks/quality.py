@@ -161,7 +161,8 @@ def _acceptance(rows: list[dict]) -> list[tuple[str, bool, str]]:
     out = []
 
     def rel(row):
-        return by[row]["delta_vs_rtn"] if row in by else float("nan")
+        v = by[row]["delta_vs_rtn"] if row in by else None
+        return float("nan") if v is None else v       # no RTN row at these bits in this run
 
     out.append(("GPTQ w4g64 Δppl <= 0.40 x RTN's", rel("gptq-w4g64") <= 0.40, f"{rel('gptq-w4g64'):.3f}"))
     ours4 = [r for r in ("gptq-w4g64", "awq-w4g64", "awq-gptq-w4g64") if r in by]
