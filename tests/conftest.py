@@ -59,3 +59,13 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.skip(f"shared data not found at {DATA}")
     return DATA
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one thread. Tiny models run fastest that way, and on a shared 2-core machine a
+    2-thread OpenMP region can wait a whole scheduler tick for a preempted thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,12 +4,8 @@ On a shared 2-core machine a 2-thread OpenMP region waits for a preempted thread
 scheduler tick, which turns a millisecond test into seconds.
 """
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every kernel test runs on one thread (the fixture is in tests/conftest.py)."""

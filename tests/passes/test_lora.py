@@ -20,13 +20,7 @@ from compressor.passes.rtn import RTNConfig
 from compressor.quant.primitives import sqnr_db
 from compressor.recipe import RecipeError, load_recipe, parse_recipe
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a busy machine every OpenMP barrier can cost a time slice."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = {"r": 4, "alpha": 8, "steps": 6, "lr": 5e-3, "warmup": 2, "batch_size": 2, "seqlen": 32,

@@ -15,13 +15,7 @@ from compressor.recipe import RecipeError, parse_recipe
 bnb = import_bnb()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a busy machine every OpenMP barrier can cost a time slice."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (3, 128), (17, 64), (64, 64), (118, 192)])

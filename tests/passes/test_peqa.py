@@ -15,12 +15,7 @@ from compressor.passes.rtn import RTNConfig
 from compressor.recipe import RecipeError, parse_recipe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("act_order", [False, True])
