@@ -133,12 +133,12 @@ def select_linears(model: nn.Module, targets=(r".*",), ignore=DEFAULT_IGNORE,
     return out
 
 
-def require_packages(who: str, *modules: str, extra: str = "train") -> None:
-    """Raise ValueError naming the pip extra if one of `modules` cannot be imported."""
+def require_packages(who: str, *modules: str) -> None:
+    """Raise ValueError naming the missing packages if one of `modules` cannot be imported."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise ValueError(f"{who} needs {', '.join(missing)}, which is not installed: "
-                         f"pip install -e .[{extra}]")
+                         f"pip install {' '.join(missing)}")
 
 
 @dataclass

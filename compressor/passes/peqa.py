@@ -23,7 +23,6 @@ Sample recipe::
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.qlinear import QuantLinear
-from .base import Context, register_pass
+from .base import Context, register_pass, select_linears
 from .training import TrainingConfig
 
 __all__ = ["grouped_weight", "ScaleTunedLinear", "PEQAConfig"]
@@ -106,10 +105,7 @@ class PEQAConfig(TrainingConfig):
     lr: float = 2e-3
 
     def quantized(self, model: nn.Module) -> dict[str, QuantLinear]:
-        tgt = [re.compile(t) for t in self.targets]
-        ign = [re.compile(i) for i in self.ignore]
-        return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)
-                and any(r.search(n) for r in tgt) and not any(r.search(n) for r in ign)}
+        return select_linears(model, self.targets, self.ignore, kinds=(QuantLinear,))
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         mods = self.quantized(model)
