@@ -10,6 +10,10 @@ Checkpoints: ``--rtn`` / ``--gptq`` paths, or built once into ``out/ckpt/`` with
 
     python benchmarks/bench_decode.py [--rtn DIR] [--gptq DIR] [--no-compile] [--out out/bench_decode.json]
 
+Compressed checkpoints load through `compressor.load` and `compressor.kernels.prepare_`: 4/8-bit
+layers on the packed kernels, and the tied lm_head (stored in fp16) as a `HalfLinear`, which reads
+half the bytes of the fp32 head and gives the same logits up to summation order.
+
 Besides eager HF ``generate``, every model except NF4 also runs with a static KV cache and
 ``torch.compile`` of the forward, which removes most of the per-token Python overhead (30 layers x
 7 linears per token); compiling takes a minute or two per model (reported as warm-up), and

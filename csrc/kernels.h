@@ -49,12 +49,24 @@ using GemvTileFn = void (*)(const TileArgs& a, int rows);
 // c < kTileN. Used by the large-batch path, which feeds the result to a GEMM.
 using DequantTileFn = void (*)(const TileArgs& a, void* out, int64_t ld, bool bf16);
 
+// fp16-weight matrix-vector product for the few float layers left in a quantized model (the tied
+// lm_head, stored in fp16): y[r * ldy + n] = sum_k x[r * ldx + k] * w[n * K + k] for r < rows <= 4,
+// n < n_out; w is row-major fp16 (n_out, K), accumulation in fp32.
+using GemvF16Fn = void (*)(const float* x, int64_t ldx, int rows, const uint16_t* w, int64_t K, int64_t n_out,
+                           float* y, int64_t ldy);
+constexpr int kF16MaxRows = 4;
+
 struct KernelSet {
   const char* name;
   int max_rows;  // rows one gemv call can hold in registers
   GemvTileFn gemv;
   DequantTileFn dequant;
+  GemvF16Fn gemv_f16;
 };
+
+// The AVX2 fp16 gemv, also used by the AVX-512 set (it is bound by memory, not by vector width).
+void gemv_f16_avx2(const float* x, int64_t ldx, int rows, const uint16_t* w, int64_t K, int64_t n_out, float* y,
+                   int64_t ldy);
 
 // Each returns nullptr when the translation unit was built without that instruction set.
 const KernelSet* avx512_kernels();

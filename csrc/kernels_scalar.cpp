@@ -74,7 +74,17 @@ void dequant(const TileArgs& a, void* out, int64_t ld, bool bf16) {
   }
 }
 
-const KernelSet kSet{"scalar", 4, gemv, dequant};
+void gemv_f16(const float* x, int64_t ldx, int rows, const uint16_t* w, int64_t K, int64_t n_out, float* y,
+              int64_t ldy) {
+  for (int64_t n = 0; n < n_out; ++n)
+    for (int r = 0; r < rows; ++r) {
+      float out = 0.f;
+      for (int64_t k = 0; k < K; ++k) out += x[r * ldx + k] * half_to_float(w[n * K + k]);
+      y[r * ldy + n] = out;
+    }
+}
+
+const KernelSet kSet{"scalar", 4, gemv, dequant, gemv_f16};
 
 }  // namespace
 

@@ -72,13 +72,22 @@ def quant_linear(x: torch.Tensor, module) -> torch.Tensor:
                             packed.group_size, packed.out_features)
 
 
-def prepare_(model: torch.nn.Module) -> torch.nn.Module:
-    """Repack every `QuantLinear` in `model` now rather than on its first forward (in place).
+def prepare_(model: torch.nn.Module, half_lm_head: bool = True) -> torch.nn.Module:
+    """Make `model` ready for fast inference, in place: repack every `QuantLinear` now rather than
+    on its first forward, and (`half_lm_head`) swap a float ``lm_head`` whose weight fp16 holds
+    exactly (as after loading a checkpoint, which stores the tied embedding in fp16) for a
+    `HalfLinear`, which reads half the bytes and gives the same logits up to summation order.
 
-    Call it before ``torch.compile`` so the traced graph sees the packed tensors.
+    Call it before ``torch.compile`` so the traced graph sees the packed tensors. The result is
+    for inference: the fp16 head has no weight gradient.
     """
-    from ..nn import QuantLinear
+    from ..nn import HalfLinear, QuantLinear
     for m in model.modules():
         if isinstance(m, QuantLinear):
             _state(m)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if half_lm_head and isinstance(head, torch.nn.Linear) and extension is not None:
+        half = HalfLinear.from_linear(head)
+        if half is not None:
+            model.set_output_embeddings(half)
     return model

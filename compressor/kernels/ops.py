@@ -23,6 +23,11 @@ G = K / group_size (1 for ``group_size=-1``, per-channel):
 Constraints: K a multiple of P; group_size -1 or a multiple of P dividing K. N is free (the op
 pads to whole tiles), unlike the GPTQ checkpoint layout, which needs N a multiple of 32 / bits.
 
+``compressor::f16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor`` is the float layer
+left in a quantized model (the tied lm_head, which the checkpoint stores in fp16): ``weight`` fp16
+``(N, K)``, x float32 or bfloat16, fp32 accumulation, so it equals ``F.linear`` with the weight
+widened to fp32 while reading half the bytes.
+
 The CPU kernel comes from the compiled extension `compressor._C` (csrc/); without it, or with
 ``COMPRESSOR_NO_EXT=1``, the pure-PyTorch `reference` below is registered as the CPU kernel. The
 same `reference` is the test oracle.
@@ -36,7 +41,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TILE_N", "OPS", "reference", "extension", "unpack_weight"]
+__all__ = ["TILE_N", "OPS", "reference", "f16_reference", "extension", "unpack_weight"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,18 @@ def reference(x, qweight, scales, zeros, perm, bias, group_size, out_features, *
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+def f16_reference(x, weight, bias):
+    """`compressor::f16_linear` in plain PyTorch: widen the fp16 weight to fp32 (exact), ``F.linear``."""
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def _f16_fake(x, weight, bias):
+    torch._check(x.shape[-1] == weight.shape[1],
+                 lambda: f"x.shape[-1]={x.shape[-1]} does not match weight {tuple(weight.shape)}")
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def _fake(x, qweight, scales, zeros, perm, bias, group_size, out_features, *, bits):
     torch._check(x.shape[-1] == qweight.shape[1] * (32 // bits),
                  lambda: f"x.shape[-1]={x.shape[-1]} does not match {bits}-bit qweight {tuple(qweight.shape)}")
@@ -96,9 +113,13 @@ for _name, _bits in _BITS.items():
     _lib.define(_name + _SCHEMA)
     torch.library.register_fake(f"compressor::{_name}", functools.partial(_fake, bits=_bits), lib=_lib)
 
+_lib.define("f16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+torch.library.register_fake("compressor::f16_linear", _f16_fake, lib=_lib)
+
 extension = _load_extension()
 if extension is None:
     for _name, _bits in _BITS.items():
         _lib.impl(_name, functools.partial(reference, bits=_bits), "CPU")
+    _lib.impl("f16_linear", f16_reference, "CPU")
 
 OPS = {4: torch.ops.compressor.int4_linear.default, 8: torch.ops.compressor.int8_linear.default}

@@ -1,4 +1,5 @@
 """Modules that hold compressed weights."""
+from .half import HalfLinear
 from .qlinear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["HalfLinear", "QuantLinear"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.kernels import prepare_
+from compressor.kernels import extension, prepare_
+from compressor.nn import HalfLinear
 from compressor.nn.qlinear import QuantLinear
 from compressor.quant.primitives import choose_qparams, quantize
 
@@ -96,3 +97,31 @@ def test_module_built_in_inference_mode():
         m = make_qlinear(64, 128, 4, 64)
         x = torch.randn(2, 128)
         assert rel_err(m(x), m.reference_forward(x)) <= 1e-5
+
+
+class _Head(torch.nn.Module):
+    """The two methods of a transformers model that `prepare_` uses, around one Linear head."""
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.lm_head = head
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, m):
+        self.lm_head = m
+
+
+@pytest.mark.skipif(extension is None, reason="without the extension the fp32 head is kept")
+def test_prepare_swaps_an_exact_fp16_head_only():
+    head = torch.nn.Linear(96, 300, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(head.weight.half().float())          # as loaded from an fp16 checkpoint
+    x = torch.randn(1, 96)
+    ref = head(x).detach()
+    model = prepare_(_Head(head))
+    assert isinstance(model.lm_head, HalfLinear) and model.lm_head.weight.dtype == torch.float16
+    assert rel_err(model.lm_head(x), ref) <= 1e-6
+    fp32 = torch.nn.Linear(96, 300, bias=False)                 # not fp16-exact: nothing may be lost
+    assert prepare_(_Head(fp32)).lm_head is fp32
+    assert prepare_(_Head(head), half_lm_head=False).lm_head is head

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from compressor.kernels import OPS, extension, pack, reference
-from compressor.kernels.ops import unpack_weight
+from compressor.kernels.ops import f16_reference, unpack_weight
 from compressor.quant.primitives import choose_qparams, dequantize, quantize
 
 def _isas() -> list[str]:
@@ -170,3 +170,44 @@ def test_threads_split_tiles():
     y1 = p(x)
     torch.set_num_threads(2)
     assert torch.equal(p(x), y1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_on_two_threads_in_inference_mode(dtype):
+    """The GEMM path runs ATen ops on worker threads: they must see the caller's inference mode."""
+    p, _ = make_packed(32 * 9 + 5, 640, 4, 64, sym=False)
+    x = torch.randn(40, 640).to(dtype)
+    ref = reference(x, *p.args(), bits=4)
+    torch.set_num_threads(2)
+    with torch.inference_mode():
+        y = p(x)
+    if dtype is torch.float32:
+        assert rel_err(y, ref) <= 1e-5
+    else:
+        assert_bf16_close(y, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# compressor::f16_linear
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m", [1, 3, 5, 17, 40])
+def test_f16_linear_matches_reference(isa, m):
+    """fp32 accumulation over an exactly widened fp16 weight: fp32 tolerance. K not a multiple of 32."""
+    w, b = torch.randn(101, 200).half(), torch.randn(101)
+    x = torch.randn(m, 200)
+    y = torch.ops.compressor.f16_linear(x, w, b)
+    assert y.shape == (m, 101) and rel_err(y, f16_reference(x, w, b)) <= 1e-5
+    xb = torch.randn(2, m, 200).bfloat16()
+    assert_bf16_close(torch.ops.compressor.f16_linear(xb, w, None), f16_reference(xb, w, None))
+
+
+def test_f16_linear_opcheck_and_errors():
+    w = torch.randn(24, 64).half()
+    for x, b in ((torch.randn(3, 64), torch.randn(24)), (torch.randn(2, 1, 64).bfloat16(), None)):
+        torch.library.opcheck(torch.ops.compressor.f16_linear.default, (x, w, b))
+    if extension is not None:
+        with pytest.raises(RuntimeError, match=r"x.size\(-1\)=63 does not match weight.size\(1\)=64"):
+            torch.ops.compressor.f16_linear(torch.randn(2, 63), w, None)
+        with pytest.raises(RuntimeError, match="weight must be float16"):
+            torch.ops.compressor.f16_linear(torch.randn(2, 64), w.float(), None)
