@@ -103,9 +103,26 @@ class PEQAConfig(TrainingConfig):
     """
     requires_quantized = True
     lr: float = 2e-3
+    norms: bool = False      # also train the weights of the normalization layers (norm tweaking)
 
     def quantized(self, model: nn.Module) -> dict[str, QuantLinear]:
         return select_linears(model, self.targets, self.ignore, kinds=(QuantLinear,))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.norms, bool):
+            raise ValueError(f"peqa.norms={self.norms!r} must be true or false")
+
+    @staticmethod
+    def norm_weights(model: nn.Module) -> list[nn.Parameter]:
+        """The (float, per-channel) weights of every normalization layer (RMSNorm, LayerNorm)."""
+        out = []
+        for m in model.modules():
+            if "norm" in type(m).__name__.lower():
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(True)
+                    out.append(p)
+        return out
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         mods = self.quantized(model)
@@ -120,7 +137,11 @@ class PEQAConfig(TrainingConfig):
         for name, m in swapped.items():
             m.log_gain.requires_grad_(name in mods)
             model.set_submodule(name, m)
-        self.fit(model, [swapped[n].log_gain for n in mods], ctx)
+        params = [swapped[n].log_gain for n in mods]
+        if self.norms:
+            params += self.norm_weights(model)
+        self.fit(model, params, ctx)
+        model.requires_grad_(False)
         for name, m in swapped.items():
             if name in mods:
                 gain = m.log_gain.detach().abs()

@@ -61,3 +61,18 @@ def test_needs_an_integer_quantizer_before_it():
     with pytest.raises(RecipeError, match="'rtn' \\(quantize\\) cannot follow 'peqa'"):
         parse_recipe({"passes": [{"peqa": {}}, {"rtn": {}}]})
     parse_recipe({"passes": [{"nf4": {}}, {"lora": {"save": "merged"}}, {"gptq": {}}, {"peqa": {}}]})
+
+
+def test_norms_trains_the_norm_weights_and_saves_them(tiny_llama, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["the quick brown fox jumps over the lazy dog; perplexity of the compressed model"] * 150))
+    recipe = parse_recipe({"passes": [{"rtn": {"bits": 4, "group_size": 32}},
+                                      {"peqa": {"steps": 4, "lr": 2e-2, "warmup": 1, "batch_size": 2, "seqlen": 32,
+                                                "norms": True}}]})
+    before = {k: v.clone() for k, v in load_hf(tiny_llama)[0].state_dict().items() if "norm" in k}
+    res = compress(str(tiny_llama), recipe, tmp_path / "o", train_data=str(text), progress=False)
+    after = compressor.load(tmp_path / "o").state_dict()
+    assert before and all(not torch.equal(after[k], v) for k, v in before.items())
+    assert all(not p.requires_grad for p in res.model.parameters())
+    with pytest.raises(ValueError, match="peqa.norms='yes' must be true or false"):
+        PEQAConfig(norms="yes")
