@@ -33,6 +33,7 @@ constexpr int64_t kGemmMinRows = 32;
 // buffer and multiplies them with a single-threaded GEMM; small enough to stay in L2/L3 meanwhile.
 constexpr int64_t kGemmBlockBytes = 2 << 20;
 constexpr int64_t kMinBytesPerThread = 96 << 10;
+constexpr int64_t kChunkBytes = 256 << 10;  // decode: packed bytes a thread takes from the queue at once
 
 // Sum of n floats with eight independent partial sums: a single running sum is one dependent add
 // per element (~4 cycles each, 16 us for K = 4096), this the compiler vectorizes.
@@ -165,9 +166,15 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     // (e.g. a 576x192 projection) stay on one thread.
     const int64_t tile_bytes = (K / P) * kTileN * 4 + 2 * G * kTileN * 2;
     const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / tile_bytes);
-    at::parallel_for(0, Nt, grain, [&](int64_t t0, int64_t t1) {
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), (Nt + grain - 1) / grain);
+    // Threads take chunks of tiles from a shared counter instead of one fixed share each: on a shared
+    // machine one core is often slower for a while, and a static split leaves the other one idle.
+    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / tile_bytes);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       alignas(64) float block[4 * kTileN];  // (rows, kTileN): the tile's output before the N tail is cut
-      for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t t0; (t0 = next.fetch_add(chunk, std::memory_order_relaxed)) < Nt;)
+      for (int64_t t = t0; t < std::min(Nt, t0 + chunk); ++t) {
         TileArgs a = tile(base, t);
         a.ldx = K;
         a.y = block;
