@@ -117,7 +117,7 @@ def acceptance(rows) -> list[tuple[str, bool, str]]:
         checks.append((f"w4g64 M=1 ({n},{k}) >= 4x fp32 F.linear", r["x_fp32"] >= 4, f"{r['x_fp32']:.2f}x"))
         checks.append((f"w4g64 M=1 ({n},{k}) >= 1.5x int4pack (bf16 act)", rb["x_int4pack"] >= 1.5,
                        f"{rb['x_int4pack']:.2f}x (fp32 act: {r['x_int4pack']:.2f}x)"))
-        checks.append((f"w4g64 M=1 ({n},{k}) >= 60% read bandwidth", r["bw_frac"] >= 0.6, f"{r['bw_frac']:.0%}"))
+        checks.append((f"w4g64 M=1 ({n},{k}) >= 60% read bandwidth", r["bw_frac"] >= 0.6, f"{r['bw_frac']:.1%}"))
     for r in rows:
         if r["M"] == 1 and r["kernel"] == "ours w8 per-ch fp32":
             checks.append((f"w8 M=1 ({r['out']},{r['in']}) >= 2.5x fp32", r["x_fp32"] >= 2.5, f"{r['x_fp32']:.2f}x"))
