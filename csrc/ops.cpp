@@ -7,7 +7,8 @@
 // Two regimes:
 //  * M < kGemmMinRows (decode): batch-1..16 matmul is bound by reading the weight, so a tile kernel
 //    streams the packed codes once and keeps up to `max_rows` activation rows in registers
-//    (kernels_*.cpp). Threads split the output tiles, each a contiguous block of memory.
+//    (kernels_*.cpp). Threads take chunks of output tiles (each tile one contiguous block of
+//    memory) from a shared counter.
 //  * M >= kGemmMinRows (prefill): the matmul is compute bound. Each thread takes whole blocks of
 //    columns, dequantizes one at a time into its own buffer (fp32, or bf16 where the CPU multiplies
 //    bf16 natively) and multiplies it with a single-threaded ATen GEMM (MKL / oneDNN), which is

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..kernels import ops  # noqa: F401  (registers compressor::f16_linear)
+
 __all__ = ["HalfLinear"]
 
 
@@ -36,7 +38,6 @@ class HalfLinear(nn.Module):
         return cls(h, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import ops  # noqa: F401  (registers the op)
         return torch.ops.compressor.f16_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -89,6 +89,13 @@ class PassConfig:
                     raise ValueError(f"{self.name}.{attr}: invalid regex {rx!r} ({e})") from None
             object.__setattr__(self, attr, v)
 
+    def check_bools(self, *fields: str) -> None:
+        """Refuse a recipe value that is not true/false (YAML 'yes' or 1) for each of `fields`."""
+        for f in fields:
+            v = getattr(self, f)
+            if not isinstance(v, bool):
+                raise ValueError(f"{self.name}.{f}={v!r} must be true or false")
+
     @property
     def leaves_float(self) -> bool:
         """True if the model leaves this pass with float Linears again, so one more quantize may follow."""

@@ -154,8 +154,7 @@ class NF4Config(PassConfig):
         super().__post_init__()
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"nf4.blocksize={self.blocksize!r} is not supported; allowed: {list(BLOCKSIZES)}")
-        if not isinstance(self.double_quant, bool):
-            raise ValueError(f"nf4.double_quant={self.double_quant!r} must be true or false")
+        self.check_bools("double_quant")
         try:
             object.__setattr__(self, "compute_dtype", ComputeDtype(self.compute_dtype))
         except ValueError:

@@ -110,19 +110,12 @@ class PEQAConfig(TrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.norms, bool):
-            raise ValueError(f"peqa.norms={self.norms!r} must be true or false")
+        self.check_bools("norms")
 
     @staticmethod
     def norm_weights(model: nn.Module) -> list[nn.Parameter]:
         """The (float, per-channel) weights of every normalization layer (RMSNorm, LayerNorm)."""
-        out = []
-        for m in model.modules():
-            if "norm" in type(m).__name__.lower():
-                for p in m.parameters(recurse=False):
-                    p.requires_grad_(True)
-                    out.append(p)
-        return out
+        return [p for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)]
 
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         mods = self.quantized(model)
@@ -139,7 +132,10 @@ class PEQAConfig(TrainingConfig):
             model.set_submodule(name, m)
         params = [swapped[n].log_gain for n in mods]
         if self.norms:
-            params += self.norm_weights(model)
+            norms = self.norm_weights(model)
+            for p in norms:
+                p.requires_grad_(True)
+            params += norms
         self.fit(model, params, ctx)
         model.requires_grad_(False)
         for name, m in swapped.items():

@@ -37,8 +37,7 @@ class WeightQuantConfig(PassConfig):
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"{self.name}.group_size={self.group_size!r} is not supported; allowed: "
                              f"{list(GROUP_SIZES)} (-1 = per channel)")
-        if not isinstance(self.sym, bool):
-            raise ValueError(f"{self.name}.sym={self.sym!r} must be true or false")
+        self.check_bools("sym")
 
     def preflight(self, model: nn.Module, ctx: Context) -> None:
         mods = self.modules(model)
