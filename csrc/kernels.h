@@ -59,6 +59,10 @@ constexpr int kF16MaxRows = 4;
 struct KernelSet {
   const char* name;
   int max_rows;  // rows one gemv call can hold in registers
+  // gemv reads x with channel k multiplied by 2^-(bits * (k % P)), except where k % P == P - 1
+  // (powers of two: exact), so that it can multiply codes left in place in their word (see
+  // kernels_avx2.cpp). xsum stays the sum of the unscaled x.
+  bool scaled_x;
   GemvTileFn gemv;
   DequantTileFn dequant;
   GemvF16Fn gemv_f16;

@@ -27,6 +27,16 @@ inline __m256 decode(__m256i w, int j) {
   return _mm256_cvtepi32_ps(b);
 }
 
+// Code j of each word left in place, as the float q * 2^(BITS*j): one AND instead of shift + AND.
+// The gemv multiplies it by x pre-scaled by 2^-(BITS*j) (KernelSet::scaled_x), so the product is
+// x * q exactly. The top code would come out negative (sign bit), so it is shifted down instead.
+template <int BITS>
+inline __m256 decode_in_place(__m256i w, int j) {
+  constexpr int P = 32 / BITS;
+  if (j == P - 1) return _mm256_cvtepi32_ps(_mm256_srli_epi32(w, BITS * j));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(((1 << BITS) - 1) << (BITS * j))));
+}
+
 inline __m256 load_half8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -54,7 +64,7 @@ void gemv_rows(const TileArgs& a) {
 #pragma GCC unroll 8
       for (int j = 0; j < P; ++j) {
         __m256 d[4];
-        for (int c = 0; c < 4; ++c) d[c] = decode<BITS>(wv[c], j);
+        for (int c = 0; c < 4; ++c) d[c] = decode_in_place<BITS>(wv[c], j);
         for (int r = 0; r < ROWS; ++r) {
           const __m256 xb = _mm256_broadcast_ss(xw + r * a.ldx + j);
           for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_fmadd_ps(d[c], xb, acc[r][c]);
@@ -124,7 +134,7 @@ void dequant_any(const TileArgs& a, void* out, int64_t ld, bool bf16) {
   else dequant<8>(a, out, ld, bf16);
 }
 
-const KernelSet kSet{"avx2", kMaxRows, gemv_any, dequant_any, gemv_f16_avx2};
+const KernelSet kSet{"avx2", kMaxRows, /*scaled_x=*/true, gemv_any, dequant_any, gemv_f16_avx2};
 
 }  // namespace
 

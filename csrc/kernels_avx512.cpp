@@ -150,7 +150,7 @@ void dequant_any(const TileArgs& a, void* out, int64_t ld, bool bf16) {
   else dequant<8>(a, out, ld, bf16);
 }
 
-const KernelSet kSet{"avx512", kMaxRows, gemv_any, dequant_any, gemv_f16_avx2};
+const KernelSet kSet{"avx512", kMaxRows, /*scaled_x=*/false, gemv_any, dequant_any, gemv_f16_avx2};
 
 }  // namespace
 

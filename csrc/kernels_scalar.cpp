@@ -84,7 +84,7 @@ void gemv_f16(const float* x, int64_t ldx, int rows, const uint16_t* w, int64_t 
     }
 }
 
-const KernelSet kSet{"scalar", 4, gemv, dequant, gemv_f16};
+const KernelSet kSet{"scalar", 4, /*scaled_x=*/false, gemv, dequant, gemv_f16};
 
 }  // namespace
 

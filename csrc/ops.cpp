@@ -20,6 +20,7 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -162,6 +163,14 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     std::vector<float> xsum(M * NB);  // (M, NB): the zero-point term needs sum(x) per block
     for (int64_t m = 0; m < M; ++m)
       for (int64_t b = 0; b < NB; ++b) xsum[m * NB + b] = block_sum(xp + m * K + b * block, block);
+    std::vector<float> xscaled;
+    if (ks->scaled_x) {
+      float pow2[8];
+      for (int j = 0; j < P; ++j) pow2[j] = j == P - 1 ? 1.0f : std::ldexp(1.0f, -bits * j);
+      xscaled.resize(M * K);
+      for (int64_t i = 0; i < M * K; ++i) xscaled[i] = xp[i] * pow2[i % P];
+    }
+    const float* xg = ks->scaled_x ? xscaled.data() : xp;
     float* yp = y.data_ptr<float>();
     // Waking a second thread costs a few microseconds, as much as streaming ~100 KB, so small layers
     // (e.g. a 576x192 projection) stay on one thread.
@@ -183,7 +192,7 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
         const int64_t cols = std::min<int64_t>(kTileN, N - t * kTileN);
         for (int64_t m0 = 0; m0 < M; m0 += ks->max_rows) {
           const int rows = int(std::min<int64_t>(ks->max_rows, M - m0));
-          a.x = xp + m0 * K;
+          a.x = xg + m0 * K;
           a.xsum = xsum.data() + m0 * NB;
           ks->gemv(a, rows);
           for (int r = 0; r < rows; ++r)
