@@ -86,7 +86,17 @@ def worker(kind: str, path: str | None, args) -> dict:
     assert len(new) == args.tokens
     t = statistics.median(times)
     return {"tok_s": args.tokens / t, "s_per_run": t, "runs": times, "warmup_s": warmup, "tokens": new,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries that over fork and exec, so a
+    worker started by a parent that had built a checkpoint (~1.2 GiB) would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +182,10 @@ def main(argv=None):
     harness.print_table(rows, [("runtime", "runtime", ""), ("tok_s", "tok/s", ".1f"), ("x_fp32", "vs HF fp32", ".2f"),
                                ("peak_rss_mib", "peak RSS MiB", ".0f"), ("same_tokens", "tokens = fp32", ".0%"),
                                ("warmup_s", "warm-up s", ".1f")])
-    best = max((r for r in rows if r["runtime"].startswith("compressor")), key=lambda r: r["x_fp32"], default=None)
+    # The bar is on the GPTQ checkpoint; on the RTN one only when there is no GPTQ row.
+    judged = [r for r in rows if r["runtime"].startswith("compressor gptq")] or \
+        [r for r in rows if r["runtime"].startswith("compressor")]
+    best = max(judged, key=lambda r: r["x_fp32"], default=None)
     if best and base:
         ok = best["x_fp32"] >= 2.0
         print(f"\n## acceptance (issue 4)\n- [{'x' if ok else ' '}] 4-bit decode >= 2x HF fp32: "
