@@ -78,7 +78,7 @@ BASELINES = {"fp32 F.linear": "x_fp32", "bf16 F.linear": "x_bf16", "torch int4pa
              "torch int8pack": "x_int8pack"}
 
 
-def run(shapes, batches, stream_gbps) -> list[dict]:
+def run(shapes, batches) -> list[dict]:
     rows = []
     for n, k in shapes:
         xs = {(m, dt): torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dt)
@@ -92,7 +92,7 @@ def run(shapes, batches, stream_gbps) -> list[dict]:
                 t = harness.time_rotating(lambda *a: kern.run(x, *a), copies)
                 gbps = nbytes / t / 1e9
                 rows.append({"out": n, "in": k, "M": m, "kernel": kern.name, "us": t * 1e6, "GBps": gbps,
-                             "bw_frac": gbps / stream_gbps, "weight_bytes": nbytes, "copies": len(copies)})
+                             "weight_bytes": nbytes, "copies": len(copies)})
             del copies, one
     # Ratios against the baselines of the same (shape, M): baseline time / kernel time.
     base = {(r["out"], r["in"], r["M"], r["kernel"]): r["us"] for r in rows}
@@ -138,10 +138,20 @@ def main(argv=None):
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     info = harness.machine_info()
     print(harness.header("bench_kernels: dequant-matmul, weights rotated over > 1 GiB of copies", info))
-    stream = harness.stream_read_gbps()
-    print(f"# stream read bandwidth: {stream:.1f} GB/s (median sum over 2 GiB)\n")
+    bw = harness.stream_read_gbps()
+    stream = bw["best"]
+    print(f"# stream read bandwidth: {stream:.1f} GB/s, the best of a sum ({bw['sum']:.1f}) and fp32 gemv "
+          f"({bw['gemv']:.1f}) over 2 GiB\n")
     with torch.inference_mode():
-        rows = run(shapes, args.batches, stream)
+        rows = run(shapes, args.batches)
+    # Judge against the fastest read of the run: the stream probes, or a baseline that read faster.
+    fastest = max((r for r in rows if r["M"] == 1 and not r["kernel"].startswith("ours")), key=lambda r: r["GBps"])
+    if fastest["GBps"] > stream:
+        print(f"# {fastest['kernel']} ({fastest['out']}x{fastest['in']}, M=1) read {fastest['GBps']:.1f} GB/s, "
+              f"faster than the probes: fractions below are of that\n")
+        stream = fastest["GBps"]
+    for r in rows:
+        r["bw_frac"] = r["GBps"] / stream
     harness.print_table(rows, [("out", "out", ""), ("in", "in", ""), ("M", "M", ""), ("kernel", "kernel", ""),
                                ("us", "µs", ".1f"), ("GBps", "GB/s", ".1f"), ("bw_frac", "of stream BW", ".0%"),
                                ("x_fp32", "vs fp32", ".2f"), ("x_bf16", "vs bf16", ".2f"),
@@ -150,7 +160,7 @@ def main(argv=None):
     print("\n## acceptance (issue 4)")
     for name, ok, val in checks:
         print(f"- [{'x' if ok else ' '}] {name}: {val}")
-    harness.write_json(args.out, info, rows, stream_read_gbps=stream,
+    harness.write_json(args.out, info, rows, stream_read_gbps=stream, stream_probes=bw,
                        acceptance=[{"check": c, "pass": ok, "value": v} for c, ok, v in checks])
     print(f"\nwrote {args.out}")
 

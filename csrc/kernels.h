@@ -35,19 +35,29 @@ struct TileArgs {
   int bits;
   float* y;              // (M, kTileN) fp32 output block, row stride ldy; overwritten
   int64_t ldy;
+  // XForm::kInt8x3 only (see PrepXFn): x as three int8 slices per row, (M, 3, K) bytes, and the
+  // slice scale of each (row, block), (M, K / block).
+  const int8_t* xq;
+  const float* xsigma;
 };
 
-// y[m, :] = sum_k x[m, k] * (q[k, :] - zero[g(k), :]) * scale[g(k), :] for m < rows, rows <= kMaxRows.
+// y[m, :] = sum_k x[m, k] * (q[k, :] - zero[g(k), :]) * scale[g(k), :] for m < rows <= max_rows, over
+// `tiles` <= max_tiles consecutive tiles (qw, sc, zp point at the first; y[m, t * kTileN + c]).
 // The inner loop multiplies raw codes and applies scale and zero once per group:
 //   sum_k x_k (q_k - z) s = s * (sum_k x_k q_k) - (z s) * (sum_k x_k)
 // which leaves one FMA per weight. The two sums cancel by up to ~3x, so they are taken over blocks
 // of at most 256 channels (`block`) rather than whole per-channel rows: that keeps the fp32 result
 // within ~1e-6 of a float64 matmul.
-using GemvTileFn = void (*)(const TileArgs& a, int rows);
+using GemvTileFn = void (*)(const TileArgs& a, int rows, int tiles);
 
 // Dequantize a tile to fp32 (or bf16) W^T: out[k * ld + c] = (q[k, c] - zero) * scale for k < K,
 // c < kTileN. Used by the large-batch path, which feeds the result to a GEMM.
 using DequantTileFn = void (*)(const TileArgs& a, void* out, int64_t ld, bool bf16);
+
+// Prefill GEMM over one tile, fp32 x: y[m * ldy + c] = sum_k x[m * ldx + k] * W[k, c] for m < M,
+// c < kTileN (a.x, a.ldx, a.y, a.ldy; y is overwritten). Optional: where a set has none, ops.cpp
+// dequantizes blocks with DequantTileFn and calls ATen's GEMM.
+using GemmTileFn = void (*)(const TileArgs& a, int64_t M);
 
 // fp16-weight matrix-vector product for the few float layers left in a quantized model (the tied
 // lm_head, stored in fp16): y[r * ldy + n] = sum_k x[r * ldx + k] * w[n * K + k] for r < rows <= 4,
@@ -56,15 +66,37 @@ using GemvF16Fn = void (*)(const float* x, int64_t ldx, int rows, const uint16_t
                            float* y, int64_t ldy);
 constexpr int kF16MaxRows = 4;
 
+// How the gemv wants its activations (ops.cpp prepares them once per call):
+//  kPlain   x as is.
+//  kScaled  channel k multiplied by 2^-(bits * (k % P)), except where k % P == P - 1 (powers of two:
+//           exact), so that codes can be multiplied where they sit in their word (kernels_avx2.cpp).
+//  kInt8x3  x split into three int8 slices per block of `block` channels (PrepXFn), so that the
+//           products run on the integer dot-product unit (VNNI, kernels_avx512.cpp).
+// In every case xsum is the sum of the unscaled x.
+enum class XForm { kPlain, kScaled, kInt8x3 };
+
+// kInt8x3 preparation, one row at a time. For each block b of `block` channels, with
+// sigma = 2^ceil(log2(max|x_b| / 127)) (a power of two, so every step below is exact):
+//   x = sigma * (a1 + a2 / 2^7 + a3 / 2^14) + r,  a1 in [-127, 127], a2, a3 in [-64, 64],
+//   |r| <= sigma / 2^15 <= max|x_b| * 2^-21,
+// the error of a float with a 21-bit mantissa relative to the block maximum. Slice p of row m is
+// written to xq[(3 m + p) K + ...] in the byte order the gemv reads (for 4-bit codes, channels
+// 0, 2, 4, 6, 1, 3, 5, 7 of every word, low nibbles then high nibbles); sigma to xsigma[m NB + b].
+// xsum[m NB + b] is overwritten with the sum of the sliced x, not of x: then the zero-point term
+// cancels the slices' own sum exactly, and the error is sum_k r_k (q_k - z) * s, not sum_k r_k q_k * s
+// (q ~ 128 for 8-bit codes: ~4x more with an outlier in the block).
+using PrepXFn = void (*)(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8_t* xq,
+                         float* xsigma, float* xsum);
+
 struct KernelSet {
   const char* name;
-  int max_rows;  // rows one gemv call can hold in registers
-  // gemv reads x with channel k multiplied by 2^-(bits * (k % P)), except where k % P == P - 1
-  // (powers of two: exact), so that it can multiply codes left in place in their word (see
-  // kernels_avx2.cpp). xsum stays the sum of the unscaled x.
-  bool scaled_x;
+  int max_rows;   // rows one gemv call can hold in registers
+  int max_tiles;  // tiles one gemv call streams at once
+  XForm xform;
+  PrepXFn prep_x;  // kInt8x3 only, else nullptr
   GemvTileFn gemv;
   DequantTileFn dequant;
+  GemmTileFn gemm;  // or nullptr
   GemvF16Fn gemv_f16;
 };
 

@@ -28,7 +28,7 @@ inline __m256 decode(__m256i w, int j) {
 }
 
 // Code j of each word left in place, as the float q * 2^(BITS*j): one AND instead of shift + AND.
-// The gemv multiplies it by x pre-scaled by 2^-(BITS*j) (KernelSet::scaled_x), so the product is
+// The gemv multiplies it by x pre-scaled by 2^-(BITS*j) (XForm::kScaled), so the product is
 // x * q exactly. The top code would come out negative (sign bit), so it is shifted down instead.
 template <int BITS>
 inline __m256 decode_in_place(__m256i w, int j) {
@@ -88,7 +88,7 @@ void gemv_rows(const TileArgs& a) {
     for (int c = 0; c < 4; ++c) _mm256_storeu_ps(a.y + r * a.ldy + 8 * c, _mm256_load_ps(out[r] + 8 * c));
 }
 
-void gemv_any(const TileArgs& a, int rows) {
+void gemv_any(const TileArgs& a, int rows, int /*tiles: max_tiles is 1*/) {
   if (a.bits == 4) {
     if (rows == 1) gemv_rows<4, 1>(a); else gemv_rows<4, 2>(a);
   } else {
@@ -134,7 +134,7 @@ void dequant_any(const TileArgs& a, void* out, int64_t ld, bool bf16) {
   else dequant<8>(a, out, ld, bf16);
 }
 
-const KernelSet kSet{"avx2", kMaxRows, /*scaled_x=*/true, gemv_any, dequant_any, gemv_f16_avx2};
+const KernelSet kSet{"avx2", kMaxRows, /*max_tiles=*/1, XForm::kScaled, nullptr, gemv_any, dequant_any, nullptr, gemv_f16_avx2};
 
 }  // namespace
 

@@ -1,4 +1,5 @@
-// AVX-512 tile kernels (F, BW, VL, DQ, BF16, VNNI; Zen 4 and Ice Lake or newer).
+// AVX-512 tile kernels (F, BW, VL, DQ, BF16, VNNI; Zen 4 and Cooper Lake / Sapphire Rapids or newer).
+// The CPU's builtins (__builtin_frexpf, ...) stand in for <cmath>: see kernels.h on headers.
 //
 // The ISA is enabled for this translation unit only, by pragma, so the rest of the extension stays
 // baseline x86-64 and `ops.cpp` picks this set at run time after checking CPU features.
@@ -14,7 +15,7 @@
 namespace compressor {
 namespace {
 
-constexpr int kMaxRows = 4;  // 4 rows x 2 zmm partial sums + 4 x 2 totals fit the 32 zmm registers
+constexpr int kMaxRows = 4;  // 4 rows x 3 slices x 2 int32 sums + 6 code registers fit the 32 zmm registers
 
 // Code j of every int32 word in `w`, as 16 floats.
 template <int BITS>
@@ -37,78 +38,170 @@ inline __m512 load_half16(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-template <int BITS, int ROWS>
-void gemv_rows(const TileArgs& a) {
+// One tile, ROWS activation rows, on the integer dot-product unit. vpdpbusd multiplies the four
+// unsigned bytes of each 32-bit lane by four signed bytes and adds the sum to the lane: a 4-bit word
+// masked with 0x0F0F0F0F gives its codes 0, 2, 4, 6 as bytes, shifted down by 4 its codes 1, 3, 5, 7;
+// an 8-bit word is four codes already. The activations are three int8 slices per block (PrepXFn),
+// each broadcast as the four bytes that meet a word's codes, so one instruction does 64
+// multiply-adds where an fp32 FMA does 16, with no conversion of codes to float.
+// Per block: sum_k x_k q_k = sigma * (A1 + A2 / 2^7 + A3 / 2^14) with A_p the exact int32 sums of
+// slice p (|A_p| < 2^24, so exact in fp32 too); then the epilogue of kernels.h.
+// Software prefetch distance along each tile's stream, in bytes.
+constexpr int kPrefetchBytes = 2048;  // 1024: 0.8x, 4096 and 8192: 0.9x the speed (4096x4096, M=1)
+
+// TILES consecutive tiles (each a contiguous stream of memory), ROWS activation rows, on the
+// integer dot-product unit. vpdpbusd multiplies the four unsigned bytes of each 32-bit lane by four
+// signed bytes and adds the sum to the lane: a 4-bit word masked with 0x0F0F0F0F gives its codes
+// 0, 2, 4, 6 as bytes, shifted down by 4 its codes 1, 3, 5, 7; an 8-bit word is four codes already.
+// The activations are three int8 slices per block (PrepXFn), each broadcast as the four bytes that
+// meet a word's codes, so one instruction does 64 multiply-adds where an fp32 FMA does 16 and no
+// code is converted to float. Per block: sum_k x_k q_k = sigma * (A1 + A2 / 2^7 + A3 / 2^14), with
+// A_p the exact int32 sums of slice p (|A_p| < 2^24: exact in fp32 too), then the epilogue of
+// kernels.h.
+// Several tiles at once because one core reading one sequential stream gets ~11 GB/s here, four
+// streams ~18 GB/s: the hardware prefetchers run each stream only so far ahead.
+template <int BITS, int ROWS, int TILES>
+void gemv_tiles(const TileArgs& a) {
   constexpr int P = 32 / BITS;
-  // With one row, two accumulator chains per half-tile are too few to hide the 4-cycle FMA latency
-  // (each word feeds P dependent FMAs); alternate codes between two sets of partial sums instead.
-  constexpr int S = ROWS == 1 ? 2 : 1;
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  constexpr int XB = BITS == 4 ? 8 : 4;  // slice bytes per word
   const __m512 zero_sym = _mm512_set1_ps(float(1 << (BITS - 1)));
-  const int64_t words_per_block = a.block / P, blocks_per_group = a.group / a.block, NB = a.K / a.block;
+  const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
+  const int64_t wpb = a.block / P, blocks_per_group = a.group / a.block, NB = a.K / a.block, K = a.K;
+  const int64_t tile_words = K / P * kTileN, tile_groups = a.G * kTileN;
   const int32_t* qw = a.qw;
 
-  __m512 out[ROWS][2];
-  for (int r = 0; r < ROWS; ++r) out[r][0] = out[r][1] = _mm512_setzero_ps();
-
+  alignas(64) float out[TILES][ROWS][kTileN] = {};
   for (int64_t b = 0; b < NB; ++b) {
     const int64_t g = b / blocks_per_group;
-    __m512 acc[S][ROWS][2];
-    for (int s = 0; s < S; ++s)
-      for (int r = 0; r < ROWS; ++r) acc[s][r][0] = acc[s][r][1] = _mm512_setzero_ps();
-    const float* xg = a.x + b * a.block;
-    for (int64_t w = 0; w < words_per_block; ++w, qw += kTileN) {
-      const __m512i w0 = _mm512_loadu_si512(qw);
-      const __m512i w1 = _mm512_loadu_si512(qw + 16);
-      const float* xw = xg + w * P;
-#pragma GCC unroll 8
-      for (int j = 0; j < P; ++j) {
-        const __m512 d0 = decode<BITS>(w0, j, iota);
-        const __m512 d1 = decode<BITS>(w1, j, iota);
-#pragma GCC unroll 4
-        for (int r = 0; r < ROWS; ++r) {
-          const __m512 xb = _mm512_set1_ps(xw[r * a.ldx + j]);
-          acc[j % S][r][0] = _mm512_fmadd_ps(d0, xb, acc[j % S][r][0]);
-          acc[j % S][r][1] = _mm512_fmadd_ps(d1, xb, acc[j % S][r][1]);
+    __m512i acc[TILES][ROWS][3][2];
+    for (int t = 0; t < TILES; ++t)
+      for (int r = 0; r < ROWS; ++r)
+        for (int p = 0; p < 3; ++p) acc[t][r][p][0] = acc[t][r][p][1] = _mm512_setzero_si512();
+    const int8_t* xb = a.xq + b * a.block;
+    for (int64_t w = 0; w < wpb; ++w, qw += kTileN) {
+      __m512i xv[ROWS][3][2];  // the slices' bytes for this word: [low nibbles, high nibbles] or [codes]
+      for (int r = 0; r < ROWS; ++r)
+        for (int p = 0; p < 3; ++p)
+          for (int i = 0; i < XB / 4; ++i)
+            xv[r][p][i] = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xb + (3 * r + p) * K + w * XB + 4 * i));
+      for (int t = 0; t < TILES; ++t) {
+        const int32_t* q = qw + t * tile_words;
+        _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes + 64, _MM_HINT_T0);
+        const __m512i w_[2] = {_mm512_loadu_si512(q), _mm512_loadu_si512(q + 16)};
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (BITS == 4) {
+            const __m512i lo = _mm512_and_si512(w_[h], nib);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(w_[h], 4), nib);
+            for (int r = 0; r < ROWS; ++r)
+              for (int p = 0; p < 3; ++p)
+                acc[t][r][p][h] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[t][r][p][h], lo, xv[r][p][0]), hi,
+                                                      xv[r][p][1]);
+          } else {
+            for (int r = 0; r < ROWS; ++r)
+              for (int p = 0; p < 3; ++p) acc[t][r][p][h] = _mm512_dpbusd_epi32(acc[t][r][p][h], w_[h], xv[r][p][0]);
+          }
         }
       }
     }
-    // Block epilogue: out += s * sum(x q) - (z s) * sum(x).
-    const uint16_t* sc = a.sc + g * kTileN;
-    const __m512 s0 = load_half16(sc), s1 = load_half16(sc + 16);
-    const __m512 z0 = a.zp ? load_half16(a.zp + g * kTileN) : zero_sym;
-    const __m512 z1 = a.zp ? load_half16(a.zp + g * kTileN + 16) : zero_sym;
-    const __m512 zs0 = _mm512_mul_ps(z0, s0), zs1 = _mm512_mul_ps(z1, s1);
-    for (int r = 0; r < ROWS; ++r) {
-      __m512 p0 = acc[0][r][0], p1 = acc[0][r][1];
-      if constexpr (S == 2) {
-        p0 = _mm512_add_ps(p0, acc[1][r][0]);
-        p1 = _mm512_add_ps(p1, acc[1][r][1]);
+    // Block epilogue: out += (s sigma) * (A1 + A2 / 2^7 + A3 / 2^14) - (z s) * sum(x).
+    const __m512 c7 = _mm512_set1_ps(1.0f / 128), c14 = _mm512_set1_ps(1.0f / 16384);
+    for (int t = 0; t < TILES; ++t) {
+      const uint16_t* sc = a.sc + t * tile_groups + g * kTileN;
+      const uint16_t* zp = a.zp ? a.zp + t * tile_groups + g * kTileN : nullptr;
+      for (int h = 0; h < 2; ++h) {
+        const __m512 sh = load_half16(sc + 16 * h);
+        const __m512 zs = _mm512_mul_ps(zp ? load_half16(zp + 16 * h) : zero_sym, sh);
+        for (int r = 0; r < ROWS; ++r) {
+          const __m512 sig = _mm512_set1_ps(a.xsigma[r * NB + b]), xs = _mm512_set1_ps(a.xsum[r * NB + b]);
+          __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][r][2][h]), c14, _mm512_cvtepi32_ps(acc[t][r][0][h]));
+          f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][r][1][h]), c7, f);
+          __m512 o = _mm512_load_ps(out[t][r] + 16 * h);
+          o = _mm512_fmadd_ps(f, _mm512_mul_ps(sh, sig), o);
+          _mm512_store_ps(out[t][r] + 16 * h, _mm512_fnmadd_ps(zs, xs, o));
+        }
       }
-      const __m512 xs = _mm512_set1_ps(a.xsum[r * NB + b]);
-      out[r][0] = _mm512_fnmadd_ps(zs0, xs, _mm512_fmadd_ps(p0, s0, out[r][0]));
-      out[r][1] = _mm512_fnmadd_ps(zs1, xs, _mm512_fmadd_ps(p1, s1, out[r][1]));
     }
   }
-  for (int r = 0; r < ROWS; ++r) {
-    _mm512_storeu_ps(a.y + r * a.ldy, out[r][0]);
-    _mm512_storeu_ps(a.y + r * a.ldy + 16, out[r][1]);
-  }
+  for (int t = 0; t < TILES; ++t)
+    for (int r = 0; r < ROWS; ++r)
+      for (int h = 0; h < 2; ++h)
+        _mm512_storeu_ps(a.y + r * a.ldy + t * kTileN + 16 * h, _mm512_load_ps(out[t][r] + 16 * h));
 }
 
+// At most 4 (rows x tiles) accumulator sets: 24 of the 32 zmm registers.
 template <int BITS>
-void gemv(const TileArgs& a, int rows) {
-  switch (rows) {
-    case 1: return gemv_rows<BITS, 1>(a);
-    case 2: return gemv_rows<BITS, 2>(a);
-    case 3: return gemv_rows<BITS, 3>(a);
-    default: return gemv_rows<BITS, 4>(a);
+void gemv(const TileArgs& a, int rows, int tiles) {
+  const int64_t tile_words = a.K / (32 / BITS) * kTileN, tile_groups = a.G * kTileN;
+  for (int t = 0; t < tiles;) {
+    TileArgs at = a;
+    at.qw = a.qw + t * tile_words;
+    at.sc = a.sc + t * tile_groups;
+    at.zp = a.zp ? a.zp + t * tile_groups : nullptr;
+    at.y = a.y + t * kTileN;
+    const int left = tiles - t;
+    if (rows == 1 && left >= 4) gemv_tiles<BITS, 1, 4>(at), t += 4;
+    else if (rows == 1 && left >= 2) gemv_tiles<BITS, 1, 2>(at), t += 2;
+    else if (rows == 2 && left >= 2) gemv_tiles<BITS, 2, 2>(at), t += 2;
+    else {
+      switch (rows) {
+        case 1: gemv_tiles<BITS, 1, 1>(at); break;
+        case 2: gemv_tiles<BITS, 2, 1>(at); break;
+        case 3: gemv_tiles<BITS, 3, 1>(at); break;
+        default: gemv_tiles<BITS, 4, 1>(at); break;
+      }
+      t += 1;
+    }
   }
 }
 
-void gemv_any(const TileArgs& a, int rows) {
-  if (a.bits == 4) gemv<4>(a, rows);
-  else gemv<8>(a, rows);
+void gemv_any(const TileArgs& a, int rows, int tiles) {
+  if (a.bits == 4) gemv<4>(a, rows, tiles);
+  else gemv<8>(a, rows, tiles);
+}
+
+// See PrepXFn in kernels.h. 16 channels at a time; a block's tail (blocks are multiples of 4 or 8
+// channels, not always of 16) is masked.
+void prep_x(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8_t* xq, float* xsigma, float* xsum) {
+  const int64_t NB = K / block;
+  // 4-bit: within each 8 channels, the even ones then the odd ones (the low and high nibbles).
+  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < NB; ++b) {
+      const float* xb = x + m * K + b * block;
+      __m512 mx = _mm512_setzero_ps();
+      for (int64_t k = 0; k < block; k += 16) {
+        const __mmask16 mk = block - k >= 16 ? 0xFFFF : __mmask16((1u << (block - k)) - 1);
+        mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_maskz_loadu_ps(mk, xb + k), absmask));
+      }
+      const float amax = _mm512_reduce_max_ps(mx);
+      int e = 0;
+      if (amax > 0) {
+        const float m127 = __builtin_frexpf(amax / 127.0f, &e);  // amax / 127 = m127 * 2^e, m127 in [0.5, 1)
+        if (m127 == 0.5f) e -= 1;
+      }
+      const float sigma = __builtin_ldexpf(1.0f, e);
+      xsigma[m * NB + b] = sigma;
+      const __m512 inv[3] = {_mm512_set1_ps(__builtin_ldexpf(1.0f, -e)), _mm512_set1_ps(__builtin_ldexpf(1.0f, 7 - e)),
+                             _mm512_set1_ps(__builtin_ldexpf(1.0f, 14 - e))};
+      const __m512 step[2] = {_mm512_set1_ps(sigma), _mm512_set1_ps(__builtin_ldexpf(1.0f, e - 7))};
+      __m512 qsum[3] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};  // exact: small integers
+      for (int64_t k = 0; k < block; k += 16) {
+        const __mmask16 mk = block - k >= 16 ? 0xFFFF : __mmask16((1u << (block - k)) - 1);
+        __m512 r = _mm512_maskz_loadu_ps(mk, xb + k);
+        for (int p = 0; p < 3; ++p) {
+          const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(r, inv[p]), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          qsum[p] = _mm512_add_ps(qsum[p], q);
+          if (p < 2) r = _mm512_fnmadd_ps(q, step[p], r);  // exact: see kernels.h
+          __m128i bytes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q));
+          if (bits == 4) bytes = _mm_shuffle_epi8(bytes, order);
+          _mm_mask_storeu_epi8(xq + (3 * m + p) * K + b * block + k, mk, bytes);
+        }
+      }
+      xsum[m * NB + b] = sigma * (_mm512_reduce_add_ps(qsum[0]) + (_mm512_reduce_add_ps(qsum[1]) / 128 +
+                                                                    _mm512_reduce_add_ps(qsum[2]) / 16384));
+    }
 }
 
 template <int BITS>
@@ -150,7 +243,91 @@ void dequant_any(const TileArgs& a, void* out, int64_t ld, bool bf16) {
   else dequant<8>(a, out, ld, bf16);
 }
 
-const KernelSet kSet{"avx512", kMaxRows, /*scaled_x=*/false, gemv_any, dequant_any, gemv_f16_avx2};
+// Prefill, fp32 activations: a GEMM whose B panel is dequantized on the fly. For each panel of
+// kGemmKC input channels the tile's (kGemmKC, 32) weights are dequantized once into an L1-resident
+// buffer, then every block of up to 12 rows of x multiplies it: per channel two loads of the panel,
+// up to 12 broadcasts of x and 24 FMAs into 24 accumulators, so the FMA units stay busy. This reads
+// the packed weight once and never writes the fp32 weight back to memory, where dequantizing blocks
+// for an ATen GEMM wrote and re-read them (4096x4096 at M=64: 0.8-0.96x fp32 F.linear that way).
+constexpr int64_t kGemmKC = 256;
+constexpr int kGemmMR = 12;
+
+template <int ROWS>
+void gemm_rows(const float* x, int64_t ldx, const float* panel, int64_t kc, float* y, int64_t ldy, bool add) {
+  __m512 acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 w0 = _mm512_load_ps(panel + k * kTileN), w1 = _mm512_load_ps(panel + k * kTileN + 16);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
+      acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int h = 0; h < 2; ++h) {
+      float* o = y + r * ldy + 16 * h;
+      _mm512_storeu_ps(o, add ? _mm512_add_ps(_mm512_loadu_ps(o), acc[r][h]) : acc[r][h]);
+    }
+}
+
+// Rows of channels k0 .. k0 + kc of the tile, dequantized to fp32 as dequant() does: panel[k][c].
+template <int BITS>
+void dequant_range(const TileArgs& a, int64_t k0, int64_t kc, float* panel) {
+  constexpr int P = 32 / BITS;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 zero_sym = _mm512_set1_ps(float(1 << (BITS - 1)));
+  int64_t g = -1;
+  __m512 s0, s1, z0, z1;
+  for (int64_t w = k0 / P; w < (k0 + kc) / P; ++w) {
+    if (w * P / a.group != g) {  // a group is a whole number of words
+      g = w * P / a.group;
+      s0 = load_half16(a.sc + g * kTileN), s1 = load_half16(a.sc + g * kTileN + 16);
+      z0 = a.zp ? load_half16(a.zp + g * kTileN) : zero_sym;
+      z1 = a.zp ? load_half16(a.zp + g * kTileN + 16) : zero_sym;
+    }
+    const __m512i w0 = _mm512_loadu_si512(a.qw + w * kTileN), w1 = _mm512_loadu_si512(a.qw + w * kTileN + 16);
+    float* o = panel + (w * P - k0) * kTileN;
+#pragma GCC unroll 8
+    for (int j = 0; j < P; ++j) {
+      _mm512_store_ps(o + j * kTileN, _mm512_mul_ps(_mm512_sub_ps(decode<BITS>(w0, j, iota), z0), s0));
+      _mm512_store_ps(o + j * kTileN + 16, _mm512_mul_ps(_mm512_sub_ps(decode<BITS>(w1, j, iota), z1), s1));
+    }
+  }
+}
+
+void gemm_block(int rows, const float* x, int64_t ldx, const float* panel, int64_t kc, float* y, int64_t ldy,
+                bool add) {
+  switch (rows) {
+    case 1: return gemm_rows<1>(x, ldx, panel, kc, y, ldy, add);
+    case 2: return gemm_rows<2>(x, ldx, panel, kc, y, ldy, add);
+    case 3: return gemm_rows<3>(x, ldx, panel, kc, y, ldy, add);
+    case 4: return gemm_rows<4>(x, ldx, panel, kc, y, ldy, add);
+    case 5: return gemm_rows<5>(x, ldx, panel, kc, y, ldy, add);
+    case 6: return gemm_rows<6>(x, ldx, panel, kc, y, ldy, add);
+    case 7: return gemm_rows<7>(x, ldx, panel, kc, y, ldy, add);
+    case 8: return gemm_rows<8>(x, ldx, panel, kc, y, ldy, add);
+    case 9: return gemm_rows<9>(x, ldx, panel, kc, y, ldy, add);
+    case 10: return gemm_rows<10>(x, ldx, panel, kc, y, ldy, add);
+    case 11: return gemm_rows<11>(x, ldx, panel, kc, y, ldy, add);
+    default: return gemm_rows<12>(x, ldx, panel, kc, y, ldy, add);
+  }
+}
+
+void gemm(const TileArgs& a, int64_t M) {
+  alignas(64) float panel[kGemmKC * kTileN];
+  for (int64_t k0 = 0; k0 < a.K; k0 += kGemmKC) {
+    const int64_t kc = a.K - k0 < kGemmKC ? a.K - k0 : kGemmKC;
+    if (a.bits == 4) dequant_range<4>(a, k0, kc, panel);
+    else dequant_range<8>(a, k0, kc, panel);
+    for (int64_t m0 = 0; m0 < M; m0 += kGemmMR) {
+      const int rows = int(M - m0 < kGemmMR ? M - m0 : kGemmMR);
+      gemm_block(rows, a.x + m0 * a.ldx + k0, a.ldx, panel, kc, a.y + m0 * a.ldy, a.ldy, k0 > 0);
+    }
+  }
+}
+
+const KernelSet kSet{"avx512", kMaxRows, /*max_tiles=*/4, XForm::kInt8x3, prep_x, gemv_any, dequant_any, gemm, gemv_f16_avx2};
 
 }  // namespace
 

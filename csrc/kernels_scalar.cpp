@@ -45,7 +45,7 @@ inline float zero_of(const TileArgs& a, int64_t g, int c) {
   return a.zp ? half_to_float(a.zp[g * kTileN + c]) : float(1 << (a.bits - 1));
 }
 
-void gemv(const TileArgs& a, int rows) {
+void gemv(const TileArgs& a, int rows, int /*tiles: max_tiles is 1*/) {
   for (int r = 0; r < rows; ++r) {
     const float* x = a.x + r * a.ldx;
     for (int c = 0; c < kTileN; ++c) {
@@ -84,7 +84,7 @@ void gemv_f16(const float* x, int64_t ldx, int rows, const uint16_t* w, int64_t 
     }
 }
 
-const KernelSet kSet{"scalar", 4, /*scaled_x=*/false, gemv, dequant, gemv_f16};
+const KernelSet kSet{"scalar", 4, /*max_tiles=*/1, XForm::kPlain, nullptr, gemv, dequant, nullptr, gemv_f16};
 
 }  // namespace
 

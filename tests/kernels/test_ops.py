@@ -63,7 +63,8 @@ def make_packed(n: int, k: int, bits: int, group: int, sym: bool, seed: int = 0)
 
 
 # K not a multiple of 256, N odd (the op pads N to whole tiles; QuantLinear itself needs N % 8 == 0).
-SHAPES = [(33, 384), (17, 1152), (65, 640)]
+# 32 * 9 + 5 columns are ten tiles: the AVX-512 gemv streams them four, four and two at a time.
+SHAPES = [(33, 384), (17, 1152), (65, 640), (32 * 9 + 5, 384)]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -73,7 +74,7 @@ def test_op_matches_reference(isa, bits, group, sym):
     for n, k in SHAPES + ([(9, 200)] if group == -1 else []):
         p, _ = make_packed(n, k, bits, group, sym)
         assert (p.zeros is None) == sym
-        for m in (1, 3, 17, 64):
+        for m in (1, 2, 3, 17, 64):
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
             y = p(x)
             ref = reference(x, *p.args(), bits=bits)
@@ -81,6 +82,26 @@ def test_op_matches_reference(isa, bits, group, sym):
             assert rel_err(y, ref) <= 1e-5, (n, k, m)
             xb = x.bfloat16()
             assert_bf16_close(p(xb), reference(xb, *p.args(), bits=bits))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, -1)])
+def test_activation_range(isa, bits, group):
+    """Outliers, an all-zero block, and tiny and huge magnitudes: the AVX-512 gemv splits x into int8
+    slices scaled per block, so a block's small entries are only as exact as its largest allows."""
+    n, k = 32 * 5 + 3, 512
+    p, _ = make_packed(n, k, bits, group, sym=False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, k, generator=g)
+    x[0, 7] = 3000.0                       # one outlier channel
+    x[1, :256] = 0.0                       # zero blocks
+    x[2] *= 1e-30                          # tiny (slices near the bottom of the fp32 range)
+    x[3] *= 1e30                           # huge
+    x[4, ::2] *= 1e-6                      # dynamic range inside every block
+    for m in (1, 2, 6):
+        ref = reference(x[:m], *p.args(), bits=bits)
+        y = p(x[:m])
+        for r in range(m):
+            assert rel_err(y[r], ref[r]) <= 1e-5, (m, r)
 
 
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, -1)])
@@ -173,10 +194,12 @@ def test_threads_split_tiles():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_on_two_threads_in_inference_mode(dtype):
-    """The GEMM path runs ATen ops on worker threads: they must see the caller's inference mode."""
-    p, _ = make_packed(32 * 9 + 5, 640, 4, 64, sym=False)
-    x = torch.randn(40, 640).to(dtype)
+@pytest.mark.parametrize("n,k", [(32 * 9 + 5, 640), (32 * 17 + 5, 2048)])
+def test_prefill_on_two_threads_in_inference_mode(dtype, n, k):
+    """The GEMM path: a small layer (< 2 MiB of fp32 per thread) is dequantized whole and multiplied on
+    all threads; a larger one runs ATen ops on worker threads, which must see the caller's inference mode."""
+    p, _ = make_packed(n, k, 4, 64, sym=False)
+    x = torch.randn(40, k).to(dtype)
     ref = reference(x, *p.args(), bits=4)
     torch.set_num_threads(2)
     with torch.inference_mode():
