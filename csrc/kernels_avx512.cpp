@@ -15,7 +15,7 @@
 namespace compressor {
 namespace {
 
-constexpr int kMaxRows = 4;  // 4 rows x 3 slices x 2 int32 sums + 6 code registers fit the 32 zmm registers
+constexpr int kMaxRows = 4;  // rows x tiles <= 4: 3 slices x 2 halves x 4 = 24 int32 sums in the 32 zmm registers
 
 // Code j of every int32 word in `w`, as 16 floats.
 template <int BITS>
@@ -38,14 +38,6 @@ inline __m512 load_half16(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// One tile, ROWS activation rows, on the integer dot-product unit. vpdpbusd multiplies the four
-// unsigned bytes of each 32-bit lane by four signed bytes and adds the sum to the lane: a 4-bit word
-// masked with 0x0F0F0F0F gives its codes 0, 2, 4, 6 as bytes, shifted down by 4 its codes 1, 3, 5, 7;
-// an 8-bit word is four codes already. The activations are three int8 slices per block (PrepXFn),
-// each broadcast as the four bytes that meet a word's codes, so one instruction does 64
-// multiply-adds where an fp32 FMA does 16, with no conversion of codes to float.
-// Per block: sum_k x_k q_k = sigma * (A1 + A2 / 2^7 + A3 / 2^14) with A_p the exact int32 sums of
-// slice p (|A_p| < 2^24, so exact in fp32 too); then the epilogue of kernels.h.
 // Software prefetch distance along each tile's stream, in bytes.
 constexpr int kPrefetchBytes = 2048;  // 1024: 0.8x, 4096 and 8192: 0.9x the speed (4096x4096, M=1)
 
