@@ -95,11 +95,13 @@ def stream_read_gbps(nbytes: int = 2 * ROTATE_BYTES, reps: int = 7) -> dict:
     * ``sum``: a vectorised sum, one add per 4 bytes, one sequential stream per thread;
     * ``gemv``: fp32 matrix-vector products over (4096, 4096) row blocks, which MKL/oneDNN run with
       several concurrent streams per core (on a Xeon one core gets ~11 GB/s from one stream and
-      ~18 GB/s from four, because the hardware prefetchers run each stream only so far ahead).
+      ~18 GB/s from four, because the hardware prefetchers run each stream only so far ahead);
+    * ``streams8``: compressor's C++ probe reading eight interleaved streams per thread, when the
+      extension is built.
 
-    Both do far less arithmetic than the cores can issue, so their time is the time to read the
-    buffer from DRAM. Returns {"sum": GB/s, "gemv": GB/s, "best": GB/s}; "best" is what kernels are
-    judged against, so a kernel's fraction of it is a fraction of what this machine can really read.
+    All do far less arithmetic than the cores can issue, so their time is the time to read the
+    buffer from DRAM. Returns {probe: GB/s, ..., "best": GB/s}; "best" is what kernels are judged
+    against, so a kernel's fraction of it is a fraction of what this machine can really read.
     """
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
     rows = buf.view(-1, 4096)
@@ -109,8 +111,13 @@ def stream_read_gbps(nbytes: int = 2 * ROTATE_BYTES, reps: int = 7) -> dict:
         for i in range(0, rows.shape[0], 4096):
             torch.mv(rows[i:i + 4096], x)
 
+    probes = [("sum", buf.sum), ("gemv", gemv)]
+    from compressor import kernels
+    if kernels.extension is not None:
+        ints = buf.view(torch.int32)
+        probes.append(("streams8", lambda: kernels.extension._stream_read(ints, 8)))
     out = {}
-    for name, fn in (("sum", buf.sum), ("gemv", gemv)):
+    for name, fn in probes:
         fn()
         times = []
         for _ in range(reps):
@@ -118,8 +125,8 @@ def stream_read_gbps(nbytes: int = 2 * ROTATE_BYTES, reps: int = 7) -> dict:
             fn()
             times.append(time.perf_counter() - t0)
         out[name] = nbytes / statistics.median(times) / 1e9
-    del buf, rows
-    out["best"] = max(out["sum"], out["gemv"])
+    del buf, rows, probes
+    out["best"] = max(out.values())
     return out
 
 
