@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -78,22 +79,39 @@ BASELINES = {"fp32 F.linear": "x_fp32", "bf16 F.linear": "x_bf16", "torch int4pa
              "torch int8pack": "x_int8pack"}
 
 
+ROUNDS = 5  # kernels of one (shape, M) are timed in turn, this many times, and each keeps its median
+
+
 def run(shapes, batches) -> list[dict]:
+    """Time every kernel on every (shape, M), interleaved.
+
+    All kernels' rotating copies of one shape are held at once (~1 GiB each), and for each M the
+    kernels take turns, ROUNDS times over: on a shared machine the load drifts over seconds, and
+    interleaving lets a kernel and its baselines see the same conditions rather than whatever the
+    machine was doing when each one's turn came.
+    """
     rows = []
     for n, k in shapes:
         xs = {(m, dt): torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dt)
               for m in batches for dt in (torch.float32, torch.bfloat16)}
-        for kern in kernels_for(n, k):
+        kerns = kernels_for(n, k)
+        copies = {}
+        for kern in kerns:
             one = kern.make()
-            nbytes = _nbytes(one)
-            copies = [one] + [kern.make() for _ in range(harness.copies_for(nbytes) - 1)]
-            for m in batches:
-                x = xs[(m, kern.act)]
-                t = harness.time_rotating(lambda *a: kern.run(x, *a), copies)
-                gbps = nbytes / t / 1e9
-                rows.append({"out": n, "in": k, "M": m, "kernel": kern.name, "us": t * 1e6, "GBps": gbps,
-                             "weight_bytes": nbytes, "copies": len(copies)})
-            del copies, one
+            copies[kern.name] = [one] + [kern.make() for _ in range(harness.copies_for(_nbytes(one)) - 1)]
+        for m in batches:
+            times = {kern.name: [] for kern in kerns}
+            for _ in range(ROUNDS):
+                for kern in kerns:
+                    x = xs[(m, kern.act)]
+                    times[kern.name].append(harness.time_rotating(
+                        lambda *a: kern.run(x, *a), copies[kern.name], reps=8, min_time=0.05, max_time=0.6))
+            for kern in kerns:
+                t = statistics.median(times[kern.name])
+                nbytes = _nbytes(copies[kern.name][0])
+                rows.append({"out": n, "in": k, "M": m, "kernel": kern.name, "us": t * 1e6, "GBps": nbytes / t / 1e9,
+                             "weight_bytes": nbytes, "copies": len(copies[kern.name])})
+        del copies
     # Ratios against the baselines of the same (shape, M): baseline time / kernel time.
     base = {(r["out"], r["in"], r["M"], r["kernel"]): r["us"] for r in rows}
     for r in rows:
