@@ -163,18 +163,23 @@ void prep_x(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8_
     for (int64_t b = 0; b < NB; ++b) {
       const float* xb = x + m * K + b * block;
       __m512 mx = _mm512_setzero_ps();
+      __mmask16 bad = 0;  // NaN or infinity anywhere in the block
       for (int64_t k = 0; k < block; k += 16) {
         const __mmask16 mk = block - k >= 16 ? 0xFFFF : __mmask16((1u << (block - k)) - 1);
-        mx = _mm512_max_ps(mx, _mm512_and_ps(_mm512_maskz_loadu_ps(mk, xb + k), absmask));
+        const __m512 v = _mm512_maskz_loadu_ps(mk, xb + k);
+        mx = _mm512_max_ps(mx, _mm512_and_ps(v, absmask));
+        bad |= _mm512_fpclass_ps_mask(v, 0x99);  // QNaN | +inf | -inf | SNaN
       }
       const float amax = _mm512_reduce_max_ps(mx);
       int e = 0;
-      if (amax > 0) {
+      if (!bad && amax > 0) {
         const float m127 = __builtin_frexpf(amax / 127.0f, &e);  // amax / 127 = m127 * 2^e, m127 in [0.5, 1)
         if (m127 == 0.5f) e -= 1;
       }
       const float sigma = __builtin_ldexpf(1.0f, e);
-      xsigma[m * NB + b] = sigma;
+      // A non-finite x has no int8 slices: a NaN scale and sum make the row's outputs NaN, as the
+      // float reference's would be (inf * w and inf - inf), instead of finite garbage.
+      xsigma[m * NB + b] = bad ? __builtin_nanf("") : sigma;
       const __m512 inv[3] = {_mm512_set1_ps(__builtin_ldexpf(1.0f, -e)), _mm512_set1_ps(__builtin_ldexpf(1.0f, 7 - e)),
                              _mm512_set1_ps(__builtin_ldexpf(1.0f, 14 - e))};
       const __m512 step[2] = {_mm512_set1_ps(sigma), _mm512_set1_ps(__builtin_ldexpf(1.0f, e - 7))};
@@ -191,7 +196,7 @@ void prep_x(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8_
           _mm_mask_storeu_epi8(xq + (3 * m + p) * K + b * block + k, mk, bytes);
         }
       }
-      xsum[m * NB + b] = sigma * (_mm512_reduce_add_ps(qsum[0]) + (_mm512_reduce_add_ps(qsum[1]) / 128 +
+      xsum[m * NB + b] = bad ? __builtin_nanf("") : sigma * (_mm512_reduce_add_ps(qsum[0]) + (_mm512_reduce_add_ps(qsum[1]) / 128 +
                                                                     _mm512_reduce_add_ps(qsum[2]) / 16384));
     }
 }

@@ -105,6 +105,19 @@ def test_activation_range(isa, bits, group):
 
 
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, -1)])
+def test_non_finite_activations_propagate(isa, bits, group):
+    """inf or NaN in a row of x gives no finite output in that row (as F.linear), others are unharmed."""
+    n, k = 32 * 5 + 3, 256
+    p, _ = make_packed(n, k, bits, group, sym=False)
+    x = torch.randn(3, k)
+    x[0, 5], x[1, 100] = float("inf"), float("nan")
+    y, ref = p(x), reference(x, *p.args(), bits=bits)
+    for r in (0, 1):
+        assert not torch.isfinite(ref[r]).any() and not torch.isfinite(y[r]).any(), r
+    assert rel_err(y[2], ref[2]) <= 1e-5
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, -1)])
 def test_batch_shapes_bias_and_perm(isa, bits, group):
     n, k = 45, 256
     p, (q, scale, zero) = make_packed(n, k, bits, group, sym=False)
