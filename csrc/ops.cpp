@@ -163,8 +163,9 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     base.block = block;
     const int64_t NB = K / block;
     std::vector<float> xsum(M * NB);  // (M, NB): the zero-point term needs sum(x) per block
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t b = 0; b < NB; ++b) xsum[m * NB + b] = block_sum(xp + m * K + b * block, block);
+    if (ks->xform != XForm::kInt8x3)  // there prep_x writes the sums of the slices
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t b = 0; b < NB; ++b) xsum[m * NB + b] = block_sum(xp + m * K + b * block, block);
     std::vector<float> xscaled, xsigma;
     std::vector<int8_t> xq;
     if (ks->xform == XForm::kScaled) {
