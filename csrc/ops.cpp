@@ -231,9 +231,12 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     const float* xp = xin.data_ptr<float>();
     at::Tensor y = at::empty({M, N}, xin.options());
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, Nt, 1, [&](int64_t t0, int64_t t1) {
+    // Threads take tiles from a shared counter, as in decode: on a shared machine one core is often
+    // slower for a while, and a static half each leaves the other one waiting.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
       std::vector<float> scratch;
-      for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < Nt;) {
         TileArgs a = tile(base, t);
         a.x = xp;
         a.ldx = K;
