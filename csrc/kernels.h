@@ -72,7 +72,7 @@ constexpr int kF16MaxRows = 4;
 //           exact), so that codes can be multiplied where they sit in their word (kernels_avx2.cpp).
 //  kInt8x3  x split into three int8 slices per block of `block` channels (PrepXFn), so that the
 //           products run on the integer dot-product unit (VNNI, kernels_avx512.cpp).
-// In every case xsum is the sum of the unscaled x.
+// xsum is the sum of the unscaled x, or for kInt8x3 of the slices (PrepXFn).
 enum class XForm { kPlain, kScaled, kInt8x3 };
 
 // kInt8x3 preparation, one row at a time. For each block b of `block` channels, with

@@ -201,43 +201,46 @@ void prep_x(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8_
     }
 }
 
+// Channels k0 .. k0 + kc of the tile dequantized: out[(k - k0) * ld + c] = (q[k, c] - zero) * scale,
+// fp32 or bf16. k0 and kc are whole words; a group is a whole number of words.
 template <int BITS>
-void dequant(const TileArgs& a, void* out, int64_t ld, bool bf16) {
+void dequant_range(const TileArgs& a, int64_t k0, int64_t kc, void* out, int64_t ld, bool bf16) {
   constexpr int P = 32 / BITS;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 zero_sym = _mm512_set1_ps(float(1 << (BITS - 1)));
-  const int64_t words_per_group = a.group / P;
-  const int32_t* qw = a.qw;
-  int64_t k = 0;
-  for (int64_t g = 0; g < a.G; ++g) {
-    const __m512 s0 = load_half16(a.sc + g * kTileN), s1 = load_half16(a.sc + g * kTileN + 16);
-    const __m512 z0 = a.zp ? load_half16(a.zp + g * kTileN) : zero_sym;
-    const __m512 z1 = a.zp ? load_half16(a.zp + g * kTileN + 16) : zero_sym;
-    for (int64_t w = 0; w < words_per_group; ++w, qw += kTileN) {
-      const __m512i w0 = _mm512_loadu_si512(qw), w1 = _mm512_loadu_si512(qw + 16);
+  int64_t g = -1;
+  __m512 s0, s1, z0, z1;
+  for (int64_t w = k0 / P; w < (k0 + kc) / P; ++w) {
+    if (w * P / a.group != g) {
+      g = w * P / a.group;
+      s0 = load_half16(a.sc + g * kTileN), s1 = load_half16(a.sc + g * kTileN + 16);
+      z0 = a.zp ? load_half16(a.zp + g * kTileN) : zero_sym;
+      z1 = a.zp ? load_half16(a.zp + g * kTileN + 16) : zero_sym;
+    }
+    const __m512i w0 = _mm512_loadu_si512(a.qw + w * kTileN), w1 = _mm512_loadu_si512(a.qw + w * kTileN + 16);
 #pragma GCC unroll 8
-      for (int j = 0; j < P; ++j, ++k) {
-        // (q - z) * s in this order, exactly as the reference computes it: q - z is exact, so the
-        // result is the correctly rounded product and the GEMM sees bit-identical weights.
-        const __m512 d0 = _mm512_mul_ps(_mm512_sub_ps(decode<BITS>(w0, j, iota), z0), s0);
-        const __m512 d1 = _mm512_mul_ps(_mm512_sub_ps(decode<BITS>(w1, j, iota), z1), s1);
-        if (bf16) {
-          // vcvtne2ps2bf16 packs 32 floats into one register with round-to-nearest-even.
-          const __m512bh b = _mm512_cvtne2ps_pbh(d1, d0);
-          _mm512_storeu_si512(static_cast<uint16_t*>(out) + k * ld, reinterpret_cast<__m512i>(b));
-        } else {
-          float* o = static_cast<float*>(out) + k * ld;
-          _mm512_storeu_ps(o, d0);
-          _mm512_storeu_ps(o + 16, d1);
-        }
+    for (int j = 0; j < P; ++j) {
+      const int64_t k = w * P + j - k0;
+      // (q - z) * s in this order, exactly as the reference computes it: q - z is exact, so the
+      // result is the correctly rounded product and the GEMM sees bit-identical weights.
+      const __m512 d0 = _mm512_mul_ps(_mm512_sub_ps(decode<BITS>(w0, j, iota), z0), s0);
+      const __m512 d1 = _mm512_mul_ps(_mm512_sub_ps(decode<BITS>(w1, j, iota), z1), s1);
+      if (bf16) {
+        // vcvtne2ps2bf16 packs 32 floats into one register with round-to-nearest-even.
+        const __m512bh b = _mm512_cvtne2ps_pbh(d1, d0);
+        _mm512_storeu_si512(static_cast<uint16_t*>(out) + k * ld, reinterpret_cast<__m512i>(b));
+      } else {
+        float* o = static_cast<float*>(out) + k * ld;
+        _mm512_storeu_ps(o, d0);
+        _mm512_storeu_ps(o + 16, d1);
       }
     }
   }
 }
 
 void dequant_any(const TileArgs& a, void* out, int64_t ld, bool bf16) {
-  if (a.bits == 4) dequant<4>(a, out, ld, bf16);
-  else dequant<8>(a, out, ld, bf16);
+  if (a.bits == 4) dequant_range<4>(a, 0, a.K, out, ld, bf16);
+  else dequant_range<8>(a, 0, a.K, out, ld, bf16);
 }
 
 // Prefill, fp32 activations: a GEMM whose B panel is dequantized on the fly. For each panel of
@@ -268,31 +271,6 @@ void gemm_rows(const float* x, int64_t ldx, const float* panel, int64_t kc, floa
     }
 }
 
-// Rows of channels k0 .. k0 + kc of the tile, dequantized to fp32 as dequant() does: panel[k][c].
-template <int BITS>
-void dequant_range(const TileArgs& a, int64_t k0, int64_t kc, float* panel) {
-  constexpr int P = 32 / BITS;
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 zero_sym = _mm512_set1_ps(float(1 << (BITS - 1)));
-  int64_t g = -1;
-  __m512 s0, s1, z0, z1;
-  for (int64_t w = k0 / P; w < (k0 + kc) / P; ++w) {
-    if (w * P / a.group != g) {  // a group is a whole number of words
-      g = w * P / a.group;
-      s0 = load_half16(a.sc + g * kTileN), s1 = load_half16(a.sc + g * kTileN + 16);
-      z0 = a.zp ? load_half16(a.zp + g * kTileN) : zero_sym;
-      z1 = a.zp ? load_half16(a.zp + g * kTileN + 16) : zero_sym;
-    }
-    const __m512i w0 = _mm512_loadu_si512(a.qw + w * kTileN), w1 = _mm512_loadu_si512(a.qw + w * kTileN + 16);
-    float* o = panel + (w * P - k0) * kTileN;
-#pragma GCC unroll 8
-    for (int j = 0; j < P; ++j) {
-      _mm512_store_ps(o + j * kTileN, _mm512_mul_ps(_mm512_sub_ps(decode<BITS>(w0, j, iota), z0), s0));
-      _mm512_store_ps(o + j * kTileN + 16, _mm512_mul_ps(_mm512_sub_ps(decode<BITS>(w1, j, iota), z1), s1));
-    }
-  }
-}
-
 void gemm_block(int rows, const float* x, int64_t ldx, const float* panel, int64_t kc, float* y, int64_t ldy,
                 bool add) {
   switch (rows) {
@@ -315,8 +293,8 @@ void gemm(const TileArgs& a, int64_t M) {
   alignas(64) float panel[kGemmKC * kTileN];
   for (int64_t k0 = 0; k0 < a.K; k0 += kGemmKC) {
     const int64_t kc = a.K - k0 < kGemmKC ? a.K - k0 : kGemmKC;
-    if (a.bits == 4) dequant_range<4>(a, k0, kc, panel);
-    else dequant_range<8>(a, k0, kc, panel);
+    if (a.bits == 4) dequant_range<4>(a, k0, kc, panel, kTileN, false);
+    else dequant_range<8>(a, k0, kc, panel, kTileN, false);
     for (int64_t m0 = 0; m0 < M; m0 += kGemmMR) {
       const int rows = int(M - m0 < kGemmMR ? M - m0 : kGemmMR);
       gemm_block(rows, a.x + m0 * a.ldx + k0, a.ldx, panel, kc, a.y + m0 * a.ldy, a.ldy, k0 > 0);

@@ -7,8 +7,8 @@
 // Two regimes:
 //  * M < kGemmMinRows (decode): batch-1..16 matmul is bound by reading the weight, so a tile kernel
 //    streams the packed codes once and keeps up to `max_rows` activation rows in registers
-//    (kernels_*.cpp), `max_tiles` tiles at a time. Threads take chunks of output tiles (each tile one contiguous block of
-//    memory) from a shared counter.
+//    (kernels_*.cpp), `max_tiles` tiles at a time. Threads take chunks of output tiles (each tile
+//    one contiguous block of memory) from a shared counter.
 //  * M >= kGemmMinRows (prefill): the matmul is compute bound. Each thread takes whole blocks of
 //    columns, dequantizes one at a time into its own buffer (fp32, or bf16 where the CPU multiplies
 //    bf16 natively) and multiplies it with a single-threaded ATen GEMM (MKL / oneDNN), which is
@@ -350,7 +350,7 @@ int64_t stream_read(const at::Tensor& buf, int64_t streams) {
   const int64_t span = kChunk * streams, n_spans = buf.numel() / span;
   std::atomic<int64_t> total{0};
   at::parallel_for(0, n_spans, 1, [&](int64_t s0, int64_t s1) {
-    int32_t acc[16] = {};
+    uint32_t acc[16] = {};  // wraps: only a checksum
     for (int64_t s = s0; s < s1; ++s)
       for (int64_t i = 0; i < kChunk; i += 16)
         for (int64_t j = 0; j < streams; ++j)

@@ -125,3 +125,14 @@ def test_prepare_swaps_an_exact_fp16_head_only():
     fp32 = torch.nn.Linear(96, 300, bias=False)                 # not fp16-exact: nothing may be lost
     assert prepare_(_Head(fp32)).lm_head is fp32
     assert prepare_(_Head(head), half_lm_head=False).lm_head is head
+
+
+@pytest.mark.skipif(extension is None, reason="the probe is in the C++ extension")
+@pytest.mark.parametrize("streams", [1, 8])
+def test_stream_read_probe_reads_every_element(streams):
+    """The bandwidth probe of bench_kernels: its checksum is the sum of whole spans it read."""
+    span = 16384 * streams
+    buf = torch.randint(0, 100, (3 * span + 5,), dtype=torch.int32)  # the 5-element tail is not read
+    assert extension._stream_read(buf, streams) == int(buf[:3 * span].sum())
+    with pytest.raises(RuntimeError, match="contiguous int32"):
+        extension._stream_read(buf.float(), streams)
