@@ -40,8 +40,10 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     Args: student, teacher (B, L, V) logits. T^2 keeps gradient sizes comparable across temperatures.
     """
     V = student.shape[-1]
-    s = F.log_softmax(student.float().reshape(-1, V) / temperature, dim=-1)
-    t = F.log_softmax(teacher.float().reshape(-1, V) / temperature, dim=-1)
+    s, t = student.float().reshape(-1, V), teacher.float().reshape(-1, V)
+    if temperature != 1:                       # (B * L, V) is large: skip two passes over it at T = 1
+        s, t = s / temperature, t / temperature
+    s, t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
@@ -140,13 +142,16 @@ def load_state(path: str | Path) -> dict[str, Any]:
 def train(model: nn.Module, params: list[nn.Parameter], data: TokenWindows, *, steps: int, lr: float, warmup: int,
           batch_size: int, teacher: Callable[[], nn.Module] | None = None, temperature: float = 1.0,
           state_file: Path | None = None, checkpoint_every: int = 0, fingerprint: dict | None = None,
-          resume: bool = False, progress: bool = True, desc: str = "train") -> dict[str, Any]:
+          resume: bool = False, progress: bool = True, desc: str = "train",
+          autocast: torch.dtype | None = None) -> dict[str, Any]:
     """Train `params` of `model` with AdamW (warm-up, cosine decay to lr/10, gradient norm clipped to 1).
 
     The loss is `distill_loss` against the logits of the model that `teacher()` returns (called only
     if there is a step left to run), else `causal_lm_loss`.
     With `state_file`, the state is saved every `checkpoint_every` steps and after the last one; with
     `resume` and an existing `state_file` whose `fingerprint` matches, training continues from it.
+    With `autocast` (torch.bfloat16), both forwards run under ``torch.autocast('cpu', autocast)``;
+    the loss is computed in fp32 from the (upcast) logits either way.
     Returns the loss curve and timings. `model` is left in eval mode.
     """
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -177,15 +182,20 @@ def train(model: nn.Module, params: list[nn.Parameter], data: TokenWindows, *, s
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
 
     tokens = batch_size * data.windows.shape[1]
+
+    def amp():
+        return torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
+
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress)
     model.train()
     t_run = time.perf_counter()
     while step < steps:
         t0 = time.perf_counter()
         ids = data.batch(step, batch_size)                          # (B, L)
-        logits = model(input_ids=ids, use_cache=False).logits       # (B, L, V)
+        with amp():
+            logits = model(input_ids=ids, use_cache=False).logits   # (B, L, V)
         if teacher is not None:
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 t_logits = teacher(input_ids=ids, use_cache=False).logits
             loss = distill_loss(logits, t_logits, temperature)
             del t_logits

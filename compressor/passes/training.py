@@ -13,15 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .base import Context, PassConfig, Stage
 
-__all__ = ["Teacher", "TrainingConfig", "check_enum"]
+__all__ = ["Teacher", "Autocast", "TrainingConfig", "check_enum"]
 
 
 class Teacher(str, enum.Enum):
     ORIGINAL = "original"         # the uncompressed float model the recipe started from
+
+
+class Autocast(str, enum.Enum):
+    BFLOAT16 = "bfloat16"         # matmuls in bf16 (AMX / AVX512-BF16 on CPU), weights and optimizer fp32
 
 
 def check_enum(cls: type[enum.Enum], value: Any, where: str, allow_none: bool = False):
@@ -41,6 +46,11 @@ class TrainingConfig(PassConfig):
     teacher: 'original' (distil from the uncompressed model's logits) or null (causal-LM loss).
     temperature: distillation temperature T.
     checkpoint_every: steps between training-state checkpoints in the work directory (0: only the last).
+    autocast: null (fp32 throughout) or 'bfloat16': student and teacher forward/backward under
+        ``torch.autocast`` (bf16 matmuls, fp32 trainable weights, optimizer state and loss). On the
+        AMX Xeon a PEQA step on SmolLM2-135M (4 x 256 tokens) took 6.4 s instead of 10.0 s, and 64
+        steps ended at the same perplexity (21.519 both, 8 windows). Without AMX or AVX512-BF16 it
+        can be slower than fp32.
     """
     stage = Stage.RECOVER
     needs_train_data = True
@@ -54,10 +64,13 @@ class TrainingConfig(PassConfig):
     teacher: Teacher | None = Teacher.ORIGINAL
     temperature: float = 1.0
     checkpoint_every: int = 10
+    autocast: Autocast | None = None
 
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "teacher", check_enum(Teacher, self.teacher, f"{self.name}.teacher", allow_none=True))
+        object.__setattr__(self, "autocast", check_enum(Autocast, self.autocast, f"{self.name}.autocast",
+                                                        allow_none=True))
         for f, lo in self._int_fields():
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -100,6 +113,7 @@ class TrainingConfig(PassConfig):
         log_ = train(model, params, data, steps=self.steps, lr=self.lr, warmup=self.warmup,
                      batch_size=self.batch_size, teacher=ctx.original if self.needs_original else None,
                      temperature=self.temperature, state_file=state_file, checkpoint_every=self.checkpoint_every,
-                     fingerprint=self.fingerprint(ctx), resume=ctx.resume, progress=ctx.progress, desc=self.name)
+                     fingerprint=self.fingerprint(ctx), resume=ctx.resume, progress=ctx.progress, desc=self.name,
+                     autocast=None if self.autocast is None else getattr(torch, self.autocast.value))
         ctx.training[self.name] = log_
         return log_

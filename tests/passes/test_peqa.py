@@ -38,11 +38,24 @@ def test_scale_tuned_linear_starts_as_the_quantlinear(act_order):
     torch.testing.assert_close(grouped_weight(d, s, None), grouped_weight(d, s, torch.arange(8) // 4))
 
 
-def test_training_the_scales_lowers_the_loss_and_saves_gptq(tiny_llama, tmp_path):
+def test_grouped_weight_gradient_equals_the_gathers():
+    torch.manual_seed(0)
+    d, g_idx = torch.randn(6, 96), torch.randperm(96) // 32
+    s1 = torch.rand(6, 3, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    up = torch.randn(6, 96)
+    (grouped_weight(d, s1, g_idx) * up).sum().backward()
+    (d * s2[:, g_idx] * up).sum().backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("autocast", [None, "bfloat16"])
+def test_training_the_scales_lowers_the_loss_and_saves_gptq(tiny_llama, tmp_path, autocast):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(["the quick brown fox jumps over the lazy dog; perplexity of the compressed model"] * 150))
     recipe = parse_recipe({"passes": [{"rtn": {"bits": 4, "group_size": 32}},
-                                      {"peqa": {"steps": 8, "lr": 2e-2, "warmup": 1, "batch_size": 2, "seqlen": 32}}]})
+                                      {"peqa": {"steps": 8, "lr": 2e-2, "warmup": 1, "batch_size": 2, "seqlen": 32,
+                                                "autocast": autocast}}]})
     res = compress(str(tiny_llama), recipe, tmp_path / "o", train_data=str(text), progress=False)
     loss = res.ctx.training["peqa"]["loss"]
     assert sum(loss[-3:]) < sum(loss[:3])
@@ -61,6 +74,8 @@ def test_needs_an_integer_quantizer_before_it():
     with pytest.raises(RecipeError, match="'rtn' \\(quantize\\) cannot follow 'peqa'"):
         parse_recipe({"passes": [{"peqa": {}}, {"rtn": {}}]})
     parse_recipe({"passes": [{"nf4": {}}, {"lora": {"save": "merged"}}, {"gptq": {}}, {"peqa": {}}]})
+    with pytest.raises(ValueError, match="peqa.autocast='float16' is not supported; allowed: \\['bfloat16', 'null'\\]"):
+        parse_recipe({"passes": [{"rtn": {}}, {"peqa": {"autocast": "float16"}}]})
 
 
 def test_norms_trains_the_norm_weights_and_saves_them(tiny_llama, tmp_path):
