@@ -55,8 +55,8 @@ def grouped_weight(d: torch.Tensor, scale: torch.Tensor, g_idx: torch.Tensor | N
 class _ExpandGroups(torch.autograd.Function):
     """``scale[:, g_idx]`` whose backward sums each group's gradient with ``index_add_`` along dim 1.
 
-    Autograd's own backward for the gather is an accumulating ``index_put_``, which on CPU costs ~4 ms
-    a layer on SmolLM2 (a fifth of a PEQA step)."""
+    Autograd's own backward for the gather is an accumulating ``index_put_``, which on CPU cost 3.7 ms
+    a layer on SmolLM2 (0.78 s of a 6.4 s bf16 PEQA step; ``index_add_`` takes 0.1 s in all)."""
 
     @staticmethod
     def forward(ctx, scale: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,10 @@ class Teacher(str, enum.Enum):
 class Autocast(str, enum.Enum):
     BFLOAT16 = "bfloat16"         # matmuls in bf16 (AMX / AVX512-BF16 on CPU), weights and optimizer fp32
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.value)
+
 
 def check_enum(cls: type[enum.Enum], value: Any, where: str, allow_none: bool = False):
     """`cls(value)`, or ValueError naming `where`, the value and the allowed values."""
@@ -114,6 +118,6 @@ class TrainingConfig(PassConfig):
                      batch_size=self.batch_size, teacher=ctx.original if self.needs_original else None,
                      temperature=self.temperature, state_file=state_file, checkpoint_every=self.checkpoint_every,
                      fingerprint=self.fingerprint(ctx), resume=ctx.resume, progress=ctx.progress, desc=self.name,
-                     autocast=None if self.autocast is None else getattr(torch, self.autocast.value))
+                     autocast=self.autocast and self.autocast.dtype)
         ctx.training[self.name] = log_
         return log_
