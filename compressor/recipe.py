@@ -14,6 +14,7 @@ Ordering across passes is checked in one place, `check_order`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from .passes import PASSES, PassConfig, Stage
 
 __all__ = ["Recipe", "RecipeError", "RECIPES_DIR", "load_recipe", "list_recipes", "check_order"]
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Shipped recipes are package data (compressor/recipes/*.yaml), so a wheel or sdist install has them.
+RECIPES_DIR = importlib.resources.files("compressor") / "recipes"
 _TOP_KEYS = {"description", "targets", "ignore", "calibration", "passes"}
 _CALIB_KEYS = {"samples", "seqlen", "seed"}
 
@@ -179,29 +181,31 @@ def parse_recipe(data: Any, source: str = "<inline>") -> Recipe:
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    """`NAME` finds ``recipes/NAME.yaml``; anything else is read as a path."""
+    """`NAME` finds the shipped ``compressor/recipes/NAME.yaml``; anything else is read as a path."""
     s = str(name_or_path)
     p = Path(s)
+    source = str(p)
     if not p.suffix and not p.exists():
         p = RECIPES_DIR / f"{s}.yaml"
-        if not p.exists():
+        if not p.is_file():
             raise RecipeError(f"unknown recipe {s!r}; available: {', '.join(list_recipes()) or 'none'} "
                               f"(or pass a path to a .yaml file)")
+        source = s
     if not p.is_file():
         raise RecipeError(f"recipe file {s!r} does not exist")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise RecipeError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    return parse_recipe(data, source=p.stem if p.parent == RECIPES_DIR else str(p))
+        raise RecipeError(f"{source}: invalid YAML ({str(e).splitlines()[0]})") from None
+    return parse_recipe(data, source=source)
 
 
 def list_recipes() -> dict[str, str]:
-    """name -> description of every recipe in `RECIPES_DIR`."""
+    """name -> description of every shipped recipe (`RECIPES_DIR`)."""
     out = {}
-    for f in sorted(RECIPES_DIR.glob("*.yaml")):
+    for f in sorted((f for f in RECIPES_DIR.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name):
         try:
-            out[f.stem] = str((yaml.safe_load(f.read_text()) or {}).get("description", ""))
+            out[f.name[:-5]] = str((yaml.safe_load(f.read_text()) or {}).get("description", ""))
         except yaml.YAMLError:
-            out[f.stem] = "(invalid YAML)"
+            out[f.name[:-5]] = "(invalid YAML)"
     return out

@@ -23,7 +23,13 @@ import torch
 from .ops import OPS, extension, reference
 from .repack import PackedWeight, pack, pack_module
 
-__all__ = ["quant_linear", "prepare_", "pack", "pack_module", "PackedWeight", "OPS", "reference", "extension"]
+__all__ = ["quant_linear", "prepare_", "pack", "pack_module", "PackedWeight", "OPS", "reference", "extension",
+           "backend"]
+
+
+def backend() -> str:
+    """The CPU kernels the ops run on: the compiled ISA ('avx512', 'avx2', 'scalar') or the reference."""
+    return f"{extension.isa()} (compiled)" if extension is not None else "pytorch reference"
 
 _DTYPES = (torch.float32, torch.bfloat16)
 

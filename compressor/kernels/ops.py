@@ -28,9 +28,9 @@ left in a quantized model (the tied lm_head, which the checkpoint stores in fp16
 ``(N, K)``, x float32 or bfloat16, fp32 accumulation, so it equals ``F.linear`` with the weight
 widened to fp32 while reading half the bytes.
 
-The CPU kernel comes from the compiled extension `compressor._C` (csrc/); without it, or with
-``COMPRESSOR_NO_EXT=1``, the pure-PyTorch `reference` below is registered as the CPU kernel. The
-same `reference` is the test oracle.
+The pure-PyTorch `reference` below is registered for every device; the compiled extension
+`compressor._C` (csrc/cpu/) overrides it on CPU unless ``COMPRESSOR_NO_EXT=1``. The same
+`reference` is the test oracle.
 """
 from __future__ import annotations
 
@@ -116,10 +116,13 @@ for _name, _bits in _BITS.items():
 _lib.define("f16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 torch.library.register_fake("compressor::f16_linear", _f16_fake, lib=_lib)
 
+# The references serve every device (CompositeExplicitAutograd: CPU, CUDA, ...). A compiled
+# extension registers kernels for its own dispatch key (compressor._C: CPU), which take precedence
+# there; every other device keeps the reference until it has kernels of its own.
+for _name, _bits in _BITS.items():
+    _lib.impl(_name, functools.partial(reference, bits=_bits), "CompositeExplicitAutograd")
+_lib.impl("f16_linear", f16_reference, "CompositeExplicitAutograd")
+
 extension = _load_extension()
-if extension is None:
-    for _name, _bits in _BITS.items():
-        _lib.impl(_name, functools.partial(reference, bits=_bits), "CPU")
-    _lib.impl("f16_linear", f16_reference, "CPU")
 
 OPS = {4: torch.ops.compressor.int4_linear.default, 8: torch.ops.compressor.int8_linear.default}
