@@ -1,42 +1,92 @@
 """Build for `compressor`.
 
-The optional C++ CPU kernels (`compressor._C`) are added by `_extensions()`; when torch's
-cpp_extension or a compiler is missing, the package installs without them and every op falls back
-to its pure-PyTorch reference.
+The C++ CPU kernels reach every install path one of two ways:
+
+* at build time, as `compressor._C`, when torch is importable while building
+  (``pip install --no-build-isolation``; `_extensions()`);
+* on first use, compiled from the sources shipped inside the package and cached
+  (`compressor.kernels.build`). A plain ``pip install .`` builds in an isolated environment that
+  has no torch, and installing torch there is no option: pip would fetch a multi-GB CUDA build
+  whose ABI need not match the runtime torch. So `build_py` copies ``csrc/`` and ``cuda/`` into
+  ``compressor/_sources/`` of every wheel.
+
+CUDA kernels (``cuda/``) do not exist yet; see ``cuda/README.md``.
 """
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+CPU_SOURCES = os.path.join("csrc", "cpu")
+# Source trees shipped as package data, and the file types copied from them.
+SHIPPED_SOURCES = ("csrc", "cuda")
+SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh", ".md")
+
+
+class BuildPyWithSources(build_py):
+    """build_py that also copies the kernel sources into ``compressor/_sources/`` of the build, so
+    an installed wheel can compile them on first use. An editable install skips the copy:
+    `compressor.kernels.build` finds ``<repo>/csrc/cpu`` itself."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for top in SHIPPED_SOURCES:
+            dest = os.path.join(self.build_lib, "compressor", "_sources", top)
+            # build/ survives between builds: start afresh so a moved or deleted source is not shipped.
+            shutil.rmtree(dest, ignore_errors=True)
+            for path in self._shipped(top):
+                out = os.path.join(self.build_lib, "compressor", "_sources", path)
+                self.mkpath(os.path.dirname(out))
+                self.copy_file(path, out)
+
+    def get_outputs(self, include_bytecode=True):
+        outputs = super().get_outputs(include_bytecode)
+        if getattr(self, "editable_mode", False):
+            return outputs
+        return outputs + [os.path.join(self.build_lib, "compressor", "_sources", p)
+                          for top in SHIPPED_SOURCES for p in self._shipped(top)]
+
+    @staticmethod
+    def _shipped(top):
+        """Relative paths of the source files under `top`, sorted."""
+        return sorted(os.path.join(d, f) for d, _, files in os.walk(top) for f in files
+                      if f.endswith(SOURCE_SUFFIXES))
 
 
 def _extensions():
-    """(ext_modules, cmdclass) for the optional `compressor._C` CPU kernels, or ([], {}).
+    """(ext_modules, build_ext cmdclass) for the optional `compressor._C` CPU kernels, or ([], {}).
 
     The ISA-specific sources enable AVX2 / AVX-512 themselves with `#pragma GCC target`, so every
-    file is compiled with the same baseline flags and the CPU is checked at run time. A failed
-    compile only warns: the package still installs and the ops use their PyTorch references.
+    file is compiled with the same baseline flags and the CPU is checked at run time. Without torch
+    at build time, or when the compile fails, this only prints a line: the package still installs
+    and compiles the kernels on first use instead (`compressor.kernels.build`, same flags).
     Set COMPRESSOR_NO_BUILD_EXT=1 to skip the build.
     """
-    if os.environ.get("COMPRESSOR_NO_BUILD_EXT") == "1" or not os.path.isdir("csrc"):
+    if os.environ.get("COMPRESSOR_NO_BUILD_EXT") == "1" or not os.path.isdir(CPU_SOURCES):
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except Exception as e:  # torch missing or broken at build time
-        print(f"compressor: not building the C++ kernels ({e.__class__.__name__}: {e})")
+    except Exception as e:  # torch missing (pip's isolated build environment) or broken
+        print(f"compressor: not building the C++ kernels now ({e.__class__.__name__}: {e}); "
+              "they compile on first use")
         return [], {}
 
     class OptionalBuildExtension(BuildExtension):
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
-            except Exception as e:  # compiler missing or failing: install without kernels
+            except Exception as e:  # compiler missing or failing: install without the prebuilt kernels
                 print(f"compressor: WARNING: building {ext.name} failed ({e.__class__.__name__}: {e}); "
-                      "the pure-PyTorch reference kernels will be used")
+                      "the kernels will be compiled on first use, or the PyTorch references used")
 
-    sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
+    sources = sorted(os.path.join(CPU_SOURCES, f) for f in os.listdir(CPU_SOURCES) if f.endswith(".cpp"))
     ext = CppExtension(
         "compressor._C", sources,
-        # -fopenmp makes at::parallel_for parallel; the libgomp torch ships satisfies the link.
+        # Keep in step with compressor/kernels/build.py (CFLAGS, LDFLAGS). -fopenmp makes
+        # at::parallel_for parallel; the libgomp torch ships satisfies the link.
         extra_compile_args=["-O3", "-fopenmp", "-std=c++20"],
         extra_link_args=["-fopenmp"],
     )
@@ -50,9 +100,12 @@ setup(
     version="0.1.0",
     description="Make language models smaller, faster and cheaper to run, and prove it.",
     packages=find_packages(include=["compressor", "compressor.*"]),
+    package_data={"compressor": ["recipes/*.yaml"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
+        "ninja",                     # torch.utils.cpp_extension.load: the first-use kernel compile
         "transformers>=4.46",
         "safetensors>=0.4",
         "gguf>=0.10",
@@ -76,5 +129,5 @@ setup(
         "compress-bench=compressor.bench.cli:main",
     ]},
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"build_py": BuildPyWithSources, **cmdclass},
 )

@@ -1,16 +1,16 @@
 """Greedy decode speed of SmolLM2-135M: fp32 vs its 4-bit checkpoints vs bitsandbytes NF4 (issue 4).
 
 Batch 1, a 32-token prompt, 128 new tokens (``min_new_tokens`` forces all 128), 2 threads, median
-of 5 timed runs after one warm-up. Each runtime runs in its own subprocess so its peak RSS is its
-own. Prints tokens/s, the ratio to HF fp32 measured in the same run, peak RSS, and how many of the
-128 greedy tokens equal fp32's.
+of 5 timed runs after one warm-up. Each runtime runs in a fresh process (`Runtime` through
+`compressor.worker.run_once`) so its peak RSS is its own. Prints tokens/s, the ratio to HF fp32
+measured in the same run, peak RSS, and how many of the 128 greedy tokens equal fp32's.
 
 Checkpoints: ``--rtn`` / ``--gptq`` paths, or built once into ``out/ckpt/`` with ``compressor.compress``
 (the GPTQ one needs calibration text: ``--calib-data``, default ../shared/data/wikitext2-valid.tokens).
 
     python benchmarks/bench_decode.py [--rtn DIR] [--gptq DIR] [--no-compile] [--out out/bench_decode.json]
 
-Compressed checkpoints load through `compressor.load` and `compressor.kernels.prepare_`: 4/8-bit
+Compressed checkpoints load through `compressor.load` and `compressor.nn.prepare_`: 4/8-bit
 layers on the packed kernels, and the tied lm_head (stored in fp16) as a `HalfLinear`, which reads
 half the bytes of the fp32 head and gives the same logits up to summation order.
 
@@ -22,11 +22,9 @@ Besides eager HF ``generate``, every model except NF4 also runs with a static KV
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+
+from compressor.worker import WorkerError, run_once  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB = ROOT.parent / "shared" / "data" / "wikitext2-valid.tokens"
@@ -58,35 +58,39 @@ def _load(kind: str, path: str | None):
         model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, device_map="cpu").eval()
         return model, AutoTokenizer.from_pretrained(src)
     import compressor
-    from compressor.kernels import prepare_
+    from compressor.nn import prepare_
     model, tok = compressor.load(path, with_tokenizer=True)
     return prepare_(model), tok                      # repack now, not inside the first timed token
 
 
-def worker(kind: str, path: str | None, args) -> dict:
-    torch.set_num_threads(args.threads)
-    model, tok = _load(kind, path)
-    ids = tok(PROMPT, return_tensors="pt").input_ids[:, :args.prompt]
-    assert ids.shape[1] == args.prompt, f"prompt has {ids.shape[1]} tokens, need {args.prompt}"
-    gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-               pad_token_id=tok.eos_token_id)
-    if args.compile:
-        gen["cache_implementation"] = "static"
-        model.forward = torch.compile(model.forward, dynamic=False)
-    times, out = [], None
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = model.generate(ids, **gen)             # warm-up (and compilation)
-        warmup = time.perf_counter() - t0
-        for _ in range(args.runs):
+class Runtime:
+    """A fresh process for one runtime: `decode` loads it and times greedy generation."""
+
+    def __init__(self, threads: int):
+        torch.set_num_threads(threads)
+
+    def decode(self, kind: str, path: str | None, compiled: bool, prompt: int, tokens: int, runs: int) -> dict:
+        model, tok = _load(kind, path)
+        ids = tok(PROMPT, return_tensors="pt").input_ids[:, :prompt]
+        assert ids.shape[1] == prompt, f"prompt has {ids.shape[1]} tokens, need {prompt}"
+        gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+        if compiled:
+            gen["cache_implementation"] = "static"
+            model.forward = torch.compile(model.forward, dynamic=False)
+        times, out = [], None
+        with torch.inference_mode():
             t0 = time.perf_counter()
-            out = model.generate(ids, **gen)
-            times.append(time.perf_counter() - t0)
-    new = out[0, ids.shape[1]:].tolist()
-    assert len(new) == args.tokens
-    t = statistics.median(times)
-    return {"tok_s": args.tokens / t, "s_per_run": t, "runs": times, "warmup_s": warmup, "tokens": new,
-            "peak_rss_mib": peak_rss_mib()}
+            out = model.generate(ids, **gen)             # warm-up (and compilation)
+            warmup = time.perf_counter() - t0
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                out = model.generate(ids, **gen)
+                times.append(time.perf_counter() - t0)
+        new = out[0, ids.shape[1]:].tolist()
+        assert len(new) == tokens
+        t = statistics.median(times)
+        return {"tok_s": tokens / t, "s_per_run": t, "runs": times, "warmup_s": warmup, "tokens": new,
+                "peak_rss_mib": peak_rss_mib()}
 
 
 def peak_rss_mib() -> float:
@@ -121,14 +125,13 @@ def _checkpoint(recipe: str, path: str | None, calib: str | None) -> str | None:
 
 
 def _run_worker(kind, path, args, compile_=False) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads), "--tokens", str(args.tokens),
-           "--prompt", str(args.prompt), "--runs", str(args.runs)] + (["--path", path] if path else []) \
-        + (["--compile"] if compile_ else [])
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        print(f"# {kind}{' compiled' if compile_ else ''} failed: {p.stderr.strip().splitlines()[-1:]}")
+    try:
+        return run_once(f"{Path(__file__).resolve()}:Runtime", "decode", init={"threads": args.threads},
+                        kind=kind, path=path, compiled=compile_, prompt=args.prompt, tokens=args.tokens,
+                        runs=args.runs)
+    except WorkerError as e:
+        print(f"# {kind}{' compiled' if compile_ else ''} failed: {e}")
         return None
-    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -143,16 +146,10 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the static cache + torch.compile rows")
     ap.add_argument("--no-bnb", action="store_true")
     ap.add_argument("--out", default="out/bench_decode.json")
-    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)  # worker flag
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.path, args)))
-        return
 
     torch.set_num_threads(args.threads)
-    info = harness.machine_info()
+    info = harness.machine_info(args.threads)
     print(harness.header(f"bench_decode: SmolLM2-135M greedy, batch 1, {args.prompt}-token prompt + "
                          f"{args.tokens} tokens, median of {args.runs}", info))
     runtimes = [("HF fp32", "fp32", None)]

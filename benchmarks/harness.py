@@ -1,5 +1,7 @@
 """Shared benchmark harness: machine header, cache-busting timing, stream bandwidth, tables, JSON.
 
+`machine_info` is `compressor.machine.machine_info`, the collector `compress-bench` uses too.
+
 Conventions (house style, after nanoGPT/llm.c and Marlin's bench.py):
   * every timing is a median over repetitions, after warm-up;
   * weights rotate over copies totalling more than `ROTATE_BYTES`, so each call reads them from
@@ -11,12 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Sequence
 
 import torch
+
+from compressor.machine import machine_info  # the one collector, shared with compress-bench
 
 __all__ = ["ROTATE_BYTES", "machine_info", "header", "copies_for", "time_rotating", "stream_read_gbps",
            "print_table", "write_json"]
@@ -24,42 +27,9 @@ __all__ = ["ROTATE_BYTES", "machine_info", "header", "copies_for", "time_rotatin
 ROTATE_BYTES = 1 << 30  # 1 GiB, well past any L3 on this class of machine
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _cache_l3() -> str:
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
-def machine_info() -> dict:
-    from compressor import kernels
-    ext = kernels.extension
-    return {
-        "cpu": _cpu_model(),
-        "l3": _cache_l3(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "compressor_kernels": ext.isa() if ext is not None else "reference (no extension)",
-        "python": platform.python_version(),
-    }
-
-
 def header(title: str, info: dict) -> str:
     return (f"# {title}\n# cpu: {info['cpu']} | L3 {info['l3']} | threads: {info['threads']} | "
-            f"torch {info['torch']} ({info['torch_cpu_capability']}) | kernels: {info['compressor_kernels']}")
+            f"torch {info['torch']} ({info['torch_cpu_capability']}) | kernels: {info['kernels']}")
 
 
 def copies_for(nbytes: int, total: int = ROTATE_BYTES) -> int:

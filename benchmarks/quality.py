@@ -2,10 +2,10 @@
 
     python benchmarks/quality.py [--windows 16] [--out out/quality] [--rows fp32,rtn-w4g64,...]
 
-Every row runs in its own subprocess so that its peak RSS and time are its own. Our rows compress
-with the shipped recipe, write the checkpoint, *reload it with compressor.load* and measure the
-reloaded model's perplexity; the reloaded model's logits on the first window must equal the
-in-memory compressed model's.
+Every row runs in a fresh process (`RowRunner` through `compressor.worker.run_once`) so that its
+peak RSS and time are its own. Our rows compress with the shipped recipe, write the checkpoint,
+*reload it with compressor.load* and measure the reloaded model's perplexity; the reloaded model's
+logits on the first window must equal the in-memory compressed model's.
 Peer rows (bitsandbytes NF4 blocksize 64, HQQ 4-bit g64) quantize in memory through the peers' own
 libraries. Calibration uses wikitext2-valid.tokens; evaluation uses the first N windows of 2048
 tokens of wikitext2-test.txt. Writes quality.json and quality.md beside the table it prints.
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from compressor.machine import machine_info
+from compressor.worker import WorkerError, run_once
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -31,9 +31,21 @@ OURS = {  # row -> (recipe, bits, group)
 PEERS = {"bnb-nf4-b64": (4, 64), "hqq-w4g64": (4, 64)}
 DEFAULT_ROWS = ["fp32", *OURS, *PEERS]
 RTN_W3G64 = {"description": "RTN 3-bit g64 asym (benchmark row)", "passes": [{"rtn": {"bits": 3, "group_size": 64}}]}
+PEER_PACKAGES = ("compressor", "torch", "transformers", "bitsandbytes", "hqq")
 
 
-def _worker(row: str, args) -> dict:
+class RowRunner:
+    """One row in a process of its own: `measure` compresses (or loads) and evaluates it."""
+
+    def __init__(self, threads: int):
+        import torch
+        torch.set_num_threads(threads)
+
+    def measure(self, row: str, windows: int, out: str, data: str) -> dict:
+        return _measure(row, windows, Path(out), Path(data))
+
+
+def _measure(row: str, windows: int, out_dir: Path, data: Path) -> dict:
     import torch
 
     import compressor
@@ -43,8 +55,7 @@ def _worker(row: str, args) -> dict:
     from compressor.models import load_hf, resolve
     from compressor.recipe import parse_recipe
 
-    torch.set_num_threads(args.threads)
-    test = args.data / "wikitext2-test.txt"
+    test = data / "wikitext2-test.txt"
     src = resolve("smollm2-135m")
     t0 = time.perf_counter()
     out: dict = {"row": row}
@@ -54,8 +65,8 @@ def _worker(row: str, args) -> dict:
     elif row in OURS:
         recipe, bits, group = OURS[row]
         recipe = recipe or parse_recipe(RTN_W3G64, "rtn-w3g64")
-        dest = Path(args.out) / row
-        res = compress("smollm2-135m", recipe, dest, calib_data=str(args.data / "wikitext2-valid.tokens"),
+        dest = out_dir / row
+        res = compress("smollm2-135m", recipe, dest, calib_data=str(data / "wikitext2-valid.tokens"),
                        overwrite=True, progress=False)
         secs = time.perf_counter() - t0
         out["compress_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -80,7 +91,7 @@ def _worker(row: str, args) -> dict:
         out["compress_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out.update(method=row, bits=bits, group=group, mb=_param_bytes(model) / 2**20, seconds=secs,
                    note="in-memory size of quantized params")
-    out["ppl"] = perplexity(model, tok, test, 2048, args.windows, progress=False)
+    out["ppl"] = perplexity(model, tok, test, 2048, windows, progress=False)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -125,14 +136,11 @@ def _hqq(model, bits: int, group: int) -> None:
 
 
 def _run_row(row: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", row, "--windows", str(args.windows), "--out", str(args.out),
-           "--data", str(args.data), "--threads", str(args.threads)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        lines = [l for l in r.stderr.strip().splitlines() if "Error" in l or "error" in l]
-        err = lines[-1] if lines else f"worker exited with status {r.returncode}"
-        return {"row": row, "method": row, "error": err}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    try:
+        return run_once(f"{Path(__file__).resolve()}:RowRunner", "measure", init={"threads": args.threads},
+                        row=row, windows=args.windows, out=str(args.out), data=str(args.data))
+    except WorkerError as e:
+        return {"row": row, "method": row, "error": str(e)}
 
 
 def _table(rows: list[dict], windows: int) -> str:
@@ -192,11 +200,7 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--worker")
     args = p.parse_args()
-    if args.worker:
-        print(json.dumps(_worker(args.worker, args)))
-        return 0
     for f in ("wikitext2-test.txt", "wikitext2-valid.tokens"):
         if not (args.data / f).is_file():
             sys.exit(f"quality.py: {args.data / f} not found (pass --data DIR)")
@@ -207,9 +211,10 @@ def main() -> int:
         rows.append(_run_row(row, args))
         print(f"    {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     table = _table(rows, args.windows)
+    m = machine_info(args.threads, PEER_PACKAGES)
     header = (f"SmolLM2-135M-Instruct, wikitext-2 test, first {args.windows} windows of 2048 tokens; "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
-              f"{time.strftime('%Y-%m-%d %H:%M')}")
+              f"{m['cpu']}, {m['physical_cores']} cores ({m['logical_cpus']} logical), {m['threads']} threads; "
+              f"torch {m['torch']} ({m['torch_cpu_capability']}), kernels {m['kernels']}; {m['date']}")
     checks = _acceptance(rows)
     acc = "\n".join(f"- [{'x' if ok else ' '}] {name}: {val}" for name, ok, val in checks)
     print(header)
@@ -217,8 +222,8 @@ def main() -> int:
     print("\n## acceptance (issue 3)\n" + acc)
     (args.out / "quality.md").write_text(f"{header}\n\n{table}\n\n## acceptance (issue 3)\n{acc}\n")
     (args.out / "quality.json").write_text(json.dumps(
-        {"header": header, "rows": rows, "acceptance": [dict(check=n, ok=o, value=v) for n, o, v in checks]},
-        indent=2))
+        {"header": header, "machine": m, "rows": rows,
+         "acceptance": [dict(check=n, ok=o, value=v) for n, o, v in checks]}, indent=2))
     return 0
 
 

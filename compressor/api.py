@@ -1,5 +1,10 @@
 """The Python API: `compress_` applies a recipe to a model in place; `compress` is the whole job
-(resolve, load, preflight, passes, save) that the CLI calls.
+(resolve, load once, preflight, passes, save, and with ``eval_data`` perplexity before, by stage,
+after and reloaded) that the CLI calls.
+
+Checks: `preflight` runs before any work (data the recipe needs; the first pass against the model;
+every later pass that no shape-changing pass precedes against the Linear shapes), and each pass's
+`check` runs again just before it, on the model it will see.
 
 Passes that train (lora) keep their state in a work directory beside the output, ``OUT.work/``, which
 survives a crash and is removed after a successful save; ``resume=True`` continues from it.
@@ -17,11 +22,12 @@ from typing import Any
 import torch.nn as nn
 
 from . import checkpoint
+from .eval import PerplexityReport, perplexity
 from .models import load_hf, resolve, weights_hash
 from .passes import Context
 from .recipe import Recipe, load_recipe
 
-__all__ = ["compress_", "compress", "CompressResult", "preflight", "check_output", "work_dir_for"]
+__all__ = ["compress_", "compress", "CompressResult", "preflight", "check_output", "work_dir_for", "linear_shapes"]
 
 log = logging.getLogger("compressor")
 
@@ -30,27 +36,39 @@ def _as_recipe(recipe: Recipe | str | Path) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{name: (in_features, out_features)} of every Linear-like module (float, quantized or NF4)."""
+    return {n: (m.in_features, m.out_features) for n, m in model.named_modules()
+            if isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)}
+
+
 def preflight(model: nn.Module, recipe: Recipe | str | Path, ctx: Context | None = None) -> Recipe:
-    """Check every pass against the model before any work; raises ValueError naming the problem."""
+    """Checks before any work; raises ValueError naming the problem. See the module docstring."""
     recipe = _as_recipe(recipe)
     ctx = ctx or Context()
-    for p in recipe.passes:
-        p.preflight(model, ctx)
     if recipe.needs_calibration and ctx.calib_data is None:
         raise ValueError(f"recipe {recipe.source!r} needs calibration data: pass --calib-data FILE "
                          f"(for example ../shared/data/wikitext2-valid.tokens)")
     if recipe.needs_train_data and ctx.train_data is None:
         raise ValueError(f"recipe {recipe.source!r} needs training text: pass --train-data FILE "
                          f"(for example ../shared/data/wikitext2-valid.tokens)")
+    shapes = linear_shapes(model)
+    for i, p in enumerate(recipe.passes):
+        if i == 0:
+            p.check(model, ctx)
+        else:
+            p.check_shapes(shapes)
+        if p.changes_shapes:
+            break
     return recipe
 
 
 def compress_(model: nn.Module, recipe: Recipe | str | Path, ctx: Context | None = None) -> nn.Module:
     """Apply every pass of `recipe` to `model`, in place, and return it.
 
-    `ctx` carries calibration data, the tokenizer and progress; it collects per-layer statistics
-    and the specs of compressed modules that `checkpoint.save` needs. A recipe that distils from
-    the original model uses `ctx.original`, or else a deep copy of `model` taken here.
+    `ctx` carries calibration data, the tokenizer and progress; it collects per-layer statistics.
+    A recipe that distils from the original model uses `ctx.original`, or else a deep copy of
+    `model` taken here. Each pass is checked against the model it will see just before it runs.
     Passes may return a different object (lora returns a peft model, or the merged float model):
     use the return value.
     """
@@ -63,6 +81,7 @@ def compress_(model: nn.Module, recipe: Recipe | str | Path, ctx: Context | None
         ctx.original = lambda: snapshot
     preflight(model, recipe, ctx)
     for p in recipe.passes:
+        p.check(model, ctx)
         t0 = time.perf_counter()
         model = p.apply(model, ctx)
         ctx.applied.append(p.name)
@@ -79,6 +98,8 @@ class CompressResult:
     source_bytes: int
     out_bytes: int
     ctx: Context = field(repr=False, default=None)
+    perplexity: PerplexityReport | None = None     # with eval_data
+    kernels: str | None = None                     # what the checkpoint's quantized layers run on
 
 
 def dir_bytes(path: Path) -> int:
@@ -112,24 +133,32 @@ def check_output(out: str | Path, overwrite: bool = False, resume: bool = False)
 
 
 def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, calib_data: str | None = None,
-             train_data: str | None = None, overwrite: bool = False, resume: bool = False, progress: bool = True,
+             train_data: str | None = None, eval_data: str | Path | None = None, eval_windows: int | None = None,
+             seqlen: int = 2048, overwrite: bool = False, resume: bool = False, progress: bool = True,
              ctx: Context | None = None) -> CompressResult:
     """Resolve `model_spec`, apply `recipe` and write the result to `out` atomically.
 
     The result is a compressed checkpoint, or peft's adapter directory when the recipe ends with
     ``lora: {save: adapter}`` (`compressor.load` reads both). Training state is kept in
     `work_dir_for(out)` until the save succeeds; `resume` continues from it.
+
+    With `eval_data` (a text file), `CompressResult.perplexity` holds the perplexity of the original
+    model, of every stage a pass reports, of the compressed model in memory and of the checkpoint
+    reloaded from disk (for an adapter, the max logit difference of the reloaded one), on the first
+    `eval_windows` windows of `seqlen` tokens. The source model is loaded once.
     """
     out = Path(out)
     recipe = _as_recipe(recipe)
     work = check_output(out, overwrite, resume)
-    for flag, f in (("calibration", calib_data), ("training", train_data)):
+    for flag, f in (("calibration", calib_data), ("training", train_data), ("evaluation", eval_data)):
         if f is not None and not Path(f).is_file():
-            raise FileNotFoundError(f"{flag} file {f!r} does not exist")
-    unsaved = recipe.unsaved_quantizers()
-    if unsaved:
-        raise ValueError(f"recipe {recipe.source!r}: the modules of {unsaved} have no checkpoint format; end the "
-                         f"recipe with a lora pass (save: adapter), or use compress_ to keep the model in memory")
+            raise FileNotFoundError(f"{flag} file {str(f)!r} does not exist")
+    if eval_windows is not None and eval_windows < 1:
+        raise ValueError(f"eval_windows={eval_windows} must be at least 1")
+    if recipe.artifact is None:
+        raise ValueError(f"recipe {recipe.source!r} leaves the model {recipe.final_state.value}, which has no "
+                         f"checkpoint format; end the recipe with a lora pass (save: adapter), or use compress_ to "
+                         f"keep the model in memory")
     t0 = time.perf_counter()
     src = resolve(model_spec)
     model, tok = load_hf(src)
@@ -138,6 +167,16 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     ctx.work_dir, ctx.resume = work, resume
     ctx.original = lambda: load_hf(src)[0]   # the teacher is re-read from disk only when a pass asks
     preflight(model, recipe, ctx)           # refuse bad group sizes etc. before the hash and the work
+    report = None
+    if eval_data is not None:
+        from .calib import tokenize_file
+        eval_ids = tokenize_file(eval_data, tok)
+
+        def evaluate(m: nn.Module, desc: str = "ppl") -> float:
+            return perplexity(m, tok, eval_ids, seqlen, eval_windows, progress, desc)
+
+        report = PerplexityReport(eval_windows, seqlen, evaluate(model, "ppl original"))
+        ctx.evaluate = evaluate                   # passes record the stages they find worth it
     ctx.source = {"spec": str(model_spec), "path": str(src), "sha256": weights_hash(src)}
     if work.exists() and not resume:        # --overwrite: the old training state is discarded
         shutil.rmtree(work)
@@ -149,8 +188,31 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
         checkpoint.save_adapter(model, tok, out, recipe=recipe.to_dict(), source=ctx.source,
                                 overwrite=overwrite, extra=extra)
     else:
-        checkpoint.save(model, tok, out, recipe=recipe.to_dict(), module_specs=ctx.module_specs,
-                        layer_stats=ctx.layer_stats, source=ctx.source, overwrite=overwrite, extra=extra)
+        checkpoint.save(model, tok, out, recipe=recipe.to_dict(), layer_stats=ctx.layer_stats, source=ctx.source,
+                        overwrite=overwrite, extra=extra)
     shutil.rmtree(work, ignore_errors=True)
+    if report is not None:
+        report.stages = list(ctx.evals.items())
+        _check_reload(report, model, out, recipe, eval_ids, evaluate, ctx.applied)
+    from . import kernels
+    from .nn import QuantLinear
+    quantized = any(isinstance(m, QuantLinear) for m in model.modules())
     return CompressResult(out=out, model=model, tokenizer=tok, seconds=time.perf_counter() - t0,
-                          source_bytes=dir_bytes(src), out_bytes=dir_bytes(out), ctx=ctx)
+                          source_bytes=dir_bytes(src), out_bytes=dir_bytes(out), ctx=ctx, perplexity=report,
+                          kernels=kernels.backend() if quantized else None)
+
+
+def _check_reload(report: PerplexityReport, model: nn.Module, out: Path, recipe: Recipe, eval_ids, evaluate,
+                  applied: list[str]) -> None:
+    """Measure the result as saved: a checkpoint's perplexity in memory and reloaded from `out`; an
+    adapter's logits reloaded against in memory (its perplexity was measured by the lora pass)."""
+    import torch
+    if recipe.artifact == "checkpoint":
+        report.compressed = evaluate(model, "ppl compressed")
+        report.reloaded = evaluate(checkpoint.load(out), "ppl reloaded")
+        report.stages.append((f"{' + '.join(applied)} (reloaded)", report.reloaded))
+        return
+    x = eval_ids[:min(256, eval_ids.numel())].unsqueeze(0)
+    with torch.no_grad():
+        report.reload_max_dlogit = float((checkpoint.load(out)(input_ids=x).logits - model(input_ids=x).logits)
+                                         .abs().max())

@@ -6,10 +6,18 @@ A checkpoint directory holds
   * ``config.json``: the HF config plus ``quantization_config`` (``quant_method: gptq``, bits,
     group_size, desc_act, sym), so GPTQ-aware loaders in transformers, optimum and vLLM read it;
   * ``compression.json``: format version, resolved recipe, library versions, hash of the input
-    weights, and for every compressed module its type and parameters (``modules``) plus per-layer
-    statistics (``layers``). ``modules`` is what `load` rebuilds from; new module types (sparse,
-    low-rank, NF4) add an entry in `MODULE_TYPES` and nothing else changes.
+    weights, per-layer statistics (``layers``), and ``modules``: for every module of a registered
+    type (`compressor.nn.formats`: ``gptq`` for `QuantLinear`, ...) its spec as the module writes
+    it, and for every float Linear whose shape differs from what the model's config builds (a
+    pruned MLP, a low-rank factor) a ``linear`` spec with its shape. ``modules`` is what `load`
+    rebuilds from, so any model the passes produced reloads; a new module type registers itself
+    and nothing here changes. Before anything is written, `save` builds the skeleton `load` will
+    build and refuses a model whose tensors it would not match (an unregistered module type).
   * the tokenizer files.
+
+Mixed models (some layers 4-bit, some 8-bit) are allowed: ``quantization_config`` then carries the
+most common layer settings plus GPTQModel's per-module ``dynamic`` overrides (``"+:^name$"``), and
+float Linears inside the quantized blocks a ``"-:^name$"`` entry.
 
 A recipe that ends with ``lora: {save: adapter}`` gives an *adapter directory* instead
 (`save_adapter`): peft's ``adapter_config.json`` and ``adapter_model.safetensors`` (load with
@@ -22,23 +30,27 @@ crash or Ctrl-C never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import json
+import logging
 import os
-import platform
+import re
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
-from .nn.qlinear import QuantLinear
+from .machine import versions as _versions
+from .nn.formats import MODULE_TYPES, build_module, format_of, format_of_class, module_spec
 
 __all__ = ["FORMAT_VERSION", "MODULE_TYPES", "save", "save_adapter", "load", "atomic_dir", "versions",
-           "CheckpointError"]
+           "CheckpointError", "module_specs"]
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -50,23 +62,9 @@ class CheckpointError(ValueError):
     """A compressed checkpoint that cannot be read."""
 
 
-def _gptq_module(spec: dict[str, Any]) -> nn.Module:
-    return QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                       bias=spec.get("bias", False))
-
-
-MODULE_TYPES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"gptq": _gptq_module}
-
-
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for pkg in ("compressor", "torch", "transformers", "safetensors", "peft", "bitsandbytes"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    """The library versions recorded in compression.json."""
+    return _versions(("compressor", "torch", "transformers", "safetensors", "peft", "bitsandbytes"))
 
 
 @contextlib.contextmanager
@@ -95,14 +93,72 @@ def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _quantization_config(specs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    gptq = [s for s in specs.values() if s["type"] == "gptq"]
+def _skeleton(config, specs: dict[str, dict[str, Any]], dtype: torch.dtype) -> nn.Module:
+    """The model `config` describes, on the meta device, with every recorded module swapped in."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else AutoModel
+    with init_empty_weights(include_buffers=False):  # params on meta; rotary buffers computed for real
+        model = auto.from_config(config, dtype=dtype)
+    for name, spec in specs.items():
+        if spec["type"] not in MODULE_TYPES:
+            raise CheckpointError(f"module {name} has unknown type {spec['type']!r}; known: {sorted(MODULE_TYPES)}")
+        model.set_submodule(name, build_module(spec))
+    return model
+
+
+def _plain_config(model: nn.Module):
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config       # ours to handle; keeps transformers' quantizers out
+    return config
+
+
+def module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """What compression.json's ``modules`` records for `model` (see the module docstring)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    config = _plain_config(model)
+    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else AutoModel
+    with init_empty_weights(include_buffers=False):
+        plain = dict(auto.from_config(config).named_modules())
+    out = {}
+    for name, mod in model.named_modules():
+        fmt = format_of(mod)
+        if fmt is None:
+            continue
+        spec = module_spec(mod)
+        if fmt.cls is nn.Linear:              # a float Linear: recorded only where its shape changed
+            ref = plain.get(name)
+            if type(ref) is nn.Linear and module_spec(ref) == spec:
+                continue
+        out[name] = spec
+    return out
+
+
+def _quantization_config(specs: dict[str, dict[str, Any]], blocks: str | None) -> dict[str, Any] | None:
+    """GPTQ ``quantization_config``: uniform models as every GPTQ loader reads them; mixed ones with
+    GPTQModel's ``dynamic`` overrides for the layers that differ from the most common settings."""
+    gptq = {n: s for n, s in specs.items() if s["type"] == "gptq"}
     if not gptq:
         return None
-    s = gptq[0]
-    return {"quant_method": "gptq", "bits": s["bits"], "group_size": s["group_size"],
-            "desc_act": any(x.get("desc_act", False) for x in gptq), "sym": s["sym"],
-            "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": 0.01}
+    keys = ("bits", "group_size", "sym", "desc_act")
+    settings = {n: tuple(s.get(k, False) for k in keys) for n, s in gptq.items()}
+    common = collections.Counter(settings.values()).most_common(1)[0][0]
+    bits, group_size, sym, desc_act = common
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+          "desc_act": any(x.get("desc_act", False) for x in gptq.values()), "sym": sym,
+          "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": 0.01}
+    dynamic = {f"+:^{re.escape(n)}$": dict(zip(keys, v)) for n, v in settings.items() if v != common}
+    if blocks is not None:
+        dynamic.update({f"-:^{re.escape(n)}$": {} for n, s in specs.items()
+                        if s["type"] == "linear" and n.startswith(blocks + ".")})
+    if dynamic:
+        qc["desc_act"] = desc_act
+        qc["dynamic"] = dynamic
+    return qc
 
 
 def _storage_state_dict(model: nn.Module, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -125,24 +181,57 @@ def _storage_state_dict(model: nn.Module, float_dtype: torch.dtype) -> dict[str,
     return out
 
 
-def save(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe: dict[str, Any], module_specs: dict[str, Any],
-         layer_stats: dict[str, Any], source: dict[str, Any], overwrite: bool = False,
-         embed_dtype: torch.dtype = torch.float16, extra: dict[str, Any] | None = None) -> Path:
-    """Write a compressed checkpoint atomically to `out_dir`."""
+def _check_reloadable(model: nn.Module, sd: dict[str, torch.Tensor], specs: dict[str, Any]) -> None:
+    """Refuse to write what `load` would not rebuild: names and shapes must match its skeleton."""
+    skel = _skeleton(_plain_config(model), specs, torch.float32)
+    skel.tie_weights()
+    want = skel.state_dict()
+    bad = [k for k, t in sd.items() if k not in want or tuple(want[k].shape) != tuple(t.shape)]
+    if bad:
+        k = bad[0]
+        shown = f"{k} {tuple(sd[k].shape)}" + (f" (load builds {tuple(want[k].shape)})" if k in want else
+                                               " (unknown to load)")
+        mods = dict(model.named_modules())
+        owners = set()
+        for b in bad:                         # the module a tensor belongs to: its longest module prefix
+            parts = b.split(".")
+            owners.add(next((type(mods[".".join(parts[:i])]) for i in range(len(parts) - 1, 0, -1)
+                             if ".".join(parts[:i]) in mods), nn.Linear))
+        kinds = sorted(c.__name__ for c in owners if c is not nn.Linear and format_of_class(c) is None)
+        hint = (f"; modules of type {', '.join(kinds[:3])} have no checkpoint format (compressor.nn.formats)"
+                if kinds else "")
+        raise CheckpointError(f"cannot save this model: compressor.load would not rebuild {len(bad)} tensors, "
+                              f"e.g. {shown}{hint}")
+
+
+def save(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe: dict[str, Any], layer_stats: dict[str, Any],
+         source: dict[str, Any], overwrite: bool = False, embed_dtype: torch.dtype = torch.float16,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write a compressed checkpoint atomically to `out_dir` (see the module docstring)."""
     from safetensors.torch import save_file
 
+    from .sequential import find_blocks
+
+    specs = module_specs(model)
+    sd = _storage_state_dict(model, embed_dtype)
+    _check_reloadable(model, sd, specs)
+    try:
+        blocks = find_blocks(model)[0]
+    except ValueError:
+        blocks = None
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        sd = _storage_state_dict(model, embed_dtype)
-        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "compressor"})
+        # One metadata key: safetensors writes metadata from a hash map, so several keys come out in
+        # a different order from run to run and the file bytes would differ.
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
         cfg = model.config.to_dict()
-        qc = _quantization_config(module_specs)
+        qc = _quantization_config(specs, blocks)
         if qc:
             cfg["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta = {"format_version": FORMAT_VERSION, "recipe": recipe, "source": source, "versions": versions(),
-                "modules": module_specs, "layers": layer_stats, **(extra or {})}
+                "producer": "compressor", "modules": specs, "layers": layer_stats, **(extra or {})}
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
     return Path(out_dir)
 
@@ -162,8 +251,6 @@ def save_adapter(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe: di
 
 def _load_adapter(path: Path, meta: dict[str, Any], base: str | Path | None, dtype: torch.dtype) -> nn.Module:
     """The source model, put through the recipe's passes before lora, with the adapter on top."""
-    import logging
-
     from .passes.nf4 import import_bnb
     import_bnb()                                            # before peft imports it, quietly
     from peft import PeftModel
@@ -204,9 +291,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
     An adapter directory comes back as a peft model on its base, re-made from `base` (default: the
     source recorded in compression.json) by the recipe's passes before lora.
     """
-    from accelerate import init_empty_weights
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from .models import ModelError, check_safetensors
 
@@ -231,13 +317,10 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config       # ours to handle; keeps transformers' GPTQ quantizer out
-    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else AutoModel
-    with init_empty_weights(include_buffers=False):  # params on meta; rotary buffers computed for real
-        model = auto.from_config(config, dtype=dtype)
-    for name, spec in meta["modules"].items():
-        if spec["type"] not in MODULE_TYPES:
-            raise CheckpointError(f"{path}: module {name} has unknown type {spec['type']!r}; known: {list(MODULE_TYPES)}")
-        model.set_submodule(name, MODULE_TYPES[spec["type"]](spec))
+    try:
+        model = _skeleton(config, meta["modules"], dtype)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     try:
         sd = load_file(str(wfile))
     except Exception as e:
@@ -253,6 +336,17 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
         raise CheckpointError(f"{path}: weights do not match the model: missing {still_meta[:3]}, "
                               f"unexpected {unexpected[:3]}")
     model.eval()
+    _report_kernels(model, path)
     if with_tokenizer:
         return model, AutoTokenizer.from_pretrained(path)
     return model
+
+
+def _report_kernels(model: nn.Module, path: Path) -> None:
+    """Log which kernels the quantized layers will run on (a fallback to the reference has already been
+    warned about loudly, once, by `compressor.kernels.build`)."""
+    from . import kernels
+    from .nn import QuantLinear
+    n = sum(isinstance(m, QuantLinear) for m in model.modules())
+    if n:
+        logging.getLogger("compressor").info("%s: %d quantized layers run on %s", path, n, kernels.backend())

@@ -68,21 +68,13 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    import torch
-
-    from . import checkpoint
     from .api import check_output, compress
-    from .calib import tokenize_file
-    from .eval import perplexity
-    from .models import load_hf, resolve
-    from .passes import Context
     from .recipe import load_recipe
 
     con = Console(stderr=False)
     t0 = time.perf_counter()
     recipe = load_recipe(args.recipe)                      # unknown recipe / key: fails here, before work
-    out = Path(args.out)
-    check_output(out, args.overwrite, args.resume)
+    check_output(Path(args.out), args.overwrite, args.resume)
     for flag, f in (("--eval-data", args.eval_data), ("--calib-data", args.calib_data),
                     ("--train-data", args.train_data)):
         if f is not None and not Path(f).is_file():
@@ -90,33 +82,10 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_windows is not None and args.eval_windows < 1:
         raise ValueError(f"--eval-windows {args.eval_windows} must be at least 1")
     _default_data(recipe, args)
-    progress = not args.quiet
-
-    ctx = Context()
-    ppl_before = eval_ids = None
-    if args.eval_data:
-        base, tok = load_hf(resolve(args.model))
-        eval_ids = tokenize_file(args.eval_data, tok)
-
-        def evaluate(model, desc="ppl"):
-            return perplexity(model, tok, eval_ids, args.seqlen, args.eval_windows, progress, desc)
-
-        ppl_before = evaluate(base, "ppl original")
-        del base
-        ctx.evaluate = evaluate                            # passes record the stages they find worth it
-    res = compress(args.model, recipe, out, calib_data=args.calib_data, train_data=args.train_data,
-                   overwrite=args.overwrite, resume=args.resume, progress=progress, ctx=ctx)
-    stages = list(ctx.evals.items())
-    ppl_mem = ppl_after = logit_diff = None
-    if args.eval_data and recipe.artifact == "checkpoint":
-        ppl_mem = evaluate(res.model, "ppl compressed")
-        ppl_after = evaluate(checkpoint.load(out), "ppl reloaded")
-        stages.append((f"{' + '.join(ctx.applied)} (reloaded)", ppl_after))
-    elif args.eval_data:                                   # adapter: measured in memory by the lora pass
-        ppl_after = stages[-1][1]
-        x = eval_ids[:min(256, eval_ids.numel())].unsqueeze(0)
-        with torch.no_grad():
-            logit_diff = float((checkpoint.load(out)(input_ids=x).logits - res.model(input_ids=x).logits).abs().max())
+    res = compress(args.model, recipe, args.out, calib_data=args.calib_data, train_data=args.train_data,
+                   eval_data=args.eval_data, eval_windows=args.eval_windows, seqlen=args.seqlen,
+                   overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    rep = res.perplexity
 
     t = Table(title=f"compress {args.model} --recipe {recipe.source}", show_lines=False)
     t.add_column("")
@@ -125,28 +94,26 @@ def run(args: argparse.Namespace) -> int:
     t.add_column("ratio", justify="right")
     label = "weights on disk" if recipe.artifact == "checkpoint" else "weights on disk (adapter only)"
     t.add_row(label, _mib(res.source_bytes), _mib(res.out_bytes), f"{res.out_bytes / res.source_bytes:.3f}x")
-    if ppl_before is not None:
-        t.add_row(f"perplexity ({args.eval_windows or 'all'} x {args.seqlen} tok)", f"{ppl_before:.3f}",
-                  f"{ppl_after:.3f}", f"{ppl_after / ppl_before:.4f}x")
-        if ppl_mem is not None:
-            t.add_row("  in-memory vs reloaded", f"{ppl_mem:.3f}", f"{ppl_after:.3f}",
-                      f"{abs(ppl_after - ppl_mem) / ppl_mem * 100:.4f}% apart")
-        if logit_diff is not None:
-            t.add_row("  reloaded adapter vs in-memory", "", f"max |dlogit| {logit_diff:.2e}", "")
+    if rep is not None:
+        t.add_row(f"perplexity ({args.eval_windows or 'all'} x {args.seqlen} tok)", f"{rep.original:.3f}",
+                  f"{rep.final:.3f}", f"{rep.final / rep.original:.4f}x")
+        if rep.reload_gap_pct is not None:
+            t.add_row("  in-memory vs reloaded", f"{rep.compressed:.3f}", f"{rep.reloaded:.3f}",
+                      f"{rep.reload_gap_pct:.4f}% apart")
+        if rep.reload_max_dlogit is not None:
+            t.add_row("  reloaded adapter vs in-memory", "", f"max |dlogit| {rep.reload_max_dlogit:.2e}", "")
+    if res.kernels is not None:
+        t.add_row("quantized layers run on", "", res.kernels, "")
     t.add_row("wall time", "", f"{time.perf_counter() - t0:.1f} s", "")
     con.print(t)
-    if ppl_before is not None and len(stages) > 1:
+    if rep is not None and len(rep.stages) > 1:
         s = Table(title="perplexity by stage", show_lines=False)
         for c in ("stage", "perplexity", "vs original", "recovered"):
             s.add_column(c, justify="left" if c == "stage" else "right")
-        s.add_row("original (fp32)", f"{ppl_before:.3f}", "1.0000x", "")
-        prev = ppl_before
-        for name, ppl in stages:
-            rec = f"{(prev - ppl) / (prev - ppl_before) * 100:.1f}%" if ppl < prev and prev > ppl_before else ""
-            s.add_row(name, f"{ppl:.3f}", f"{ppl / ppl_before:.4f}x", rec)
-            prev = ppl
+        for r in rep.stage_rows():
+            s.add_row(r.name, f"{r.ppl:.3f}", f"{r.ratio:.4f}x", "" if r.recovered_pct is None else f"{r.recovered_pct:.1f}%")
         con.print(s)
-    con.print(f"wrote {out}")
+    con.print(f"wrote {args.out}")
     return 0
 
 

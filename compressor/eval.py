@@ -2,10 +2,13 @@
 
 Perplexity = exp(mean NLL over every predicted token), i.e. ``seqlen - 1`` predictions per window
 (the standard GPTQ/llm-compressor protocol). A trailing partial window is dropped.
+`PerplexityReport` is what `compressor.compress` measures when given evaluation text: the original,
+each stage, the compressed model in memory and reloaded, and the share of each loss recovered.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .calib import tokenize_file
 
-__all__ = ["perplexity", "count_windows"]
+__all__ = ["perplexity", "count_windows", "PerplexityReport", "StageRow"]
 
 
 def count_windows(n_tokens: int, seqlen: int, max_windows: int | None = None) -> int:
@@ -67,3 +70,45 @@ def _window_nll(model, x: torch.Tensor, chunk: int = 512) -> float:
         logits = head(h[i:i + chunk]).float() * scale
         total += F.cross_entropy(logits, x[0, 1 + i:1 + i + chunk], reduction="sum").item()
     return total
+
+
+@dataclass
+class StageRow:
+    name: str
+    ppl: float
+    ratio: float                 # ppl / original ppl
+    recovered_pct: float | None  # share of the previous stage's loss that this stage won back
+
+
+@dataclass
+class PerplexityReport:
+    """Perplexity of one `compressor.compress` run: the original, each stage a pass reported
+    (``nf4``, ``nf4 + lora``, ...), the compressed model in memory and reloaded from disk."""
+    windows: int | None
+    seqlen: int
+    original: float
+    stages: list[tuple[str, float]] = field(default_factory=list)
+    compressed: float | None = None          # the in-memory result (checkpoints)
+    reloaded: float | None = None            # the checkpoint read back with compressor.load
+    reload_max_dlogit: float | None = None   # adapters: max |logit difference|, reloaded vs in memory
+
+    @property
+    def final(self) -> float:
+        return self.reloaded if self.reloaded is not None else (self.stages[-1][1] if self.stages else self.original)
+
+    @property
+    def reload_gap_pct(self) -> float | None:
+        if self.compressed is None or self.reloaded is None:
+            return None
+        return abs(self.reloaded - self.compressed) / self.compressed * 100
+
+    def stage_rows(self) -> list[StageRow]:
+        """The original, then every stage, with the share of the loss before it that it recovered:
+        ``(prev - ppl) / (prev - original)`` where a stage lowers a perplexity above the original."""
+        rows = [StageRow("original (fp32)", self.original, 1.0, None)]
+        prev = self.original
+        for name, ppl in self.stages:
+            rec = (prev - ppl) / (prev - self.original) * 100 if ppl < prev and prev > self.original else None
+            rows.append(StageRow(name, ppl, ppl / self.original, rec))
+            prev = ppl
+        return rows

@@ -9,7 +9,8 @@
 
 Each pass entry is built with ``Config(**fields)``, so an unknown key is an error naming it and the
 allowed ones. Recipe-level ``targets``/``ignore`` are defaults that a pass entry may override.
-Ordering across passes is checked in one place, `check_order`.
+Ordering across passes is checked in one place, `check_order`: a walk over the model states each
+pass accepts and produces (`compressor.passes.State`).
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from .passes import PASSES, PassConfig, Stage
+from .passes import PASSES, PassConfig, State
 
-__all__ = ["Recipe", "RecipeError", "RECIPES_DIR", "load_recipe", "list_recipes", "check_order"]
+__all__ = ["Recipe", "RecipeError", "RECIPES_DIR", "START", "load_recipe", "list_recipes", "check_order"]
 
 # Shipped recipes are package data (compressor/recipes/*.yaml), so a wheel or sdist install has them.
 RECIPES_DIR = importlib.resources.files("compressor") / "recipes"
@@ -54,22 +55,21 @@ class Recipe:
     def needs_original(self) -> bool:
         return any(p.needs_original for p in self.passes)
 
-    @property
-    def artifact(self) -> str:
-        """What `compressor.api.compress` writes: 'checkpoint' (GPTQ layout) or 'adapter' (peft)."""
-        return self.passes[-1].artifact
-
-    def unsaved_quantizers(self) -> list[str]:
-        """Quantization passes whose modules would reach a checkpoint with no format to store them."""
-        if self.artifact != "checkpoint":
-            return []
-        last = []
+    def states(self) -> list[State]:
+        """The model's state before the first pass and after each pass."""
+        out = [START]
         for p in self.passes:
-            if p.leaves_float:
-                last = []
-            elif p.stage == Stage.QUANTIZE and not p.checkpointable:
-                last.append(p.name)
-        return last
+            out.append(p.produces(out[-1]))
+        return out
+
+    @property
+    def final_state(self) -> State:
+        return self.states()[-1]
+
+    @property
+    def artifact(self) -> str | None:
+        """What `compressor.api.compress` writes: 'checkpoint', 'adapter' (peft), or None (no format)."""
+        return self.final_state.saved_as
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
@@ -83,60 +83,55 @@ class Recipe:
                 "passes": [p.to_dict() for p in self.passes], "source": self.source}
 
 
+START = State.FLOAT                      # a recipe starts from the float model
+
+# Why a state is not accepted, where a sentence helps more than the list of states.
+_HINTS = {
+    State.INT: "a model is integer-quantized once; lora with save: merged gives float weights back first",
+    State.ADAPTER: "lora with save: adapter must be the last pass (its adapter is what is saved); use "
+                   "save: merged to go on after it",
+    State.NF4: "NF4 layers take adapters (lora) and nothing else",
+}
+
+
+def _states(states) -> str:
+    return ", ".join(sorted(s.value for s in states))
+
+
 def check_order(passes: tuple[PassConfig, ...]) -> None:
     """The cross-pass rules, all in one place.
 
-    * A pass that gives float Linears back (`leaves_float`: lora with ``save: merged``) ends a
-      *segment*. Within a segment stages never decrease: transforms, then at most one quantization,
-      then recovery passes. So a recipe may quantize once more after a merge, and must: a merged
-      model is float, and the recipe says how to re-quantize it.
-    * A pass whose result is saved as an adapter (lora with ``save: adapter``) comes last.
-    * A transform that prepares for quantization (AWQ) needs the quantization pass of its segment,
-      after it, to use the same bits and group size; a pass that tunes integer-quantized layers
-      (PEQA) needs an integer quantization pass before it in its segment.
+    * The model starts `START` (float). Each pass must accept the state the passes before it leave
+      (``accepts``); its ``produces`` gives the next state. The first pass that cannot follow is
+      named with the pass before it and both states.
+    * A transform that prepares for quantization (AWQ: ``requires_quantizer``) needs the next
+      integer quantization pass after it to use the same bits and group size, with only float
+      passes between.
     """
     if not passes:
         raise RecipeError("recipe has no passes")
-    segments: list[list[PassConfig]] = [[]]
+    state, prev = START, None
     for p in passes:
-        segments[-1].append(p)
-        if p.leaves_float:
-            segments.append([])
-    for i, seg in enumerate(segments):
-        for pa, pb in zip(seg, seg[1:]):
-            if pb.stage < pa.stage:
-                raise RecipeError(f"pass {pb.name!r} ({pb.stage.name.lower()}) cannot follow {pa.name!r} "
-                                  f"({pa.stage.name.lower()}): order is transform -> quantize -> recover "
-                                  f"(after lora with save: merged, one more quantize pass may follow)")
-        quant = [p for p in seg if p.stage == Stage.QUANTIZE]
-        if len(quant) > 1:
-            raise RecipeError(f"at most one quantization pass per recipe, got {[p.name for p in quant]} "
-                              f"(a second one may follow lora with save: merged)")
-        if i > 0 and not quant:
-            raise RecipeError(f"pass {segments[i - 1][-1].name!r} with save: merged gives back float weights: add a "
-                              f"quantization pass after it (for example gptq) or use save: adapter")
-        for j, p in enumerate(seg):
-            if getattr(p, "requires_quantized", False) and not any(hasattr(q, "group_size") for q in seg[:j]
-                                                                   if q.stage == Stage.QUANTIZE):
-                raise RecipeError(f"pass {p.name!r} trains the scales of integer-quantized layers: put it after "
-                                  f"rtn or gptq")
-            if not getattr(p, "requires_quantizer", False):
-                continue
-            after = [q for q in seg[j + 1:] if q.stage == Stage.QUANTIZE]
-            if not after:
-                raise RecipeError(f"pass {p.name!r} prepares weights for quantization: add a quantization pass "
-                                  f"(rtn or gptq) after it")
-            q = after[0]
-            if not hasattr(q, "group_size"):
-                raise RecipeError(f"pass {p.name!r} searches for integer w{p.bits}g{p.group_size} rounding but "
-                                  f"{q.name!r} is not an integer quantizer; use rtn or gptq")
-            if (q.bits, q.group_size) != (p.bits, p.group_size):
-                raise RecipeError(f"pass {p.name!r} searched for w{p.bits}g{p.group_size} but {q.name!r} quantizes "
-                                  f"to w{q.bits}g{q.group_size}; make them equal")
-    for p in passes[:-1]:
-        if p.artifact == "adapter":
-            raise RecipeError(f"pass {p.name!r} with save: adapter must be the last pass (its adapter is what is "
-                              f"saved); use save: merged to quantize again after it")
+        if state not in p.accepts:
+            where = f"cannot follow {prev.name!r}: after {prev.name!r} the model is {state.value}" if prev else \
+                f"cannot come first: the model starts {state.value}"
+            hint = f" ({_HINTS[state]})" if state in _HINTS else ""
+            raise RecipeError(f"pass {p.name!r} {where}, and {p.name!r} takes {_states(p.accepts)}{hint}")
+        state, prev = p.produces(state), p
+    for j, p in enumerate(passes):
+        if not getattr(p, "requires_quantizer", False):
+            continue
+        # the first pass after p that does not keep the model float must be the integer quantizer
+        nxt = next((q for q in passes[j + 1:] if q.produces(State.FLOAT) != State.FLOAT), None)
+        if nxt is None:
+            raise RecipeError(f"pass {p.name!r} prepares weights for integer quantization: add a quantization "
+                              f"pass (rtn or gptq) after it")
+        if nxt.produces(State.FLOAT) != State.INT:
+            raise RecipeError(f"pass {p.name!r} searches for integer w{p.bits}g{p.group_size} rounding but "
+                              f"{nxt.name!r} comes next and is not an integer quantizer; use rtn or gptq")
+        if (nxt.bits, nxt.group_size) != (p.bits, p.group_size):
+            raise RecipeError(f"pass {p.name!r} searched for w{p.bits}g{p.group_size} but {nxt.name!r} quantizes "
+                              f"to w{nxt.bits}g{nxt.group_size}; make them equal")
 
 
 def _build_pass(entry: Any, defaults: dict[str, Any], where: str) -> PassConfig:

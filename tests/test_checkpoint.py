@@ -63,3 +63,150 @@ def test_atomic_dir_overwrite_keeps_old_until_done(tmp_path):
 def test_load_refuses_non_checkpoint(tiny_llama, tmp_path):
     with pytest.raises(CheckpointError, match="not a compressed checkpoint"):
         compressor.load(tiny_llama)
+
+
+# --- module types own their format; shapes that differ from the config reload -----------------
+
+def shrink_mlp_(model, widths: dict[int, int]) -> None:
+    """Keep the first `w` intermediate channels of layer i's MLP (rows of gate/up, columns of down)."""
+    for i, w in widths.items():
+        mlp = model.model.layers[i].mlp
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = torch.nn.Linear(old.in_features, w, bias=old.bias is not None)
+            new.weight.data = old.weight.data[:w].clone()
+            setattr(mlp, name, new)
+        old = mlp.down_proj
+        new = torch.nn.Linear(w, old.out_features, bias=old.bias is not None)
+        new.weight.data = old.weight.data[:, :w].clone()
+        mlp.down_proj = new
+
+
+def _save(model, tok, out, **kw):
+    from compressor import checkpoint
+    return checkpoint.save(model, tok, out, recipe={"passes": []}, layer_stats={}, source={}, **kw)
+
+
+def _check_shrunk_reload(model, tok, out, widths, full):
+    _save(model, tok, out)
+    meta = json.loads((out / "compression.json").read_text())
+    loaded = compressor.load(out)
+    ids = torch.randint(3, 200, (2, 19))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    sd = loaded.state_dict()
+    for i, w in widths.items():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            spec = meta["modules"][f"model.layers.{i}.mlp.{name}"]
+            assert (spec["out_features"] if name != "down_proj" else spec["in_features"]) == w
+        shapes = [tuple(t.shape) for k, t in sd.items() if k.startswith(f"model.layers.{i}.mlp.")]
+        assert shapes and not any(full in s for s in shapes)      # no full-width tensor left in a shrunk layer
+    return loaded
+
+
+def test_shrunk_mlp_reloads(tiny_llama, tmp_path):
+    from compressor.models import load_hf
+    model, tok = load_hf(tiny_llama)
+    widths = {0: 96, 1: 32}                                  # config says 128
+    shrink_mlp_(model, widths)
+    _check_shrunk_reload(model, tok, tmp_path / "float", widths, 128)
+    recipe = compressor.recipe.parse_recipe({"passes": [{"rtn": {"bits": 4, "group_size": 32}}]})
+    compressor.compress_(model, recipe, compressor.Context(progress=False))   # and quantized after it
+    loaded = _check_shrunk_reload(model, tok, tmp_path / "w4", widths, 128)
+    assert loaded.model.layers[1].mlp.down_proj.in_features == 32
+
+
+@pytest.mark.slow
+def test_shrunk_smollm2_reloads(tmp_path):
+    from compressor.models import load_hf, resolve
+    model, tok = load_hf(resolve("smollm2-135m"))
+    widths = {0: 1024, 3: 768, 7: 1280, 29: 512}            # config says 1536
+    shrink_mlp_(model, widths)
+    _check_shrunk_reload(model, tok, tmp_path / "float", widths, 1536)
+
+
+class ScaledLinear(torch.nn.Module):
+    """A module type defined and registered here, in the test file only: y = (x W^T) * s."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features))
+        self.s = torch.nn.Parameter(torch.empty(out_features))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight) * self.s
+
+    def spec(self):
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def from_spec(cls, spec):
+        with torch.device("meta"):
+            return cls(spec["in_features"], spec["out_features"])
+
+
+@pytest.fixture
+def scaled_linear_type():
+    from compressor.nn import MODULE_TYPES, register_module
+    from compressor.nn.formats import _BY_CLASS
+    cls = register_module("test-scaled")(ScaledLinear)
+    yield cls
+    del MODULE_TYPES["test-scaled"], _BY_CLASS[cls]
+
+
+def test_a_registered_module_type_round_trips(tiny_llama, tmp_path, scaled_linear_type):
+    from compressor.models import load_hf
+    model, tok = load_hf(tiny_llama)
+    old = model.model.layers[1].self_attn.o_proj
+    m = scaled_linear_type(old.in_features, old.out_features)
+    m.weight.data, m.s.data = old.weight.data.clone(), torch.rand(old.out_features) + 0.5
+    model.model.layers[1].self_attn.o_proj = m
+    _save(model, tok, tmp_path / "o")
+    meta = json.loads((tmp_path / "o" / "compression.json").read_text())
+    assert meta["modules"] == {"model.layers.1.self_attn.o_proj": {"type": "test-scaled", "in_features": 64,
+                                                                   "out_features": 64}}
+    loaded = compressor.load(tmp_path / "o")
+    assert type(loaded.model.layers[1].self_attn.o_proj) is scaled_linear_type
+    ids = torch.randint(3, 200, (1, 11))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_mixed_bits_save_gptq_dynamic_overrides(tiny_llama, tmp_path):
+    from compressor.models import load_hf
+    from compressor.passes.rtn import RTNConfig
+    model, tok = load_hf(tiny_llama)
+    ctx = compressor.Context(progress=False)
+    RTNConfig(bits=8, group_size=-1, sym=True, targets=(r"down_proj",)).apply(model, ctx)
+    RTNConfig(bits=4, group_size=32, sym=False).apply(model, ctx)
+    out = tmp_path / "mixed"
+    _save(model, tok, out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["sym"]) == (4, 32, False)     # the most common settings
+    assert qc["dynamic"] == {rf"+:^model\.layers\.{i}\.mlp\.down_proj$": {"bits": 8, "group_size": -1, "sym": True,
+                                                                        "desc_act": False} for i in range(2)}
+    loaded = compressor.load(out)
+    assert {(m.bits, m.group_size) for m in loaded.modules() if isinstance(m, QuantLinear)} == {(4, 32), (8, -1)}
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_uniform_quantization_config_is_plain_gptq(tiny_llama, tmp_path):
+    compressor.compress(str(tiny_llama), "rtn-w4g64", tmp_path / "o", progress=False)
+    qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": False, "sym": False,
+                  "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": 0.01}
+
+
+def test_weight_file_bytes_are_deterministic(tiny_llama, tmp_path):
+    """Same model, two saves (and a second process): the same bytes, header included."""
+    import subprocess
+    import sys
+    compressor.compress(str(tiny_llama), "rtn-w4g64", tmp_path / "a", progress=False)
+    code = ("import compressor, sys; compressor.compress(sys.argv[1], 'rtn-w4g64', sys.argv[2], progress=False)")
+    subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tmp_path / "b")], check=True,
+                   env={**__import__("os").environ, "COMPRESSOR_NO_EXT": "1"})
+    a, b = (tmp_path / "a" / "model.safetensors").read_bytes(), (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert a == b

@@ -61,6 +61,25 @@ def test_happy_path_with_eval(capsys, tiny_llama, tmp_path):
     out = capsys.readouterr().out
     assert code == 0 and "perplexity" in out and "weights on disk" in out
     assert (tmp_path / "o" / "model.safetensors").exists()
+    from compressor import kernels
+    assert "quantized layers run on" in out and kernels.backend().split()[0] in out
+
+
+def test_api_measures_what_the_cli_prints(tiny_llama, tmp_path):
+    """The evaluation lives in the API: original, in memory, reloaded, with one model load."""
+    from compressor.api import compress
+    from compressor.eval import perplexity
+    from compressor.models import load_hf
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    res = compress(str(tiny_llama), "rtn-w4g64", tmp_path / "o", eval_data=text, eval_windows=2, seqlen=64,
+                   progress=False)
+    rep = res.perplexity
+    model, tok = load_hf(tiny_llama)
+    assert rep.original == perplexity(model, tok, text, 64, 2, progress=False)
+    assert rep.compressed == perplexity(res.model, tok, text, 64, 2, progress=False)
+    assert rep.reloaded == rep.compressed and rep.reload_gap_pct == 0
+    assert rep.stages == [("rtn (reloaded)", rep.reloaded)]
 
 
 def test_recipes_listing(capsys):

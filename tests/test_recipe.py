@@ -23,7 +23,7 @@ def test_shipped_recipes_parse():
     ({"passes": [{"rtn": {"targets": ["("]}}]}, r"invalid regex"),
     ({"passes": [{"rtn": {}}], "extra": 1}, r"unknown key 'extra'; allowed"),
     ({"passes": []}, r"no passes"),
-    ({"passes": [{"rtn": {}}, {"rtn": {}}]}, r"at most one quantization pass"),
+    ({"passes": [{"rtn": {}}, {"rtn": {}}]}, r"'rtn' cannot follow 'rtn': after 'rtn' the model is int-quantized"),
     ({"passes": [{"rtn": {}, "gptq": {}}]}, r"one-key mapping"),
     ({"passes": [{"rtn": {}}], "calibration": {"samplez": 3}}, r"unknown key 'samplez' in calibration"),
     ([1, 2], r"a recipe is a mapping"),
@@ -53,3 +53,59 @@ def test_recipe_level_targets_are_defaults():
     assert r.passes[0].ignore == ("mlp",)
     r = parse_recipe({"ignore": ["mlp"], "passes": [{"rtn": {"ignore": ["attn"]}}]})
     assert r.passes[0].ignore == ("attn",)
+
+
+# --- recipe order: a walk over model states ----------------------------------------------------
+
+@pytest.mark.parametrize("passes,states", [
+    ([{"gptq": {}}, {"peqa": {}}], ["float", "int-quantized", "int-quantized"]),
+    ([{"nf4": {}}, {"lora": {}}], ["float", "nf4", "adapter"]),
+    ([{"awq": {}}, {"rtn": {}}], ["float", "float", "int-quantized"]),                   # a transform, a quantizer
+    ([{"lora": {"save": "merged"}}, {"lora": {"save": "merged"}}], ["float", "float", "float"]),  # both keep float
+    ([{"nf4": {}}, {"lora": {"save": "merged"}}], ["float", "nf4", "float"]),             # float output is saved
+    ([{"awq": {}}, {"lora": {"save": "merged"}}, {"gptq": {}}], ["float", "float", "float", "int-quantized"]),
+])
+def test_order_accepts(passes, states):
+    r = parse_recipe({"passes": passes})
+    assert [s.value for s in r.states()] == states
+    assert r.artifact == ("adapter" if states[-1] == "adapter" else "checkpoint")
+
+
+@pytest.mark.parametrize("passes,first,second,state", [
+    ([{"rtn": {}}, {"gptq": {}}], "gptq", "rtn", "int-quantized"),
+    ([{"nf4": {}}, {"rtn": {}}], "rtn", "nf4", "nf4"),
+    ([{"gptq": {}}, {"lora": {}}], "lora", "gptq", "int-quantized"),
+    ([{"nf4": {}}, {"lora": {}}, {"peqa": {}}], "peqa", "lora", "adapter"),
+    ([{"nf4": {}}, {"awq": {}}, {"rtn": {}}], "awq", "nf4", "nf4"),
+])
+def test_order_refusals_name_both_passes_and_states(passes, first, second, state):
+    with pytest.raises(RecipeError) as e:
+        parse_recipe({"passes": passes})
+    msg = str(e.value)
+    assert f"pass {first!r} cannot follow {second!r}: after {second!r} the model is {state}, and {first!r} takes" in msg
+
+
+@pytest.fixture
+def sparsify_pass():
+    """A pass registered by a test, in its own code only: float -> float-sparse."""
+    from dataclasses import dataclass
+
+    from compressor.passes import FLOATS, PASSES, PassConfig, State, register_pass
+
+    @register_pass("test-sparsify")
+    @dataclass(frozen=True)
+    class Sparsify(PassConfig):
+        accepts = FLOATS
+
+        def produces(self, state):
+            return State.FLOAT_SPARSE
+    yield Sparsify
+    del PASSES["test-sparsify"]
+
+
+def test_a_new_pass_declares_its_states(sparsify_pass):
+    r = parse_recipe({"passes": [{"test-sparsify": {}}, {"gptq": {}}, {"peqa": {}}]})
+    assert [s.value for s in r.states()] == ["float", "float-sparse", "int-quantized", "int-quantized"]
+    with pytest.raises(RecipeError, match="'awq' cannot follow 'test-sparsify': after 'test-sparsify' the model is "
+                                          "float-sparse, and 'awq' takes float"):
+        parse_recipe({"passes": [{"test-sparsify": {}}, {"awq": {}}, {"rtn": {}}]})

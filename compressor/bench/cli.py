@@ -30,7 +30,7 @@ def _batches(s: str) -> tuple[int, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import BenchConfig
+    from .config import BenchConfig
     d = BenchConfig()
     p = argparse.ArgumentParser(
         prog="compress-bench",
@@ -65,9 +65,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    from . import BenchConfig, BenchInputError, run
+    from compressor.worker import WorkerError
+
     from . import report
-    from .measure import WorkerError
+    from .config import BenchConfig, BenchInputError
+    from .runner import run
 
     args = _parser().parse_args(argv)
     err = Console(stderr=True, highlight=False)

@@ -5,12 +5,12 @@ Why a process per model
 Resident memory is a property of a process, not of a model. If BASE and a candidate shared one
 interpreter, the candidate's "RSS after load" would include BASE's weights, and freed memory that
 the allocator keeps would blur every later number. So each model lives in its own worker process
-(`ProcessWorker`, ``python -m compressor.bench.measure``) that imports the same libraries, then
+(`ProcessWorker`: a `Measurer` behind `compressor.worker`) that imports the same libraries, then
 loads exactly one model. Its numbers are therefore comparable row to row:
 
   * ``rss_base``: RSS after importing torch, transformers and compressor, before the load: the same
     runtime overhead for every row (shown in the header, kept in the JSON);
-  * ``rss_load``: RSS right after the load (and the kernel repack, `compressor.kernels.prepare_`);
+  * ``rss_load``: RSS right after the load (and the kernel repack, `compressor.nn.prepare_`);
     this is what a server holding the model pays before its first request. It can be below the
     size of the weights when the loader maps the file and pages it in lazily (transformers does
     this for safetensors); the first run then faults the rest in;
@@ -23,10 +23,8 @@ loads exactly one model. Its numbers are therefore comparable row to row:
 All workers stay alive for the whole benchmark but only one runs at a time: the driver sends a
 command to one, waits for its answer, then sends the next to another. That is what lets the runs
 alternate A B A B ... (see `compressor.bench.run`) without the models competing for the cores.
-
-Protocol: one JSON object per line on the worker's stdin, one JSON answer per line on a private
-copy of its stdout; everything else the libraries print goes to stderr (a log file the driver reads
-back on failure). `LocalWorker` runs the same `Measurer` in the calling process, for tests.
+Each public method of `Measurer` is one command (`compressor.worker` has the JSON-lines protocol);
+`LocalWorker` runs the same `Measurer` in the calling process, for tests.
 
 Generation is greedy with a KV cache, written out by hand rather than with ``model.generate`` so
 the prefill and the decode steps are timed apart: one forward over the ``(batch, prompt_len)``
@@ -38,21 +36,17 @@ Prompts are random token ids from a seeded generator, identical for every model 
 from __future__ import annotations
 
 import gc
-import json
-import os
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from compressor import worker
+from compressor.worker import WorkerError
+
 __all__ = ["RunSample", "PeakRSS", "greedy", "Measurer", "LocalWorker", "ProcessWorker", "WorkerError", "rss_bytes"]
 
-
-class WorkerError(RuntimeError):
-    """A worker process died or answered with an error."""
+MEASURER = "compressor.bench.measure:Measurer"
 
 
 @dataclass(frozen=True)
@@ -167,7 +161,7 @@ def load_model(path: str | Path):
     from compressor.checkpoint import is_checkpoint
     if is_checkpoint(path):
         import compressor
-        from compressor.kernels import prepare_
+        from compressor.nn import prepare_
         model, tok = compressor.load(path, with_tokenizer=True)
         return prepare_(model), tok, "checkpoint"   # repack now, not inside the first timed token
     from compressor.models import load_hf
@@ -175,11 +169,26 @@ def load_model(path: str | Path):
     return model, tok, "hf"
 
 
+def kernels_used(model) -> str:
+    """`compressor.kernels.backend()` if any module of `model` runs on compressor's ops, else "".
+
+    An HF model (and a checkpoint of bitsandbytes layers) runs on torch's or its library's own
+    Linear, so naming compressor's kernels for it would be wrong.
+    """
+    from compressor import kernels
+    from compressor.nn import HalfLinear, QuantLinear
+    uses = any(isinstance(m, (QuantLinear, HalfLinear)) for m in model.modules())
+    return kernels.backend() if uses else ""
+
+
 class Measurer:
-    """One model in this process. Each public method is one protocol command."""
+    """One model in this process. Each public method is one worker command and answers a JSON-able dict."""
 
     def __init__(self, threads: int):
         import torch
+
+        import compressor.eval  # noqa: F401  (import everything before the baseline RSS is read)
+        import transformers  # noqa: F401
         torch.set_num_threads(threads)
         self.model = None
         gc.collect()
@@ -191,7 +200,8 @@ class Measurer:
         load_s = time.perf_counter() - t0
         gc.collect()
         return {"kind": kind, "load_s": load_s, "rss_base": self.rss_base, "rss_load": rss_bytes(),
-                "peak_rss_method": "VmHWM" if _reset_peak() else "psutil-sampler"}
+                "peak_rss_method": "VmHWM" if _reset_peak() else "psutil-sampler",
+                "kernels": kernels_used(self.model)}
 
     def generate(self, batch: int, prompt_len: int, gen_len: int, seed: int) -> dict:
         """One greedy run on seeded random prompts: time the prefill (TTFT) and the decode steps apart."""
@@ -210,89 +220,19 @@ class Measurer:
         ppl = perplexity(self.model, None, torch.tensor(ids, dtype=torch.int64), seqlen=seqlen, progress=False)
         return {"ppl": ppl, "seconds": time.perf_counter() - t0, "windows": len(ids) // seqlen}
 
-    def handle(self, msg: dict) -> dict:
-        commands = {"load": self.load, "generate": self.generate, "perplexity": self.perplexity}
-        cmd = msg.pop("cmd")
-        if cmd not in commands:
-            raise ValueError(f"unknown worker command {cmd!r}; known: {sorted(commands)}")
-        return commands[cmd](**msg)
 
-
-class LocalWorker:
+class LocalWorker(worker.LocalWorker):
     """The `Measurer` in this process (tests, debugging). Memory numbers then include whatever else
     the process holds, so `compressor.bench.run` uses `ProcessWorker` unless told otherwise."""
 
-    def __init__(self, threads: int):
-        self._m = Measurer(threads)
-
-    def call(self, cmd: str, **kw) -> dict:
-        return self._m.handle({"cmd": cmd, **kw})
-
-    def close(self):
-        self._m = None
+    def __init__(self, threads: int, label: str = "model"):
+        super().__init__(MEASURER, init={"threads": threads}, label=label)
 
 
-class ProcessWorker:
-    """A `Measurer` in a child process, spoken to with JSON lines."""
+class ProcessWorker(worker.ProcessWorker):
+    """A `Measurer` in a child process of its own, its OpenMP and MKL pools sized to `threads`."""
 
     def __init__(self, threads: int, label: str = "model"):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
-        self.label = label
-        self._log = tempfile.TemporaryFile(mode="w+")
-        self._p = subprocess.Popen([sys.executable, "-m", "compressor.bench.measure", str(threads)],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                   text=True, env=env)
-
-    def call(self, cmd: str, **kw) -> dict:
-        try:
-            self._p.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
-            self._p.stdin.flush()
-        except BrokenPipeError:
-            pass
-        line = self._p.stdout.readline()
-        if not line:
-            raise WorkerError(f"{self.label}: worker process died during {cmd!r}: {self._tail()}")
-        ans = json.loads(line)
-        if "error" in ans:
-            raise WorkerError(f"{self.label}: {cmd} failed: {ans['error']}")
-        return ans
-
-    def _tail(self) -> str:
-        self._p.wait(timeout=10)
-        self._log.seek(0)
-        lines = [ln for ln in self._log.read().strip().splitlines() if ln.strip()]
-        return (lines[-1] if lines else f"exit status {self._p.returncode}")[:300]
-
-    def close(self):
-        if self._p.poll() is None:
-            try:
-                self._p.stdin.close()
-                self._p.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                self._p.kill()
-                self._p.wait()
-        self._log.close()
-
-
-def _serve(threads: int) -> None:
-    # Answers go to a private copy of stdout; fd 1 is pointed at stderr so that nothing the
-    # libraries print (Python or C++) can corrupt the protocol.
-    proto = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    import compressor  # noqa: F401  (import everything before the baseline RSS is read)
-    import compressor.eval  # noqa: F401
-    import transformers  # noqa: F401
-    m = Measurer(threads)
-    for line in sys.stdin:
-        try:
-            ans = m.handle(json.loads(line))
-        except Exception as e:  # reported to the driver, which turns it into a one-line error
-            ans = {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-        proto.write(json.dumps(ans) + "\n")
-        proto.flush()
-
-
-if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+        super().__init__(MEASURER, init={"threads": threads}, env=env, label=label)

@@ -1,7 +1,9 @@
 """Renderings of a `compressor.bench.BenchResult`: a rich table, JSON, Markdown and a PNG.
 
 Every rendering reads the same `Row` list, so the terminal, the files and the plot always agree.
-Model-wide values (size, RSS after load, perplexity) are printed on a model's first row only.
+Model-wide values (size, RSS after load, perplexity) are printed on a model's first row only; the
+header lines above the table (machine, protocol, the kernels each checkpoint ran on) are shared by
+the terminal and the Markdown.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import BenchResult, Row
+from .rows import Row
+from .runner import BenchResult
 
 __all__ = ["header_lines", "table_cells", "print_table", "write_json", "write_markdown", "plot"]
 
@@ -70,7 +73,8 @@ def header_lines(result: BenchResult) -> list[str]:
     v = ", ".join(f"{k} {x}" for k, x in m["versions"].items())
     base_rss = {mr.label: mr.rss_base for mr in result.models}
     lines = [
-        f"cpu: {m['cpu']} | {m['physical_cores']} cores, {m['logical_cpus']} logical | threads: {m['threads']}",
+        f"cpu: {m['cpu']} | L3 {m['l3']} | {m['physical_cores']} cores, {m['logical_cpus']} logical | "
+        f"threads: {m['threads']} | torch cpu capability {m['torch_cpu_capability']}",
         f"{v} | {m['date']}",
         f"greedy, prompt {c.prompt_len} random tokens (seed {c.seed}), {c.gen_len} generated tokens; "
         f"median of {c.runs} runs after {c.warmup} warm-up, models alternating run by run; ratios are medians "
@@ -79,6 +83,9 @@ def header_lines(result: BenchResult) -> list[str]:
         + "; runtime RSS before load: "
         + ", ".join(f"{k} {b / MIB:,.0f} MiB" for k, b in base_rss.items()),
     ]
+    kernels = _kernels_line(result)
+    if kernels:
+        lines.append(kernels)
     if result.eval_data:
         w = result.models[0].ppl_windows
         lines.append(f"perplexity: {result.eval_data}, {w} window{'s' if w != 1 else ''} of {c.seqlen} tokens")
@@ -89,6 +96,18 @@ def header_lines(result: BenchResult) -> list[str]:
     if any(gates):
         lines.append("gate: " + ", ".join(g for g in gates if g))
     return lines
+
+
+def _kernels_line(result: BenchResult) -> str:
+    """The kernel backend each worker reported, for the models with compressed layers only (an HF
+    model runs on torch's own Linear), e.g. ``compressor kernels: w4, w8 on avx512 (compiled)``;
+    "" when no model has any."""
+    by_backend: dict[str, list[str]] = {}
+    for mr in result.models:
+        if mr.kernels:
+            by_backend.setdefault(mr.kernels, []).append(mr.label)
+    return ("compressor kernels: " + "; ".join(f"{', '.join(labels)} on {k}" for k, labels in by_backend.items())
+            if by_backend else "")
 
 
 def print_table(result: BenchResult, console=None) -> None:

@@ -35,17 +35,13 @@ The pure-PyTorch `reference` below is registered for every device; the compiled 
 from __future__ import annotations
 
 import functools
-import logging
-import os
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TILE_N", "OPS", "reference", "f16_reference", "extension", "unpack_weight"]
+__all__ = ["TILE_N", "OPS", "reference", "f16_reference", "extension", "extension_source", "unpack_weight"]
 
-log = logging.getLogger(__name__)
-
-TILE_N = 32  # output columns per tile; must match kTileN in csrc/kernels.h
+TILE_N = 32  # output columns per tile; must match kTileN in csrc/cpu/kernels.h
 
 _SCHEMA = ("(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? perm, Tensor? bias, "
            "int group_size, int out_features) -> Tensor")
@@ -97,15 +93,14 @@ def _fake(x, qweight, scales, zeros, perm, bias, group_size, out_features, *, bi
 
 
 def _load_extension():
-    """Import `compressor._C` (which registers the CPU kernels) unless disabled; None on failure."""
-    if os.environ.get("COMPRESSOR_NO_EXT") == "1":
-        return None
-    try:
-        from .. import _C
-    except ImportError as e:
-        log.info("compressor._C is not available (%s); using the PyTorch reference kernels", e)
-        return None
-    return _C
+    """(module, where it came from) or (None, why not), from `build.load_extension`.
+
+    Called after the schemas and references below are registered, so the extension's CPU kernels
+    override them; see `compressor.kernels.build` for the order (COMPRESSOR_NO_EXT=1, then
+    `compressor._C`, then the sources compiled on first use and cached).
+    """
+    from .build import load_extension
+    return load_extension()
 
 
 _lib = torch.library.Library("compressor", "FRAGMENT")
@@ -123,6 +118,6 @@ for _name, _bits in _BITS.items():
     _lib.impl(_name, functools.partial(reference, bits=_bits), "CompositeExplicitAutograd")
 _lib.impl("f16_linear", f16_reference, "CompositeExplicitAutograd")
 
-extension = _load_extension()
+extension, extension_source = _load_extension()
 
 OPS = {4: torch.ops.compressor.int4_linear.default, 8: torch.ops.compressor.int8_linear.default}

@@ -1,8 +1,8 @@
 """Repack at load time: GPTQ checkpoint layout -> the tile-major layout the CPU kernels read.
 
-The on-disk format never changes; this runs once per `QuantLinear` (on its first forward) and the
-result is cached on the module. See `compressor.kernels.ops` for the target layout. In short, the
-GPTQ int32 word (P = 32 / bits codes along in_features) is kept, and the output columns are cut
+The on-disk format never changes; `QuantLinear` calls this once (on its first forward, or in
+`compressor.nn.prepare_`) and caches the result per device. See `compressor.kernels.ops` for the
+target layout. In short, the GPTQ int32 word (P = 32 / bits codes along in_features) is kept, and the output columns are cut
 into tiles of `TILE_N` so each thread streams one contiguous block; scales and zeros follow the
 same tiling; zeros are dropped for symmetric grids.
 
@@ -18,7 +18,7 @@ import torch
 
 from .ops import OPS, TILE_N
 
-__all__ = ["PackedWeight", "pack", "pack_module", "channel_order"]
+__all__ = ["PackedWeight", "pack", "channel_order"]
 
 
 @dataclass(frozen=True)
@@ -102,9 +102,3 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, gr
     zeros = None if sym else _tiles(torch.nn.functional.pad(zero, (0, 0, 0, pad)).half(), nt)
     return PackedWeight(bits=bits, qweight=_tiles(_words(q, bits), nt), scales=_tiles(scale.half(), nt),
                         zeros=zeros, perm=perm, group_size=group_size, in_features=k, out_features=n)
-
-
-def pack_module(module) -> PackedWeight:
-    """`QuantLinear` (GPTQ buffers) -> `PackedWeight`. Raises ValueError if unsupported."""
-    q, scale, zero, g_idx = module.codes()
-    return pack(q, scale, zero, module.bits, module.group_size, g_idx)

@@ -1,5 +1,8 @@
-"""Modules that hold compressed weights."""
+"""Modules that hold compressed weights, each owning its checkpoint format (`formats`)."""
+from .formats import MODULE_TYPES, build_module, module_spec, register_format, register_module
 from .half import HalfLinear
+from .prepare import prepare_
 from .qlinear import QuantLinear
 
-__all__ = ["HalfLinear", "QuantLinear"]
+__all__ = ["HalfLinear", "QuantLinear", "prepare_", "MODULE_TYPES", "register_module", "register_format",
+           "module_spec", "build_module"]

@@ -4,25 +4,50 @@ Buffers (K = in_features, N = out_features, G = number of groups; see `compresso
   * ``qweight`` int32 (K*bits/32, N)   * ``qzeros`` int32 (G, N*bits/32)
   * ``scales``  fp16  (G, N)           * ``g_idx``  int32 (K,)        * ``bias`` (N,) optional
 
-The state-dict names are exactly auto-gptq's, so the saved file is a GPTQ checkpoint.
-`forward` calls the ``compressor::gptq_linear`` dispatch in `compressor.kernels`, which uses the
-compiled CPU kernel when present and the pure-PyTorch reference (dequantize, then ``F.linear``)
-otherwise.
+The state-dict names are exactly auto-gptq's, so the saved file is a GPTQ checkpoint; the module's
+checkpoint spec (`spec`, registered as type ``gptq``) carries bits, group size, symmetry and
+act-order, per module, so one model may mix 4- and 8-bit layers.
+
+`forward` runs the dequant-matmul op of `compressor.kernels` on the kernel layout of the device the
+buffers are on (`packed`: repacked once from the GPTQ buffers and cached per device, rebuilt when
+the buffers are replaced or written). Where that device has no kernel layout, or for 2/3-bit, other
+activation dtypes or act-order with unequal groups, it takes `reference_forward`: dequantize, then
+``F.linear``.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..quant.packing import pack_gptq, unpack_gptq
+from .formats import register_module
 
 __all__ = ["QuantLinear"]
 
 
+class _KernelState:
+    """One device's packed weight plus the buffers (and their versions) it was built from."""
+    __slots__ = ("packed", "sources", "versions")
+
+    def __init__(self, packed, sources: tuple, versions: tuple):
+        self.packed, self.sources, self.versions = packed, sources, versions
+
+
+def _versions(sources) -> tuple:
+    # load_state_dict copies into qweight and scales alongside the rest; inference tensors have
+    # no version counter, so for them only replacing the tensor is noticed.
+    return tuple(-1 if t.is_inference() else t._version for t in sources[:2])
+
+
+@register_module("gptq")
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 bias: bool = False, device=None, dtype=torch.float32):
+                 bias: bool = False, device=None, dtype=torch.float32, sym: bool | None = None,
+                 desc_act: bool | None = None):
         super().__init__()
         if bits not in (2, 3, 4, 8):
             raise ValueError(f"bits={bits}: QuantLinear supports 2, 3, 4 and 8")
@@ -35,6 +60,8 @@ class QuantLinear(nn.Module):
                              f"got ({in_features}, {out_features})")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self.sym = sym                # as quantized; None: read off the zero points when asked
+        self._desc_act = desc_act     # as quantized (act-order); None: read off g_idx when asked
         n_groups = in_features // g
         self.register_buffer("qweight", torch.empty(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.empty(n_groups, out_features * bits // 32, dtype=torch.int32, device=device))
@@ -44,18 +71,43 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
-        self._kernel_state = None  # repacked layout built lazily by compressor.kernels
+        self._kernel_state: dict[str, _KernelState] = {}   # device type -> packed layout, built lazily
+
+    # --- checkpoint format -------------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.is_sym(),
+                "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "desc_act": self.desc_act()}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "QuantLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
+                   bias=spec.get("bias", False), sym=spec.get("sym"), desc_act=spec.get("desc_act"))
+
+    def is_sym(self) -> bool:
+        """Symmetric grid: every zero point at 2**(bits-1) (what `choose_qparams(sym=True)` gives)."""
+        if self.sym is None:
+            self.sym = bool((self.codes()[2] == 2 ** (self.bits - 1)).all())
+        return self.sym
+
+    def desc_act(self) -> bool:
+        """Quantized in act-order (GPTQ's ``desc_act``); unless recorded, whether g_idx is not k // group."""
+        if self._desc_act is None:
+            g = self.in_features if self.group_size == -1 else self.group_size
+            self._desc_act = not torch.equal(self.g_idx.cpu().long(), torch.arange(self.in_features) // g)
+        return self._desc_act
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
-                   g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> "QuantLinear":
+                   g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   sym: bool | None = None, desc_act: bool | None = None) -> "QuantLinear":
         """Build from (N, K) codes and (N, G) qparams as returned by `compressor.quant.primitives`."""
         n, k = q.shape
         g = k if group_size == -1 else group_size
         if g_idx is None:
             g_idx = torch.arange(k, dtype=torch.int32) // g
         m = cls(k, n, bits, group_size, bias=bias is not None, device="cpu",
-                dtype=bias.dtype if bias is not None else torch.float32)
+                dtype=bias.dtype if bias is not None else torch.float32, sym=sym, desc_act=desc_act)
         for name, t in pack_gptq(q, scale, zero, bits, g_idx).items():
             getattr(m, name).copy_(t)
         if bias is not None:
@@ -74,9 +126,29 @@ class QuantLinear(nn.Module):
         w = (q.float() - zero[:, g]) * scale[:, g]
         return w.to(dtype)
 
+    # --- inference -----------------------------------------------------------------------------
+    def packed(self):
+        """This layer's `compressor.kernels.PackedWeight` for the device its buffers are on, or None
+        where that device has no kernel layout for it. Built once per device and cached; rebuilt when
+        the buffers were replaced (``load_state_dict(assign=True)``) or written (``copy_``)."""
+        dev = self.qweight.device.type
+        state = self._kernel_state.get(dev)
+        if torch.compiler.is_compiling():   # built eagerly by `prepare_` or an earlier call
+            return None if state is None else state.packed
+        src = (self.qweight, self.scales, self.qzeros, self.g_idx)
+        if state is not None and all(a is b for a, b in zip(src, state.sources)) \
+                and _versions(src) == state.versions:
+            return state.packed
+        q, scale, zero, g_idx = self.codes()
+        packed = kernels.pack_for(dev, q, scale, zero, self.bits, self.group_size, g_idx)
+        self._kernel_state[dev] = _KernelState(packed, src, _versions(src))
+        return packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .. import kernels
-        return kernels.quant_linear(x, self)
+        packed = self.packed()
+        if packed is None or x.dtype not in kernels.DTYPES or x.device != self.qweight.device:
+            return self.reference_forward(x)
+        return packed(x, self.bias)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)

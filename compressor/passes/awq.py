@@ -28,9 +28,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..layerwise import layerwise
 from ..quant.primitives import fake_quantize, group_view
-from ..sequential import catch_block_inputs, find_blocks, input_hooks, kwargs_for, run_block, trace_groups
-from .base import Context, PassConfig, Stage, register_pass
+from ..sequential import input_hooks, kwargs_for
+from .base import Context, PassConfig, State, register_pass
 from .weight_quant import BITS, GROUP_SIZES
 
 __all__ = ["search_scale", "fold_scale", "search_clip", "AWQConfig"]
@@ -166,7 +167,7 @@ def _producers(block: nn.Module, inp, groups: list[list[str]], names: dict[str, 
 @dataclass(frozen=True)
 class AWQConfig(PassConfig):
     """AWQ scale and clip search for a following rtn/gptq pass with the same bits and group size."""
-    stage = Stage.TRANSFORM
+    accepts = frozenset({State.FLOAT})
     needs_calibration = True
     requires_quantizer = True
 
@@ -193,19 +194,13 @@ class AWQConfig(PassConfig):
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
-        prefix, blocks = find_blocks(model)
-        targets = self.modules(model)
-        inp = catch_block_inputs(model, ctx.calibration())
         gen = torch.Generator().manual_seed(ctx.seed)
-        for b, block in enumerate(tqdm(blocks, desc=f"awq w{self.bits}g{self.group_size}", unit="block",
-                                       disable=not ctx.progress)):
-            pre = f"{prefix}.{b}."
-            names = {n[len(pre):]: m for n, m in targets.items() if n.startswith(pre)}
-            groups = trace_groups(block, inp, names)
-            producers = _producers(block, inp, groups, names)
+        for blk in layerwise(model, ctx.calibration(), self.modules(model), ctx, f"awq w{self.bits}g{self.group_size}"):
+            groups, names = blk.groups, blk.linears
+            producers = _producers(blk.module, blk.inputs, groups, names)
             # The same random max_tokens token positions for every group, kept as the block runs
             # (one forward, which also gives the next block's inputs: scaling keeps the float function).
-            n_tok = sum(x.shape[0] * x.shape[1] for x in inp.hidden)
+            n_tok = sum(x.shape[0] * x.shape[1] for x in blk.inputs.hidden)
             keep = torch.randperm(n_tok, generator=gen)[:self.max_tokens].sort().values
             feats: dict[str, list[torch.Tensor]] = {g[0]: [] for g in groups}
             offset = {g[0]: 0 for g in groups}
@@ -217,8 +212,7 @@ class AWQConfig(PassConfig):
                 feats[n].append(x[sel].clone())
                 offset[n] = lo + x.shape[0]
 
-            with input_hooks({g[0]: names[g[0]] for g in groups}, sample):
-                nxt = run_block(block, inp)
+            blk.advance(blk.forward({g[0]: sample for g in groups}))
             for grp in groups:
                 t0 = time.perf_counter()
                 x = torch.cat(feats.pop(grp[0]))
@@ -228,7 +222,7 @@ class AWQConfig(PassConfig):
                 if prev is not None and prev not in grp:
                     s, alpha = search_scale(x, [l.weight.data for l in lins], self.bits, self.group_size, self.sym,
                                             self.n_grid)
-                    fold_scale(block.get_submodule(prev), lins, s)
+                    fold_scale(blk.module.get_submodule(prev), lins, s)
                     x = x / s
                 if self.clip:
                     for n, lin in zip(grp, lins):
@@ -240,7 +234,6 @@ class AWQConfig(PassConfig):
                         lin.weight.data = torch.clamp(wg, -mx, mx).reshape(lin.weight.shape)
                 dt = (time.perf_counter() - t0) / len(grp)
                 for n in grp:
-                    ctx.record(pre + n, awq_alpha=alpha, awq_folded_into=producers.get(grp[0]),
+                    ctx.record(blk.full_name(n), awq_alpha=alpha, awq_folded_into=producers.get(grp[0]),
                                awq_seconds=round(dt, 3))
-            inp = nxt
         return model

@@ -11,9 +11,12 @@ registered by name:
         def apply(self, model, ctx): ...
 
 Every config validates itself in ``__post_init__`` (bad value -> ValueError naming it and the
-allowed set) and may check itself against the model in ``preflight`` before any pass runs.
-Cross-pass ordering is checked in `compressor.recipe.check_order` using each pass's `stage` and
-`leaves_float`; what `compressor.api.compress` writes follows from the last pass's `artifact`.
+allowed set) and checks itself against the model it will see in ``check``, which runs just before
+the pass (and, for the first pass, before any work starts).
+
+Recipe order is a walk over model states (`State`): each pass declares the states it `accepts` and
+the state it `produces`; `compressor.recipe.check_order` names the first pass that cannot follow,
+with the states. What `compressor.api.compress` writes follows from the final state.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
-__all__ = ["Stage", "PassConfig", "Context", "register_pass", "PASSES", "select_linears", "DEFAULT_IGNORE",
+__all__ = ["State", "FLOATS", "PassConfig", "Context", "register_pass", "PASSES", "select_linears", "DEFAULT_IGNORE",
            "require_packages"]
 
 log = logging.getLogger("compressor")
@@ -37,17 +40,22 @@ log = logging.getLogger("compressor")
 DEFAULT_IGNORE = (r"(^|\.)lm_head$", r"(^|\.)embed", r"(^|\.)wte$", r"(^|\.)wpe$")
 
 
-class Stage(enum.IntEnum):
-    """Where a pass may stand in a recipe; stages never decrease along the recipe.
+class State(str, enum.Enum):
+    """What the model is between two passes, as far as the next pass is concerned."""
+    FLOAT = "float"                      # plain float Linears (the model a recipe starts from)
+    FLOAT_SPARSE = "float-sparse"        # float Linears with zeros a later pass must keep
+    FLOAT_LOW_RANK = "float-low-rank"    # float Linears, some split into two thin factors
+    INT = "int-quantized"                # integer codes + scales (QuantLinear, the GPTQ layout)
+    NF4 = "nf4"                          # bitsandbytes NF4 base weights (no checkpoint format of their own)
+    ADAPTER = "adapter"                  # a peft model: what is saved is its adapter
 
-    TRANSFORM: float-to-float rewrites (AWQ scaling, pruning, low-rank factorization).
-    QUANTIZE:  replaces float Linears with packed ones (RTN, GPTQ, NF4). At most one per recipe,
-               or one more after a pass that `leaves_float` (LoRA with ``save: merged``).
-    RECOVER:   trains or adapts what is there (LoRA, distillation) after any other pass.
-    """
-    TRANSFORM = 0
-    QUANTIZE = 1
-    RECOVER = 2
+    @property
+    def saved_as(self) -> str | None:
+        """What `compressor.api.compress` writes for a model in this state, or None (no format)."""
+        return {State.ADAPTER: "adapter", State.NF4: None}.get(self, "checkpoint")
+
+
+FLOATS = frozenset({State.FLOAT, State.FLOAT_SPARSE, State.FLOAT_LOW_RANK})
 
 
 PASSES: dict[str, type["PassConfig"]] = {}
@@ -67,11 +75,11 @@ def register_pass(name: str) -> Callable[[type], type]:
 class PassConfig:
     """Fields every pass has: which modules it touches (regexes over module names)."""
     name: ClassVar[str] = "?"
-    stage: ClassVar[Stage] = Stage.TRANSFORM
+    accepts: ClassVar[frozenset[State]] = FLOATS   # states of the model this pass can take
+    changes_shapes: ClassVar[bool] = False        # may change Linear shapes (pruning, low-rank)
     needs_calibration: ClassVar[bool] = False     # reads ctx.calibration()
     needs_train_data: ClassVar[bool] = False      # reads ctx.train_data
     needs_original: ClassVar[bool] = False        # calls ctx.original() for the uncompressed model
-    checkpointable: ClassVar[bool] = True         # checkpoint.save can store the modules it makes
 
     targets: tuple[str, ...] = (r".*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
@@ -96,19 +104,18 @@ class PassConfig:
             if not isinstance(v, bool):
                 raise ValueError(f"{self.name}.{f}={v!r} must be true or false")
 
-    @property
-    def leaves_float(self) -> bool:
-        """True if the model leaves this pass with float Linears again, so one more quantize may follow."""
-        return False
-
-    @property
-    def artifact(self) -> str:
-        """What `compressor.api.compress` writes when this pass is last: 'checkpoint' or 'adapter'."""
-        return "checkpoint"
+    def produces(self, state: State) -> State:
+        """The model's state after this pass, given the state it takes (default: unchanged)."""
+        return state
 
     # --- hooks a pass overrides -----------------------------------------------------------
-    def preflight(self, model: nn.Module, ctx: "Context") -> None:
-        """Check the config against the model before any work starts; raise ValueError."""
+    def check(self, model: nn.Module, ctx: "Context") -> None:
+        """Check the config against the model this pass will see (just before it runs); raise ValueError."""
+
+    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """Check the config against Linear shapes {name: (in_features, out_features)} alone; raise
+        ValueError. Run before any work starts for every pass that no shape-changing pass precedes,
+        so that, say, a bad group size for the last pass of a long recipe fails at once."""
 
     def apply(self, model: nn.Module, ctx: "Context") -> nn.Module:
         raise NotImplementedError
@@ -122,22 +129,25 @@ class PassConfig:
     def modules(self, model: nn.Module) -> dict[str, nn.Linear]:
         return select_linears(model, self.targets, self.ignore)
 
+    def targeted(self, names) -> list[str]:
+        """The names among `names` that match targets and no ignore regex."""
+        return select_names(names, self.targets, self.ignore)
+
 
 def select_linears(model: nn.Module, targets=(r".*",), ignore=DEFAULT_IGNORE,
                    kinds: tuple[type, ...] = (nn.Linear,)) -> dict[str, nn.Linear]:
     """Modules of exactly one of the types `kinds` (default: float ``nn.Linear``) whose name matches a
     target regex and no ignore regex. Subclasses such as bitsandbytes' ``Linear4bit`` are only
     selected when listed in `kinds`."""
+    keep = set(select_names([n for n, m in model.named_modules() if type(m) in kinds], targets, ignore))
+    return {n: m for n, m in model.named_modules() if n in keep}
+
+
+def select_names(names, targets=(r".*",), ignore=DEFAULT_IGNORE) -> list[str]:
+    """The names that match a target regex and no ignore regex, in their order."""
     tgt = [re.compile(t) for t in targets]
     ign = [re.compile(i) for i in ignore]
-    out = {}
-    for name, mod in model.named_modules():
-        if type(mod) not in kinds:
-            continue
-        if any(r.search(name) for r in ign) or not any(r.search(name) for r in tgt):
-            continue
-        out[name] = mod
-    return out
+    return [n for n in names if any(r.search(n) for r in tgt) and not any(r.search(n) for r in ign)]
 
 
 def require_packages(who: str, *modules: str) -> None:
@@ -178,7 +188,6 @@ class Context:
     evals: dict[str, float] = field(default_factory=dict)      # stage label -> perplexity, in order
     training: dict[str, dict[str, Any]] = field(default_factory=dict)   # pass -> loss curve etc.
     layer_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
-    module_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
     _calib: torch.Tensor | None = None
 
     def calibration(self) -> torch.Tensor:

@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..layerwise import check_in_blocks, layerwise
 from ..quant.primitives import choose_qparams, mse_clip_search
-from ..sequential import (BlockInputs, catch_block_inputs, collect_inputs, find_blocks, group_inputs, last_group_inputs,
-                          residual_update, run_block, trace_groups)
 from .base import Context, register_pass
 from .weight_quant import WeightQuantConfig, swap_in_quantized
 
@@ -178,87 +177,38 @@ class GPTQConfig(WeightQuantConfig):
         if not 0 < self.percdamp < 1:
             raise ValueError(f"gptq.percdamp={self.percdamp} must be in (0, 1)")
 
-    def preflight(self, model: nn.Module, ctx: Context) -> None:
-        super().preflight(model, ctx)
-        prefix, _ = find_blocks(model)
-        outside = [n for n in self.modules(model) if not n.startswith(prefix + ".")]
-        if outside:
-            raise ValueError(f"gptq quantizes Linears inside the decoder blocks ({prefix}.*); {outside[:3]} lie "
-                             f"outside: add them to ignore")
+    def check(self, model: nn.Module, ctx: Context) -> None:
+        super().check(model, ctx)
+        check_in_blocks(model, self.modules(model), "gptq")
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
-        prefix, blocks = find_blocks(model)
         targets = self.modules(model)
-        inp = catch_block_inputs(model, ctx.calibration())
-        ref_inp = None                                  # the float model's stream, for fp_target
-        if self.fp_target:                              # on the first batches holding fp_target_samples windows
-            keep, seen = [], 0
-            for x in inp.hidden:
-                if self.fp_target_samples and seen >= self.fp_target_samples:
-                    break
-                keep.append(x)
-                seen += x.shape[0]
-            ref_inp = BlockInputs(keep, inp.kwargs)
-        bar = tqdm(blocks, desc=f"gptq w{self.bits}g{self.group_size}", unit="block", disable=not ctx.progress)
-        for b, block in enumerate(bar):
-            pre = f"{prefix}.{b}."
-            names = {n[len(pre):]: m for n, m in targets.items() if n.startswith(pre)}
-            groups = trace_groups(block, inp, names)
-            ref_x = None
-            if self.fp_target:          # the float block once: every group's reference input, and its output
-                ref_x, ref_inp = collect_inputs(block, ref_inp, [g[0] for g in groups], store=torch.float16)
-            results, last = {}, None
-            for gi, grp in enumerate(groups):
+        ref = self.fp_target_samples if self.fp_target else None   # float stream on the first windows
+        for blk in layerwise(model, ctx.calibration(), targets, ctx, f"gptq w{self.bits}g{self.group_size}", ref):
+            results = {}
+            for grp in blk.groups:
                 t0 = time.perf_counter()
-                K = names[grp[0]].in_features
-                H = torch.zeros(K, K)
-                dXtX = torch.zeros(K, K) if self.fp_target else None   # (X_ref - X)^T X
-                n = n_ref = 0
-                H_ref = [None]                          # H over the fp_target batches only
-                refs = iter(ref_x[grp[0]]) if self.fp_target else None
-
-                def accumulate(x: torch.Tensor) -> None:
-                    nonlocal n, n_ref
-                    x = x.reshape(-1, K).float()
-                    H.addmm_(x.t(), x)
-                    xr = next(refs, None) if refs is not None else None
-                    if xr is not None:                 # batches in the same order as ref_inp's
-                        dXtX.addmm_((xr.reshape(-1, K).float() - x).t(), x)
-                        n_ref += x.shape[0]
-                        H_ref[0] = H.clone()           # X^T X over the same (first) batches
-                    n += x.shape[0]
-
-                if gi == len(groups) - 1 and len(grp) == 1:   # full forwards now; fix the outputs up later
-                    last = (grp[0], *last_group_inputs(block, inp, grp[0], accumulate))
-                else:
-                    group_inputs(block, inp, grp[0], accumulate)
-                if ref_x is not None:
-                    del ref_x[grp[0]]
-                H.mul_(2 / n)
+                h = blk.hessian(grp)
                 t_h = (time.perf_counter() - t0) / len(grp)
                 for name in grp:
                     t1 = time.perf_counter()
-                    lin = names[name]
+                    lin = blk.linears[name]
                     W = lin.weight.data
-                    target = W if dXtX is None else fp_target_correction(W, dXtX * (2 / n_ref), H_ref[0] * (2 / n_ref), self.fp_target_damp)
-                    q, scale, zero, g_idx, loss = gptq_quantize(target, H, self.bits, self.group_size, self.sym,
+                    target = W if not h.has_reference else fp_target_correction(W, *h.reference_terms(),
+                                                                                self.fp_target_damp)
+                    q, scale, zero, g_idx, loss = gptq_quantize(target, h.H, self.bits, self.group_size, self.sym,
                                                                 self.blocksize, self.percdamp, self.act_order,
                                                                 self.clip_search)
                     Wq = (q.float() - zero[:, g_idx.long()]) * scale[:, g_idx.long()]
                     stats = {"gptq_loss": round(loss, 6),
-                             "output_error_rel": round(layer_output_error(W, Wq, H) / max(layer_output_error(W, 0 * W, H), 1e-30), 8)}
+                             "output_error_rel": round(layer_output_error(W, Wq, h.H) /
+                                                       max(layer_output_error(W, 0 * W, h.H), 1e-30), 8)}
                     lin.weight.data = Wq.to(W.dtype)          # later groups see the quantized layer
                     results[name] = (lin, W, q, scale, zero, g_idx, stats, t_h + time.perf_counter() - t1)
-            if last is None:
-                inp = run_block(block, inp)                   # next inputs, through the quantized block
-            else:
-                name, x, out = last
-                lin, W = results[name][:2]
-                inp = residual_update(block, inp, out, name, x, lin.weight.data - W)
-                del x, out, last
+            blk.advance()                                     # next inputs, through the quantized block
             for name, (lin, W, q, scale, zero, g_idx, stats, sec) in results.items():
                 lin.weight.data = W                           # SQNR is measured against the float weight
-                swap_in_quantized(model, pre + name, lin, q, scale, zero, self, ctx,
+                swap_in_quantized(model, blk.full_name(name), lin, q, scale, zero, self, ctx,
                                   g_idx=g_idx if self.act_order else None, seconds=round(sec, 3), **stats)
         return model

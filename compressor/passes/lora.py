@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .base import Context, register_pass, require_packages, select_linears
+from .base import FLOATS, Context, State, register_pass, require_packages, select_linears
 from .training import TrainingConfig, check_enum
 
 __all__ = ["merge_lora_weight", "merge_to_float", "SaveAs", "LoRAConfig"]
@@ -77,7 +77,7 @@ def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 @torch.no_grad()
-def merge_to_float(model: nn.Module, ctx: Context | None = None) -> nn.Module:
+def merge_to_float(model: nn.Module) -> nn.Module:
     """Fold every LoRA adapter into its base weight and dequantize every NF4 layer: the underlying
     transformers model comes back with plain float ``nn.Linear`` layers only.
 
@@ -106,9 +106,6 @@ def merge_to_float(model: nn.Module, ctx: Context | None = None) -> nn.Module:
             base.set_submodule(name, _as_linear(_float_weight(mod), mod.bias))
     if getattr(base, "is_loaded_in_4bit", False):
         base.is_loaded_in_4bit = False
-    if ctx is not None:                      # the merged layers are float again: no spec to save
-        for name in [n for n, s in ctx.module_specs.items() if s["type"] == "nf4"]:
-            del ctx.module_specs[name]
     return base
 
 
@@ -149,13 +146,10 @@ class LoRAConfig(TrainingConfig):
     def _positive_fields(self):
         return (*super()._positive_fields(), "alpha")
 
-    @property
-    def leaves_float(self) -> bool:
-        return self.save is SaveAs.MERGED
+    accepts = FLOATS | {State.NF4}
 
-    @property
-    def artifact(self) -> str:
-        return "adapter" if self.save is SaveAs.ADAPTER else "checkpoint"
+    def produces(self, state: State) -> State:
+        return State.ADAPTER if self.save is SaveAs.ADAPTER else State.FLOAT
 
     def adapted(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers that get adapters: float Linears and NF4 Linear4bit layers matching targets/ignore."""
@@ -166,9 +160,9 @@ class LoRAConfig(TrainingConfig):
             kinds = (nn.Linear,)
         return select_linears(model, self.targets, self.ignore, kinds=kinds)
 
-    def preflight(self, model: nn.Module, ctx: Context) -> None:
+    def check(self, model: nn.Module, ctx: Context) -> None:
         require_packages("the lora pass", "peft", "bitsandbytes")
-        super().preflight(model, ctx)
+        super().check(model, ctx)
         if not self.adapted(model):
             raise ValueError(f"lora: no Linear layer matches targets={list(self.targets)} minus ignore={list(self.ignore)}")
 
@@ -199,5 +193,5 @@ class LoRAConfig(TrainingConfig):
         self.fit(model, [p for p in model.parameters() if p.requires_grad], ctx)
         ctx.measure(model, " + ".join([*ctx.applied, self.name]))
         if self.save is SaveAs.MERGED:
-            return merge_to_float(model, ctx)
+            return merge_to_float(model)
         return model

@@ -13,7 +13,7 @@ QLoRA; the ``lora`` pass trains adapters on top of it.
 
 Blocks run over the flattened (out, in) weight, but the CPU dequantize kernel of bitsandbytes 0.50
 walks each row on its own, so a block that straddles two rows comes back wrong (relative error 0.29
-instead of 0.09 for a 96 x 96 weight at blocksize 64). `preflight` therefore requires `blocksize`
+instead of 0.09 for a 96 x 96 weight at blocksize 64). `check_shapes` therefore requires `blocksize`
 to divide every in_features.
 
 Sample recipe::
@@ -32,7 +32,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..quant.primitives import sqnr_db
-from .base import Context, PassConfig, Stage, register_pass, require_packages
+from .base import FLOATS, Context, PassConfig, State, register_pass, require_packages
 
 __all__ = ["NF4_LEVELS", "nf4_reference", "nf4_quantize", "nf4_dequantize", "import_bnb", "to_linear4bit", "linear4bit_kinds",
            "ComputeDtype", "NF4Config", "BLOCKSIZES"]
@@ -143,8 +143,7 @@ class NF4Config(PassConfig):
     The result has no checkpoint format of its own: follow this pass with ``lora`` (the adapter is
     saved and the base is re-made from the original weights on load), or keep it in memory.
     """
-    stage = Stage.QUANTIZE
-    checkpointable = False
+    accepts = FLOATS
 
     blocksize: int = 64
     double_quant: bool = True
@@ -161,14 +160,21 @@ class NF4Config(PassConfig):
             raise ValueError(f"nf4.compute_dtype={self.compute_dtype!r} is not supported; allowed: "
                              f"{[d.value for d in ComputeDtype]}") from None
 
-    def preflight(self, model: nn.Module, ctx: Context) -> None:
+    def produces(self, state: State) -> State:
+        return State.NF4
+
+    def check(self, model: nn.Module, ctx: Context) -> None:
         require_packages("the nf4 pass", "bitsandbytes")
         mods = self.modules(model)
         if not mods:
             raise ValueError(f"nf4: no Linear layer matches targets={list(self.targets)} minus ignore={list(self.ignore)}")
-        bad = {n: m.in_features for n, m in mods.items() if m.in_features % self.blocksize}
+        self.check_shapes({n: (m.in_features, m.out_features) for n, m in mods.items()})
+
+    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        shapes = {n: shapes[n] for n in self.targeted(shapes)}
+        bad = {n: k for n, (k, _) in shapes.items() if k % self.blocksize}
         if bad:
-            widths = sorted({m.in_features for m in mods.values()})
+            widths = sorted({k for k, _ in shapes.values()})
             ok = [b for b in BLOCKSIZES if all(w % b == 0 for w in widths)]
             shown = ", ".join(f"{n} (in_features={k})" for n, k in list(bad.items())[:4])
             more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
@@ -184,9 +190,6 @@ class NF4Config(PassConfig):
             q = to_linear4bit(lin, self.blocksize, self.double_quant, self.compute_dtype.torch)
             w_hat = nf4_dequantize(q.weight.data, q.weight.quant_state)
             model.set_submodule(name, q)
-            ctx.module_specs[name] = {"type": "nf4", "blocksize": self.blocksize, "double_quant": self.double_quant,
-                                      "compute_dtype": self.compute_dtype.value, "in_features": lin.in_features,
-                                      "out_features": lin.out_features, "bias": lin.bias is not None}
             ctx.record(name, sqnr_db=round(sqnr_db(lin.weight.data, w_hat), 3),
                        seconds=round(time.perf_counter() - t0, 4))
         # transformers marks bitsandbytes-quantized models this way; peft reads it to wrap Linear4bit

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.qlinear import QuantLinear
-from .base import Context, register_pass, select_linears
+from .base import Context, State, register_pass, select_linears
 from .training import TrainingConfig
 
 __all__ = ["grouped_weight", "ScaleTunedLinear", "PEQAConfig"]
@@ -86,6 +86,7 @@ class ScaleTunedLinear(nn.Module):
         q, scale, zero, g_idx = qlin.codes()
         g = g_idx.long()
         self.bits, self.group_size = qlin.bits, qlin.group_size
+        self.sym, self.desc_act = qlin.is_sym(), qlin.desc_act()
         self.in_features, self.out_features = qlin.in_features, qlin.out_features
         k = q.shape[1]
         trivial = torch.equal(g, torch.arange(k) // (k // scale.shape[1]))
@@ -108,7 +109,8 @@ class ScaleTunedLinear(nn.Module):
     def to_quant_linear(self) -> QuantLinear:
         scale = self.scale().half().float()                 # what the checkpoint stores
         return QuantLinear.from_codes(self.q, scale, self.zero, self.bits, self.group_size,
-                                      g_idx=self.g_idx.to(torch.int32), bias=self.bias)
+                                      g_idx=self.g_idx.to(torch.int32), bias=self.bias, sym=self.sym,
+                                      desc_act=self.desc_act)
 
 
 @register_pass("peqa")
@@ -117,9 +119,9 @@ class PEQAConfig(TrainingConfig):
     """Trains the scales of the integer-quantized Linears (rtn / gptq) that match targets/ignore.
 
     The training fields (steps, lr, teacher, ...) are `TrainingConfig`'s; lr is relative (see the
-    module docstring). Must follow an integer quantization pass (checked in `check_order`).
+    module docstring). Takes an integer-quantized model (checked in `check_order`).
     """
-    requires_quantized = True
+    accepts = frozenset({State.INT})
     lr: float = 2e-3
     norms: bool = False      # also train the weights of the normalization layers (norm tweaking)
 
@@ -135,11 +137,14 @@ class PEQAConfig(TrainingConfig):
         """The (float, per-channel) weights of every normalization layer (RMSNorm, LayerNorm)."""
         return [p for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)]
 
-    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
-        mods = self.quantized(model)
-        if not mods:
+    def check(self, model: nn.Module, ctx: Context) -> None:
+        super().check(model, ctx)
+        if not self.quantized(model):
             raise ValueError(f"peqa: no quantized layer matches targets={list(self.targets)} minus "
                              f"ignore={list(self.ignore)}")
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        mods = self.quantized(model)
         ctx.measure(model, " + ".join(ctx.applied))       # before training, e.g. 'nf4 + lora + gptq'
         model.requires_grad_(False)
         # Every QuantLinear is swapped, targeted or not: its packed kernel has no backward, and

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .base import Context, PassConfig, Stage
+from .base import Context, PassConfig
 
 __all__ = ["Teacher", "Autocast", "TrainingConfig", "check_enum"]
 
@@ -56,7 +56,6 @@ class TrainingConfig(PassConfig):
         steps ended at the same perplexity (21.519 both, 8 windows). Without AMX or AVX512-BF16 it
         can be slower than fp32.
     """
-    stage = Stage.RECOVER
     needs_train_data = True
 
     steps: int = 64
@@ -95,7 +94,7 @@ class TrainingConfig(PassConfig):
     def needs_original(self) -> bool:
         return self.teacher is Teacher.ORIGINAL
 
-    def preflight(self, model: nn.Module, ctx: Context) -> None:
+    def check(self, model: nn.Module, ctx: Context) -> None:
         if self.needs_original and ctx.original is None:
             raise ValueError(f"{self.name}.teacher=original needs the uncompressed model (ctx.original); "
                              f"set teacher: null for a causal-LM loss")

@@ -1,9 +1,10 @@
 """Shared config and wiring for weight-only integer quantization passes (RTN, GPTQ, ...).
 
 `WeightQuantConfig` holds the fields every such pass has (bits, group size, symmetry), validates
-them, and refuses a group size that does not divide a targeted layer *before any work starts*,
-naming the offending layers and the group sizes that would work. `swap_in_quantized` replaces a
-float Linear by a packed `QuantLinear` and records what was done.
+them, and refuses a group size that does not divide a targeted layer (`check_shapes`, run before
+any work starts), naming the offending layers and the group sizes that would work.
+`swap_in_quantized` replaces a float Linear by a packed `QuantLinear` (which carries its own
+checkpoint spec) and records its statistics.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 
 from ..nn.qlinear import QuantLinear
 from ..quant.primitives import sqnr_db
-from .base import Context, PassConfig, Stage
+from .base import FLOATS, Context, PassConfig, State
 
 __all__ = ["WeightQuantConfig", "swap_in_quantized", "GROUP_SIZES", "BITS"]
 
@@ -24,7 +25,7 @@ GROUP_SIZES = (-1, 32, 64, 128)
 
 @dataclass(frozen=True)
 class WeightQuantConfig(PassConfig):
-    stage = Stage.QUANTIZE
+    accepts = FLOATS
 
     bits: int = 4
     group_size: int = 64          # -1: per output channel
@@ -39,23 +40,29 @@ class WeightQuantConfig(PassConfig):
                              f"{list(GROUP_SIZES)} (-1 = per channel)")
         self.check_bools("sym")
 
-    def preflight(self, model: nn.Module, ctx: Context) -> None:
+    def produces(self, state: State) -> State:
+        return State.INT
+
+    def check(self, model: nn.Module, ctx: Context) -> None:
         mods = self.modules(model)
         if not mods:
             raise ValueError(f"{self.name}: no Linear layer matches targets={list(self.targets)} "
                              f"minus ignore={list(self.ignore)}")
+        self.check_shapes({n: (m.in_features, m.out_features) for n, m in mods.items()})
+
+    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        shapes = {n: shapes[n] for n in self.targeted(shapes)}
         run = 32 if self.bits == 3 else 32 // self.bits
-        bad_pack = [f"{n} ({m.in_features}x{m.out_features})" for n, m in mods.items()
-                    if m.in_features % run or m.out_features % run]
+        bad_pack = [f"{n} ({k}x{o})" for n, (k, o) in shapes.items() if k % run or o % run]
         if bad_pack:
             raise ValueError(f"{self.name}: {self.bits}-bit GPTQ packing needs in/out features divisible by "
                              f"{run}; offending layers: {', '.join(bad_pack[:5])}"
                              f"{' ...' if len(bad_pack) > 5 else ''}; add them to ignore")
         if self.group_size == -1:
             return
-        bad = {n: m.in_features for n, m in mods.items() if m.in_features % self.group_size}
+        bad = {n: k for n, (k, _) in shapes.items() if k % self.group_size}
         if bad:
-            widths = sorted(set(m.in_features for m in mods.values()))
+            widths = sorted(set(k for k, _ in shapes.values()))
             ok = [g for g in GROUP_SIZES if g == -1 or all(w % g == 0 for w in widths)]
             shown = ", ".join(f"{n} (in_features={k})" for n, k in list(bad.items())[:4])
             more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
@@ -66,14 +73,12 @@ class WeightQuantConfig(PassConfig):
 def swap_in_quantized(model: nn.Module, name: str, linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor,
                       zero: torch.Tensor, cfg: WeightQuantConfig, ctx: Context, g_idx: torch.Tensor | None = None,
                       **stats) -> QuantLinear:
-    """Replace `linear` (at `name`) by a packed QuantLinear and record its spec and SQNR."""
+    """Replace `linear` (at `name`) by a packed QuantLinear and record its SQNR."""
     qlin = QuantLinear.from_codes(q, scale, zero, cfg.bits, cfg.group_size, g_idx=g_idx,
-                                  bias=None if linear.bias is None else linear.bias.data)
+                                  bias=None if linear.bias is None else linear.bias.data, sym=cfg.sym,
+                                  desc_act=g_idx is not None)
     w = linear.weight.data
     stats["sqnr_db"] = round(sqnr_db(w, qlin.dequantized_weight()), 3)
     model.set_submodule(name, qlin)
-    ctx.module_specs[name] = {"type": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
-                              "in_features": qlin.in_features, "out_features": qlin.out_features,
-                              "bias": linear.bias is not None, "desc_act": g_idx is not None}
     ctx.record(name, **stats)
     return qlin

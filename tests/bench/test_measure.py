@@ -1,4 +1,5 @@
-"""compressor/bench/measure.py: the greedy loop against `model.generate`, the peak-RSS meter, the worker."""
+"""compressor/bench/measure.py: the greedy loop against `model.generate`, the peak-RSS meter, the
+Measurer's commands in this process and in a worker process (the protocol is tests/test_worker.py's)."""
 import pytest
 import torch
 
@@ -51,6 +52,7 @@ def test_local_worker_commands(tiny_llama):
     w = LocalWorker(threads=1)
     info = w.call("load", path=str(tiny_llama))
     assert info["kind"] == "hf" and info["rss_load"] > 0
+    assert info["kernels"] == ""                        # an HF model runs on torch's own Linear
     s = RunSample(**w.call("generate", batch=2, prompt_len=5, gen_len=3, seed=0))
     assert s.batch == 2 and s.peak_rss > 0
     with pytest.raises(ValueError, match="unknown worker command 'nope'"):
@@ -62,5 +64,16 @@ def test_process_worker_reports_errors(tmp_path):
     try:
         with pytest.raises(WorkerError, match="m: load failed: "):
             w.call("load", path=str(tmp_path / "nothing-here"))
+    finally:
+        w.close()
+
+
+def test_process_worker_reports_the_checkpoint_kernels(tiny_w8):
+    from compressor import kernels
+    w = ProcessWorker(threads=1, label="w8")
+    try:
+        info = w.call("load", path=str(tiny_w8))
+        assert info["kind"] == "checkpoint" and info["kernels"] == kernels.backend()
+        assert RunSample(**w.call("generate", batch=1, prompt_len=3, gen_len=2, seed=0)).batch == 1
     finally:
         w.close()

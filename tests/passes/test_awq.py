@@ -64,11 +64,12 @@ def test_search_clip_never_worse():
 
 
 def test_recipe_needs_matching_quantizer():
-    with pytest.raises(RecipeError, match="add a quantization pass"):
+    with pytest.raises(RecipeError, match="add a quantization pass \\(rtn or gptq\\) after it"):
         parse_recipe({"passes": [{"awq": {}}]})
     with pytest.raises(RecipeError, match="searched for w4g64 but 'rtn' quantizes to w4g32"):
         parse_recipe({"passes": [{"awq": {}}, {"rtn": {"group_size": 32}}]})
-    with pytest.raises(RecipeError, match="cannot follow"):
+    with pytest.raises(RecipeError, match="'awq' cannot follow 'rtn': after 'rtn' the model is int-quantized, and "
+                                          "'awq' takes float"):
         parse_recipe({"passes": [{"rtn": {}}, {"awq": {}}]})
 
 

@@ -92,10 +92,9 @@ def test_merge_matches_unmerged_forward(tiny_llama, train_file):
     manual = merge_lora_weight(W, q.lora_A["default"].weight, q.lora_B["default"].weight, q.scaling["default"])
     torch.testing.assert_close(manual, W + q.get_delta_weight("default"), rtol=1e-5, atol=1e-6)
 
-    merged = merge_to_float(model, ctx)
+    merged = merge_to_float(model)
     kinds = {type(m) for m in merged.modules() if isinstance(m, nn.Linear)}
     assert kinds == {nn.Linear} and not getattr(merged, "is_loaded_in_4bit", False)
-    assert not any(s["type"] == "nf4" for s in ctx.module_specs.values())
     torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, manual)
     with torch.no_grad():
         out = merged(input_ids=x).logits
@@ -253,12 +252,11 @@ def test_cli_qlora_with_default_text_and_eval(capsys, tiny_llama, train_file, tm
 
 
 @pytest.mark.parametrize("passes,match", [
-    ([{"nf4": {}}, {"lora": {"save": "merged"}}], r"save: merged gives back float weights: add a quantization pass"),
-    ([{"nf4": {}}, {"lora": {}}, {"gptq": {}}], r"'gptq' \(quantize\) cannot follow 'lora' \(recover\)"),
-    ([{"nf4": {}}, {"gptq": {}}, {"lora": {}}], r"at most one quantization pass"),
+    ([{"nf4": {}}, {"lora": {}}, {"gptq": {}}], r"'gptq' cannot follow 'lora': after 'lora' the model is adapter"),
+    ([{"nf4": {}}, {"gptq": {}}, {"lora": {}}], r"'gptq' cannot follow 'nf4': after 'nf4' the model is nf4"),
     ([{"nf4": {}}, {"lora": {"save": "merged"}}, {"rtn": {}}, {"lora": {}}, {"rtn": {}}],
-     r"'rtn' \(quantize\) cannot follow 'lora'"),
-    ([{"awq": {}}, {"nf4": {}}, {"lora": {}}], r"'nf4' is not an integer quantizer"),
+     r"'lora' cannot follow 'rtn': after 'rtn' the model is int-quantized, and 'lora' takes float.*nf4"),
+    ([{"awq": {}}, {"nf4": {}}, {"lora": {}}], r"'nf4' comes next and is not an integer quantizer"),
     ([{"lora": {}}, {"lora": {}}], r"save: adapter must be the last pass"),
     ([{"lora": {"teacher": "student"}}], r"lora.teacher='student' is not supported; allowed: \['original', 'null'\]"),
     ([{"lora": {"save": "both"}}], r"lora.save='both' is not supported; allowed: \['adapter', 'merged'\]"),

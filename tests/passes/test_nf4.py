@@ -42,7 +42,6 @@ def test_pass_swaps_in_bnb_linear4bit(tiny_llama):
     for name, q in quantized.items():
         st = q.weight.quant_state
         assert (st.quant_type, st.blocksize, st.nested) == ("nf4", 64, True)
-        assert ctx.module_specs[name]["type"] == "nf4"
         w_hat = nf4_dequantize(q.weight.data, st)
         assert sqnr_db(nf4_reference(floats[name], 64), w_hat) > 45
         x = torch.randn(5, q.in_features)
@@ -68,8 +67,8 @@ def test_blocksize_must_divide_rows(tiny_llama_96):
     model, _ = load_hf(tiny_llama_96)
     with pytest.raises(ValueError, match=r"blocksize=64 does not divide in_features of 12 layers: .*"
                                          r"q_proj \(in_features=96\).* block sizes that work here: \[32\]"):
-        NF4Config().preflight(model, Context())
-    NF4Config(blocksize=32).preflight(model, Context())
+        NF4Config().check(model, Context())
+    NF4Config(blocksize=32).check(model, Context())
 
 
 @pytest.mark.parametrize("fields,match", [
@@ -85,6 +84,13 @@ def test_bad_fields(fields, match):
 
 def test_nf4_alone_cannot_be_saved(tiny_llama, tmp_path):
     from compressor.api import compress
-    with pytest.raises(ValueError, match=r"\['nf4'\] have no checkpoint format"):
+    with pytest.raises(ValueError, match=r"leaves the model nf4, which has no checkpoint format"):
         compress(str(tiny_llama), parse_recipe({"passes": [{"nf4": {}}]}), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+    # and `save` itself refuses a model holding modules of a type with no format, naming the type
+    from compressor import checkpoint
+    model, tok = load_hf(tiny_llama)
+    NF4Config().apply(model, Context(progress=False))
+    with pytest.raises(checkpoint.CheckpointError, match=r"would not rebuild .*Linear4bit have no checkpoint format"):
+        checkpoint.save(model, tok, tmp_path / "o", recipe={}, layer_stats={}, source={})
     assert not (tmp_path / "o").exists()

@@ -68,11 +68,13 @@ def test_training_the_scales_lowers_the_loss_and_saves_gptq(tiny_llama, tmp_path
 
 
 def test_needs_an_integer_quantizer_before_it():
-    for passes in ([{"peqa": {}}], [{"nf4": {}}, {"peqa": {}}]):
-        with pytest.raises(RecipeError, match="'peqa' trains the scales of integer-quantized layers"):
-            parse_recipe({"passes": passes})
-    with pytest.raises(RecipeError, match="'rtn' \\(quantize\\) cannot follow 'peqa'"):
-        parse_recipe({"passes": [{"peqa": {}}, {"rtn": {}}]})
+    with pytest.raises(RecipeError, match="'peqa' cannot come first: the model starts float, and 'peqa' takes "
+                                          "int-quantized"):
+        parse_recipe({"passes": [{"peqa": {}}]})
+    with pytest.raises(RecipeError, match="'peqa' cannot follow 'nf4': after 'nf4' the model is nf4"):
+        parse_recipe({"passes": [{"nf4": {}}, {"peqa": {}}]})
+    with pytest.raises(RecipeError, match="'rtn' cannot follow 'peqa': after 'peqa' the model is int-quantized"):
+        parse_recipe({"passes": [{"rtn": {}}, {"peqa": {}}, {"rtn": {}}]})
     parse_recipe({"passes": [{"nf4": {}}, {"lora": {"save": "merged"}}, {"gptq": {}}, {"peqa": {}}]})
     with pytest.raises(ValueError, match="peqa.autocast='float16' is not supported; allowed: \\['bfloat16', 'null'\\]"):
         parse_recipe({"passes": [{"rtn": {}}, {"peqa": {"autocast": "float16"}}]})

@@ -1,13 +1,15 @@
-"""`compressor.kernels.quant_linear`: QuantLinear.forward against QuantLinear.reference_forward."""
+"""QuantLinear.forward (the kernels on the packed layout) against QuantLinear.reference_forward; prepare_."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from compressor.kernels import extension, prepare_
-from compressor.nn import HalfLinear
+from compressor.kernels import extension
+from compressor.nn import HalfLinear, prepare_
 from compressor.nn.qlinear import QuantLinear
 from compressor.quant.primitives import choose_qparams, quantize
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # see tests/kernels/conftest.py
 
 
 def rel_err(y, ref) -> float:
@@ -30,7 +32,7 @@ def test_forward_matches_reference(bits, group, sym, shape):
     m = make_qlinear(96, 384, bits, group, sym)
     x = torch.randn(*shape, 384)
     y = m(x)
-    assert m._kernel_state.packed is not None          # the op ran, not the fallback
+    assert m.packed() is not None          # the op ran, not the fallback
     assert y.shape == (*shape, 96)
     assert rel_err(y, m.reference_forward(x)) <= 1e-5
     xb = x.bfloat16()
@@ -45,7 +47,7 @@ def test_low_bits_take_the_reference(bits):
     m = make_qlinear(64, 128, bits, 32)
     x = torch.randn(5, 128)
     assert torch.equal(m(x), m.reference_forward(x))
-    assert m._kernel_state.packed is None
+    assert m.packed() is None
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -58,7 +60,7 @@ def test_act_order_g_idx(bits):
     m = make_qlinear(64, k, bits, group, g_idx=g_idx)
     x = torch.randn(3, k)
     assert rel_err(m(x), m.reference_forward(x)) <= 1e-5
-    assert m._kernel_state.packed.perm is not None
+    assert m.packed().perm is not None
 
 
 def test_unequal_groups_fall_back():
@@ -68,7 +70,7 @@ def test_unequal_groups_fall_back():
     m.g_idx.copy_(torch.where(g_idx > 1, 1, g_idx))     # groups of 48 and 80 channels
     x = torch.randn(2, k)
     assert torch.equal(m(x), m.reference_forward(x))
-    assert m._kernel_state.packed is None
+    assert m.packed() is None
 
 
 def test_cache_follows_load_state_dict():
@@ -85,7 +87,7 @@ def test_cache_follows_load_state_dict():
 def test_prepare_and_compile():
     model = torch.nn.Sequential(make_qlinear(64, 128, 4, 64), torch.nn.ReLU(), make_qlinear(32, 64, 8, -1))
     prepare_(model)
-    assert all(m._kernel_state is not None for m in model if isinstance(m, QuantLinear))
+    assert all("cpu" in m._kernel_state for m in model if isinstance(m, QuantLinear))
     x = torch.randn(3, 128)
     ref = model[2].reference_forward(torch.relu(model[0].reference_forward(x)))
     compiled = torch.compile(model, backend="eager", fullgraph=True)

@@ -1,0 +1,83 @@
+"""The checks `compress-bench` makes before it loads any model: labels and paths, positions, eval text.
+
+Each raises `BenchInputError` with a sentence naming the model or file at fault and what to change.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .config import BenchConfig, BenchInputError
+from .rows import ModelResult
+
+__all__ = ["parse_model_arg", "resolve_models", "check_positions", "eval_ids"]
+
+
+def parse_model_arg(arg: str) -> tuple[str, str]:
+    """``"name=path"`` -> (name, path); a bare spec is labelled by its name or its directory's name.
+
+    A string that exists as a path is never split, so a directory with '=' in its name still works.
+    """
+    if "=" in arg and not Path(arg).exists():
+        label, spec = arg.split("=", 1)
+        if not label or not spec:
+            raise BenchInputError(f"{arg!r}: expected NAME=PATH with both parts non-empty")
+        return label, spec
+    return (Path(arg).name or arg), arg
+
+
+def resolve_models(args: Sequence[str]) -> list[ModelResult]:
+    """One `ModelResult` per argument, its path resolved and its size on disk read; labels are unique."""
+    from compressor.api import dir_bytes
+    from compressor.models import ModelError, resolve
+
+    models, seen = [], set()
+    for arg in args:
+        label, spec = parse_model_arg(str(arg))
+        if label in seen:
+            raise BenchInputError(f"two models are labelled {label!r}; name them with NAME=PATH")
+        seen.add(label)
+        try:
+            path = resolve(spec)
+        except ModelError as e:
+            raise BenchInputError(f"{label}: {e}") from None
+        models.append(ModelResult(label=label, spec=spec, path=str(path), disk_bytes=dir_bytes(path)))
+    return models
+
+
+def check_positions(models: list[ModelResult], cfg: BenchConfig, with_eval: bool) -> None:
+    """Every model must hold a prompt plus its generated tokens, and a perplexity window if measured."""
+    from transformers import AutoConfig
+    need = max(cfg.prompt_len + cfg.gen_len, cfg.seqlen if with_eval else 0)
+    for m in models:
+        n = getattr(AutoConfig.from_pretrained(m.path), "max_position_embeddings", None)
+        if n is not None and need > n:
+            raise BenchInputError(f"{m.label}: needs {need} positions (prompt-len {cfg.prompt_len} + gen-len "
+                                  f"{cfg.gen_len}, seqlen {cfg.seqlen}) but max_position_embeddings is {n}")
+
+
+def eval_ids(models: list[ModelResult], eval_data: str, cfg: BenchConfig) -> list[int]:
+    """Eval token ids (a whole number of windows), tokenized with BASE's tokenizer, after checking
+    that the file is long enough and that every candidate tokenizes exactly as BASE does."""
+    from transformers import AutoTokenizer
+
+    from compressor.calib import tokenize_file
+    from compressor.eval import count_windows
+
+    p = Path(eval_data)
+    if not p.is_file():
+        raise BenchInputError(f"eval data {str(p)!r} does not exist")
+    base_tok = AutoTokenizer.from_pretrained(models[0].path)
+    text = p.read_text(encoding="utf-8", errors="replace")[:20000]
+    probe = base_tok(text, add_special_tokens=False).input_ids
+    for m in models[1:]:
+        tok = AutoTokenizer.from_pretrained(m.path)
+        if tok.get_vocab() != base_tok.get_vocab() or tok(text, add_special_tokens=False).input_ids != probe:
+            raise BenchInputError(f"{m.label}: its tokenizer differs from {models[0].label}'s, so their perplexities "
+                                  f"are not comparable; benchmark without --eval-data or use matching models")
+    ids = tokenize_file(p, base_tok)
+    n = count_windows(ids.numel(), cfg.seqlen, cfg.eval_windows)
+    if n < 1:
+        raise BenchInputError(f"eval data {str(p)!r} has {ids.numel()} tokens, fewer than one window of "
+                              f"{cfg.seqlen} (--seqlen)")
+    return ids[:n * cfg.seqlen].tolist()

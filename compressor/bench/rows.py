@@ -1,0 +1,89 @@
+"""What `compress-bench` measured per model (`ModelResult`) and the table made from it (`Row`, one per
+model and batch size), with `build_rows` between the two: medians, ratios to BASE, cost, the gate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import stats
+from .config import BenchConfig
+from .measure import RunSample
+
+__all__ = ["ModelResult", "Row", "build_rows"]
+
+
+@dataclass
+class ModelResult:
+    """Everything measured for one model; the raw samples are kept for the JSON."""
+    label: str
+    spec: str
+    path: str
+    kind: str = ""                    # "hf" or "checkpoint"
+    disk_bytes: int = 0
+    load_s: float = 0.0
+    rss_base: int = 0                 # worker RSS before the load (runtime only)
+    rss_load: int = 0                 # worker RSS after the load
+    peak_rss_method: str = ""
+    kernels: str = ""                 # compressor's kernel backend in the worker; "" if no layer uses it
+    ppl: float | None = None
+    ppl_windows: int = 0
+    ppl_s: float = 0.0
+    warmup: list[RunSample] = field(default_factory=list)
+    runs: list[RunSample] = field(default_factory=list)
+
+    def samples(self, batch: int) -> list[RunSample]:
+        return [s for s in self.runs if s.batch == batch]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: one model at one batch size."""
+    label: str
+    batch: int
+    is_base: bool
+    disk_bytes: int
+    rss_load: int
+    peak_rss: int
+    ppl: float | None
+    ppl_increase_pct: float | None
+    ttft_s: float
+    prefill_tok_s: float
+    prefill_spread_pct: float
+    decode_tok_s: float
+    decode_spread_pct: float
+    decode_speedup: float
+    prefill_speedup: float
+    cost_gen: float | None             # $ per 1M generated tokens
+    cost_prompt: float | None          # $ per 1M prompt tokens
+    failures: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} (batch {self.batch})"
+
+
+def build_rows(models: list[ModelResult], cfg: BenchConfig) -> list[Row]:
+    """Medians, pairwise ratios to BASE (``models[0]``), cost and the gate for every (model, batch)."""
+    base = models[0]
+    rows = []
+    for m in models:
+        inc = (stats.ppl_increase_pct(m.ppl, base.ppl) if m.ppl is not None and base.ppl is not None else None)
+        for b in cfg.batches:
+            s, bs = m.samples(b), base.samples(b)
+            pre = [x.prefill_tok_s(cfg.prompt_len) for x in s]
+            dec = [x.decode_tok_s(cfg.gen_len) for x in s]
+            dec_speedup = stats.paired_speedup(dec, [x.decode_tok_s(cfg.gen_len) for x in bs])
+            pre_speedup = stats.paired_speedup(pre, [x.prefill_tok_s(cfg.prompt_len) for x in bs])
+            price = cfg.price_per_hour
+            fails = () if m is base else tuple(stats.gate(inc, dec_speedup, cfg.max_ppl_increase, cfg.min_speedup))
+            rows.append(Row(
+                label=m.label, batch=b, is_base=m is base, disk_bytes=m.disk_bytes, rss_load=m.rss_load,
+                peak_rss=max(x.peak_rss for x in s), ppl=m.ppl, ppl_increase_pct=inc,
+                ttft_s=stats.median([x.prefill_s for x in s]),
+                prefill_tok_s=stats.median(pre), prefill_spread_pct=stats.spread_pct(pre),
+                decode_tok_s=stats.median(dec), decode_spread_pct=stats.spread_pct(dec),
+                decode_speedup=dec_speedup, prefill_speedup=pre_speedup,
+                cost_gen=None if price is None else stats.cost_per_million(price, stats.median(dec)),
+                cost_prompt=None if price is None else stats.cost_per_million(price, stats.median(pre)),
+                failures=fails))
+    return rows

@@ -1,0 +1,30 @@
+"""`prepare_`: make a loaded compressed model ready for fast inference, in place."""
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from .half import HalfLinear
+from .qlinear import QuantLinear
+
+__all__ = ["prepare_"]
+
+
+def prepare_(model: torch.nn.Module, half_lm_head: bool = True) -> torch.nn.Module:
+    """Repack every `QuantLinear` now rather than on its first forward, and (`half_lm_head`) swap a
+    float ``lm_head`` whose weight fp16 holds exactly (as after loading a checkpoint, which stores
+    the tied embedding in fp16) for a `HalfLinear`, which reads half the bytes and gives the same
+    logits up to summation order.
+
+    Call it before ``torch.compile`` so the traced graph sees the packed tensors. The result is
+    for inference: the fp16 head has no weight gradient.
+    """
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.packed()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if half_lm_head and isinstance(head, torch.nn.Linear) and kernels.extension is not None:
+        half = HalfLinear.from_linear(head)
+        if half is not None:
+            model.set_output_embeddings(half)
+    return model
