@@ -93,14 +93,19 @@ def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _skeleton(config, specs: dict[str, dict[str, Any]], dtype: torch.dtype) -> nn.Module:
-    """The model `config` describes, on the meta device, with every recorded module swapped in."""
+def _meta_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model `config` describes, parameters on the meta device (rotary buffers computed for real)."""
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else AutoModel
-    with init_empty_weights(include_buffers=False):  # params on meta; rotary buffers computed for real
-        model = auto.from_config(config, dtype=dtype)
+    with init_empty_weights(include_buffers=False):
+        return auto.from_config(config, dtype=dtype)
+
+
+def _skeleton(config, specs: dict[str, dict[str, Any]], dtype: torch.dtype) -> nn.Module:
+    """`_meta_model` with every recorded module swapped in: what `load` fills."""
+    model = _meta_model(config, dtype)
     for name, spec in specs.items():
         if spec["type"] not in MODULE_TYPES:
             raise CheckpointError(f"module {name} has unknown type {spec['type']!r}; known: {sorted(MODULE_TYPES)}")
@@ -117,13 +122,7 @@ def _plain_config(model: nn.Module):
 
 def module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     """What compression.json's ``modules`` records for `model` (see the module docstring)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    config = _plain_config(model)
-    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else AutoModel
-    with init_empty_weights(include_buffers=False):
-        plain = dict(auto.from_config(config).named_modules())
+    plain = dict(_meta_model(_plain_config(model)).named_modules())
     out = {}
     for name, mod in model.named_modules():
         fmt = format_of(mod)

@@ -69,3 +69,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def shrink_mlp_(model, widths: dict[int, int]) -> None:
+    """Keep the first `w` intermediate channels of layer i's MLP (rows of gate/up, columns of down)."""
+    for i, w in widths.items():
+        mlp = model.model.layers[i].mlp
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = torch.nn.Linear(old.in_features, w, bias=old.bias is not None)
+            new.weight.data = old.weight.data[:w].clone()
+            setattr(mlp, name, new)
+        old = mlp.down_proj
+        new = torch.nn.Linear(w, old.out_features, bias=old.bias is not None)
+        new.weight.data = old.weight.data[:, :w].clone()
+        mlp.down_proj = new
+
+
+@pytest.fixture
+def shrink_mlp():
+    """`shrink_mlp_(model, {layer: width})`: prune MLP channels by hand (tests of shape changes)."""
+    return shrink_mlp_

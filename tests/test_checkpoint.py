@@ -67,21 +67,6 @@ def test_load_refuses_non_checkpoint(tiny_llama, tmp_path):
 
 # --- module types own their format; shapes that differ from the config reload -----------------
 
-def shrink_mlp_(model, widths: dict[int, int]) -> None:
-    """Keep the first `w` intermediate channels of layer i's MLP (rows of gate/up, columns of down)."""
-    for i, w in widths.items():
-        mlp = model.model.layers[i].mlp
-        for name in ("gate_proj", "up_proj"):
-            old = getattr(mlp, name)
-            new = torch.nn.Linear(old.in_features, w, bias=old.bias is not None)
-            new.weight.data = old.weight.data[:w].clone()
-            setattr(mlp, name, new)
-        old = mlp.down_proj
-        new = torch.nn.Linear(w, old.out_features, bias=old.bias is not None)
-        new.weight.data = old.weight.data[:, :w].clone()
-        mlp.down_proj = new
-
-
 def _save(model, tok, out, **kw):
     from compressor import checkpoint
     return checkpoint.save(model, tok, out, recipe={"passes": []}, layer_stats={}, source={}, **kw)
@@ -104,11 +89,11 @@ def _check_shrunk_reload(model, tok, out, widths, full):
     return loaded
 
 
-def test_shrunk_mlp_reloads(tiny_llama, tmp_path):
+def test_shrunk_mlp_reloads(tiny_llama, tmp_path, shrink_mlp):
     from compressor.models import load_hf
     model, tok = load_hf(tiny_llama)
     widths = {0: 96, 1: 32}                                  # config says 128
-    shrink_mlp_(model, widths)
+    shrink_mlp(model, widths)
     _check_shrunk_reload(model, tok, tmp_path / "float", widths, 128)
     recipe = compressor.recipe.parse_recipe({"passes": [{"rtn": {"bits": 4, "group_size": 32}}]})
     compressor.compress_(model, recipe, compressor.Context(progress=False))   # and quantized after it
@@ -117,11 +102,11 @@ def test_shrunk_mlp_reloads(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_shrunk_smollm2_reloads(tmp_path):
+def test_shrunk_smollm2_reloads(tmp_path, shrink_mlp):
     from compressor.models import load_hf, resolve
     model, tok = load_hf(resolve("smollm2-135m"))
     widths = {0: 1024, 3: 768, 7: 1280, 29: 512}            # config says 1536
-    shrink_mlp_(model, widths)
+    shrink_mlp(model, widths)
     _check_shrunk_reload(model, tok, tmp_path / "float", widths, 1536)
 
 
