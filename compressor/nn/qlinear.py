@@ -31,10 +31,14 @@ __all__ = ["QuantLinear"]
 
 class _KernelState:
     """One device's packed weight plus the buffers (and their versions) it was built from."""
-    __slots__ = ("packed", "sources", "versions")
+    __slots__ = ("packed", "sources", "versions", "device")
 
-    def __init__(self, packed, sources: tuple, versions: tuple):
-        self.packed, self.sources, self.versions = packed, sources, versions
+    def __init__(self, packed, sources: tuple, versions: tuple, device: str):
+        self.packed, self.sources, self.versions, self.device = packed, sources, versions, device
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] is b[1] and a[2] is b[2] and a[3] is b[3]
 
 
 def _versions(sources) -> tuple:
@@ -72,6 +76,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._kernel_state: dict[str, _KernelState] = {}   # device type -> packed layout, built lazily
+        self._last: _KernelState | None = None             # the one used last
 
     # --- checkpoint format -------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
@@ -131,22 +136,29 @@ class QuantLinear(nn.Module):
         """This layer's `compressor.kernels.PackedWeight` for the device its buffers are on, or None
         where that device has no kernel layout for it. Built once per device and cached; rebuilt when
         the buffers were replaced (``load_state_dict(assign=True)``) or written (``copy_``)."""
-        dev = self.qweight.device.type
-        state = self._kernel_state.get(dev)
         if torch.compiler.is_compiling():   # built eagerly by `prepare_` or an earlier call
+            state = self._kernel_state.get(self.qweight.device.type)
             return None if state is None else state.packed
         src = (self.qweight, self.scales, self.qzeros, self.g_idx)
-        if state is not None and all(a is b for a, b in zip(src, state.sources)) \
-                and _versions(src) == state.versions:
+        state = self._last               # the per-token path: identity checks, no device lookup
+        if state is None or not _same(src, state.sources):
+            state = self._kernel_state.get(self.qweight.device.type)
+            if state is not None and not _same(src, state.sources):
+                state = None
+        if state is not None and _versions(src) == state.versions:
+            if state is not self._last:      # nn.Module.__setattr__ is slow: only on a change
+                self._last = state
             return state.packed
+        dev = self.qweight.device.type
         q, scale, zero, g_idx = self.codes()
         packed = kernels.pack_for(dev, q, scale, zero, self.bits, self.group_size, g_idx)
-        self._kernel_state[dev] = _KernelState(packed, src, _versions(src))
+        self._last = self._kernel_state[dev] = _KernelState(packed, src, _versions(src), dev)
         return packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed()
-        if packed is None or x.dtype not in kernels.DTYPES or x.device != self.qweight.device:
+        # the layout in `_last` is for the device type it was built on; x must be there too
+        if packed is None or x.dtype not in kernels.DTYPES or x.device.type != self._last.device:
             return self.reference_forward(x)
         return packed(x, self.bias)
 
