@@ -103,9 +103,10 @@ def _meta_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
         return auto.from_config(config, dtype=dtype)
 
 
-def _skeleton(config, specs: dict[str, dict[str, Any]], dtype: torch.dtype) -> nn.Module:
-    """`_meta_model` with every recorded module swapped in: what `load` fills."""
-    model = _meta_model(config, dtype)
+def _skeleton(config, specs: dict[str, dict[str, Any]], dtype: torch.dtype,
+              model: nn.Module | None = None) -> nn.Module:
+    """`_meta_model` (or `model`, one already built) with every recorded module swapped in: what `load` fills."""
+    model = _meta_model(config, dtype) if model is None else model
     for name, spec in specs.items():
         if spec["type"] not in MODULE_TYPES:
             raise CheckpointError(f"module {name} has unknown type {spec['type']!r}; known: {sorted(MODULE_TYPES)}")
@@ -120,9 +121,10 @@ def _plain_config(model: nn.Module):
     return config
 
 
-def module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """What compression.json's ``modules`` records for `model` (see the module docstring)."""
-    plain = dict(_meta_model(_plain_config(model)).named_modules())
+def module_specs(model: nn.Module, plain: nn.Module | None = None) -> dict[str, dict[str, Any]]:
+    """What compression.json's ``modules`` records for `model` (see the module docstring); `plain` is
+    the meta model its config builds, if the caller has one."""
+    plain = dict((plain if plain is not None else _meta_model(_plain_config(model))).named_modules())
     out = {}
     for name, mod in model.named_modules():
         fmt = format_of(mod)
@@ -180,9 +182,10 @@ def _storage_state_dict(model: nn.Module, float_dtype: torch.dtype) -> dict[str,
     return out
 
 
-def _check_reloadable(model: nn.Module, sd: dict[str, torch.Tensor], specs: dict[str, Any]) -> None:
-    """Refuse to write what `load` would not rebuild: names and shapes must match its skeleton."""
-    skel = _skeleton(_plain_config(model), specs, torch.float32)
+def _check_reloadable(model: nn.Module, sd: dict[str, torch.Tensor], specs: dict[str, Any], plain: nn.Module) -> None:
+    """Refuse to write what `load` would not rebuild: names and shapes must match its skeleton
+    (`plain`, the meta model of the config, is consumed)."""
+    skel = _skeleton(None, specs, torch.float32, model=plain)
     skel.tie_weights()
     want = skel.state_dict()
     bad = [k for k, t in sd.items() if k not in want or tuple(want[k].shape) != tuple(t.shape)]
@@ -211,9 +214,10 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe: dict[str, 
 
     from .sequential import find_blocks
 
-    specs = module_specs(model)
+    plain = _meta_model(_plain_config(model))   # built once: the specs compare against it, then the check fills it
+    specs = module_specs(model, plain)
     sd = _storage_state_dict(model, embed_dtype)
-    _check_reloadable(model, sd, specs)
+    _check_reloadable(model, sd, specs, plain)
     try:
         blocks = find_blocks(model)[0]
     except ValueError:

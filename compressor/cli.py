@@ -13,7 +13,6 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 __all__ = ["main"]
 
@@ -68,20 +67,13 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .api import check_output, compress
+    from .api import compress
     from .recipe import load_recipe
 
     con = Console(stderr=False)
     t0 = time.perf_counter()
     recipe = load_recipe(args.recipe)                      # unknown recipe / key: fails here, before work
-    check_output(Path(args.out), args.overwrite, args.resume)
-    for flag, f in (("--eval-data", args.eval_data), ("--calib-data", args.calib_data),
-                    ("--train-data", args.train_data)):
-        if f is not None and not Path(f).is_file():
-            raise FileNotFoundError(f"{flag} {f!r} does not exist")
-    if args.eval_windows is not None and args.eval_windows < 1:
-        raise ValueError(f"--eval-windows {args.eval_windows} must be at least 1")
-    _default_data(recipe, args)
+    _default_data(recipe, args)                            # compress checks paths, output and windows first
     res = compress(args.model, recipe, args.out, calib_data=args.calib_data, train_data=args.train_data,
                    eval_data=args.eval_data, eval_windows=args.eval_windows, seqlen=args.seqlen,
                    overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
