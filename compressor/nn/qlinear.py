@@ -156,6 +156,8 @@ class QuantLinear(nn.Module):
         return packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):      # as nn.Linear does: x in the autocast dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         packed = self.packed()
         # the layout in `_last` is for the device type it was built on; x must be there too
         if packed is None or x.dtype not in kernels.DTYPES or x.device.type != self._last.device:
