@@ -100,6 +100,7 @@ class CompressResult:
     ctx: Context = field(repr=False, default=None)
     perplexity: PerplexityReport | None = None     # with eval_data
     kernels: str | None = None                     # what the checkpoint's quantized layers run on
+    tasks: Any = None                              # compressor.tasks.TaskReport, with eval_tasks
 
 
 def dir_bytes(path: Path) -> int:
@@ -134,7 +135,8 @@ def check_output(out: str | Path, overwrite: bool = False, resume: bool = False)
 
 def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, calib_data: str | None = None,
              train_data: str | None = None, eval_data: str | Path | None = None, eval_windows: int | None = None,
-             seqlen: int = 2048, overwrite: bool = False, resume: bool = False, progress: bool = True,
+             seqlen: int = 2048, eval_tasks=None, task_data: str | Path | None = None, task_limit: int | None = None,
+             task_precision: str = "auto", overwrite: bool = False, resume: bool = False, progress: bool = True,
              ctx: Context | None = None) -> CompressResult:
     """Resolve `model_spec`, apply `recipe` and write the result to `out` atomically.
 
@@ -146,6 +148,10 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     model, of every stage a pass reports, of the compressed model in memory and of the checkpoint
     reloaded from disk (for an adapter, the max logit difference of the reloaded one), on the first
     `eval_windows` windows of `seqlen` tokens. The source model is loaded once.
+
+    With `eval_tasks` (e.g. ``"hellaswag,piqa"``), `CompressResult.tasks` is a
+    `compressor.tasks.TaskReport`: each task's accuracy for the original and for the result as saved
+    (the checkpoint reloaded from disk), on the first `task_limit` items of the files in `task_data`.
     """
     out = Path(out)
     recipe = _as_recipe(recipe)
@@ -155,6 +161,11 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
             raise FileNotFoundError(f"{flag} file {str(f)!r} does not exist")
     if eval_windows is not None and eval_windows < 1:
         raise ValueError(f"eval_windows={eval_windows} must be at least 1")
+    task_items = None
+    if eval_tasks:
+        from . import tasks as _tasks
+        task_items = _tasks.load_tasks(eval_tasks, task_data, task_limit)     # bad names and files fail here
+        task_precision = _tasks.resolve_precision(task_precision)
     if recipe.artifact is None:
         raise ValueError(f"recipe {recipe.source!r} leaves the model {recipe.final_state.value}, which has no "
                          f"checkpoint format; end the recipe with a lora pass (save: adapter), or use compress_ to "
@@ -177,6 +188,10 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
 
         report = PerplexityReport(eval_windows, seqlen, evaluate(model, "ppl original"))
         ctx.evaluate = evaluate                   # passes record the stages they find worth it
+    task_report = None
+    if task_items is not None:
+        task_report = _tasks.TaskReport(_tasks.evaluate_items(model, tok, task_items, precision=task_precision,
+                                                              progress=progress, label="original"))
     ctx.source = {"spec": str(model_spec), "path": str(src), "sha256": weights_hash(src)}
     if work.exists() and not resume:        # --overwrite: the old training state is discarded
         shutil.rmtree(work)
@@ -194,12 +209,20 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     if report is not None:
         report.stages = list(ctx.evals.items())
         _check_reload(report, model, out, recipe, eval_ids, evaluate, ctx.applied)
+    if task_report is not None:
+        saved = checkpoint.load(out) if recipe.artifact == "checkpoint" else model
+        if recipe.artifact == "checkpoint":
+            from .nn import prepare_
+            prepare_(saved)
+        task_report.compressed = _tasks.evaluate_items(saved, tok, task_items, precision=task_precision,
+                                                       progress=progress, label="compressed")
+        del saved
     from . import kernels
     from .nn import QuantLinear
     quantized = any(isinstance(m, QuantLinear) for m in model.modules())
     return CompressResult(out=out, model=model, tokenizer=tok, seconds=time.perf_counter() - t0,
                           source_bytes=dir_bytes(src), out_bytes=dir_bytes(out), ctx=ctx, perplexity=report,
-                          kernels=kernels.backend() if quantized else None)
+                          kernels=kernels.backend() if quantized else None, tasks=task_report)
 
 
 def _check_reload(report: PerplexityReport, model: nn.Module, out: Path, recipe: Recipe, eval_ids, evaluate,

@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="text file for perplexity before and after (e.g. ../shared/data/wikitext2-test.txt)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window length in tokens (default 2048)")
+    p.add_argument("--eval-tasks", help="task accuracy before and after: hellaswag,piqa (files in --data)")
+    p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--data", help="directory of the task files (default $COMPRESSOR_DATA, else ../shared/data)")
+    p.add_argument("--task-precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="matmul precision of task scoring (default auto: bf16 where the CPU has it natively)")
+    p.add_argument("--max-acc-drop", type=float, help="exit 3 if a task's acc_norm drops significantly by more (pp); "
+                                                      "the checkpoint is written either way")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists; discard old training state")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training run from its state in OUT.work/")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -72,10 +79,14 @@ def run(args: argparse.Namespace) -> int:
 
     con = Console(stderr=False)
     t0 = time.perf_counter()
+    if args.max_acc_drop is not None and not args.eval_tasks:
+        raise ValueError("--max-acc-drop needs --eval-tasks (task accuracy is not measured without it)")
     recipe = load_recipe(args.recipe)                      # unknown recipe / key: fails here, before work
     _default_data(recipe, args)                            # compress checks paths, output and windows first
     res = compress(args.model, recipe, args.out, calib_data=args.calib_data, train_data=args.train_data,
                    eval_data=args.eval_data, eval_windows=args.eval_windows, seqlen=args.seqlen,
+                   eval_tasks=args.eval_tasks, task_data=args.data, task_limit=args.limit,
+                   task_precision=args.task_precision,
                    overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     rep = res.perplexity
 
@@ -94,6 +105,13 @@ def run(args: argparse.Namespace) -> int:
                       f"{rep.reload_gap_pct:.4f}% apart")
         if rep.reload_max_dlogit is not None:
             t.add_row("  reloaded adapter vs in-memory", "", f"max |dlogit| {rep.reload_max_dlogit:.2e}", "")
+    if res.tasks is not None:
+        for task, p in res.tasks.paired().items():
+            n, prec = res.tasks.original[task].n, res.tasks.original[task].precision
+            t.add_row(f"{task} acc_norm ({n} items, {prec})", f"{p.base * 100:.1f}%", f"{p.candidate * 100:.1f}%",
+                      f"{p.diff_pp:+.1f} pp [{p.ci_pp[0]:+.1f}, {p.ci_pp[1]:+.1f}]")
+            t.add_row(f"  {task} acc", f"{res.tasks.original[task].acc * 100:.1f}%",
+                      f"{res.tasks.compressed[task].acc * 100:.1f}%", p.verdict())
     if res.kernels is not None:
         t.add_row("quantized layers run on", "", res.kernels, "")
     t.add_row("wall time", "", f"{time.perf_counter() - t0:.1f} s", "")
@@ -106,6 +124,12 @@ def run(args: argparse.Namespace) -> int:
             s.add_row(r.name, f"{r.ppl:.3f}", f"{r.ratio:.4f}x", "" if r.recovered_pct is None else f"{r.recovered_pct:.1f}%")
         con.print(s)
     con.print(f"wrote {args.out}")
+    if res.tasks is not None and args.max_acc_drop is not None:
+        fails = res.tasks.failures(args.max_acc_drop)
+        for f in fails:
+            print(f"compress: gate failed: {f}", file=sys.stderr)
+        if fails:
+            return 3
     return 0
 
 

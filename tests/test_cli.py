@@ -85,3 +85,33 @@ def test_api_measures_what_the_cli_prints(tiny_llama, tmp_path):
 def test_recipes_listing(capsys):
     assert main(["recipes"]) == 0
     assert "rtn-w4g64" in capsys.readouterr().out
+
+
+def _task_files(d):
+    import json
+    lines = []
+    for i in range(4):
+        lines += [f"Fox: the quick brown fox {'a' * i}", str(i % 4), "jumps over the lazy dog", "is a model",
+                  "rounds weights", "the fox"]
+    (d / "hellaswag-val-5000.txt").write_text("\n".join(lines) + "\n")
+    (d / "piqa-valid.jsonl").write_text(json.dumps({"goal": "a model", "sol1": "the fox", "sol2": "rounds"}) + "\n")
+    (d / "piqa-valid-labels.lst").write_text("1\n")
+    return d
+
+
+def test_eval_tasks_rows_and_gate(capsys, tiny_llama, tmp_path):
+    data = _task_files(tmp_path)
+    code = main([str(tiny_llama), "--recipe", "rtn-w8", "-o", str(tmp_path / "o"), "-q",
+                 "--eval-tasks", "hellaswag,piqa", "--data", str(data), "--max-acc-drop", "0"])
+    cap = capsys.readouterr()
+    out, err = cap.out, cap.err
+    assert code == 0, err
+    assert "hellaswag acc_norm (4 items" in out and "piqa acc_norm (1 items" in out and "no significant drop" in out
+
+
+def test_eval_task_inputs_fail_before_work(capsys, tiny_llama, tmp_path):
+    code, err = _run(capsys, str(tiny_llama), "--recipe", "rtn-w8", "-o", str(tmp_path / "o"), "--max-acc-drop", "1")
+    assert code == 2 and "--max-acc-drop needs --eval-tasks" in err
+    code, err = _run(capsys, str(tiny_llama), "--recipe", "rtn-w8", "-o", str(tmp_path / "o"),
+                     "--eval-tasks", "piqa", "--data", str(tmp_path / "none"))
+    assert code == 2 and "not a directory" in err and not (tmp_path / "o").exists()

@@ -4,6 +4,7 @@
                    [--batch 1,8] [--prompt-len 128] [--gen-len 64] [--runs 3] [--threads T]
                    [--price-per-hour USD] [--json OUT.json] [--markdown OUT.md] [--plot OUT.png]
                    [--max-ppl-increase PCT] [--min-speedup X]
+                   [--tasks hellaswag,piqa] [--limit N] [--data DIR] [--max-acc-drop PP]
 
 Exit status: 0 ok; 2 bad input (one line on stderr, before any model is loaded); 3 a candidate
 failed the gate (the failing rows are named on stderr); 1 a worker failed mid-run.
@@ -58,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG of quality against cost here")
     p.add_argument("--max-ppl-increase", type=float, help="gate: fail a candidate whose perplexity rises more (%%)")
     p.add_argument("--min-speedup", type=float, help="gate: fail a candidate whose decode speedup is lower (x)")
+    p.add_argument("--tasks", help="multiple-choice tasks, comma-separated: hellaswag,piqa (acc_norm columns, "
+                                    "paired differences to BASE)")
+    p.add_argument("--limit", type=int, help="score only the first N items of each task (quick runs)")
+    p.add_argument("--data", help="directory of the task files (default $COMPRESSOR_DATA, else ../shared/data)")
+    p.add_argument("--task-precision", default=d.task_precision, choices=("auto", "fp32", "bf16"),
+                   help="matmul precision of task scoring (default auto: bf16 where the CPU has it natively)")
+    p.add_argument("--max-acc-drop", type=float,
+                   help="gate: fail a candidate whose acc_norm drop on a task is significant and larger (pp)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
 
@@ -78,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BenchConfig(batches=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, runs=args.runs,
                           warmup=args.warmup, threads=args.threads, seqlen=args.seqlen,
                           eval_windows=args.eval_windows or None, price_per_hour=args.price_per_hour,
-                          max_ppl_increase=args.max_ppl_increase, min_speedup=args.min_speedup, seed=args.seed)
+                          max_ppl_increase=args.max_ppl_increase, min_speedup=args.min_speedup, seed=args.seed,
+                          tasks=tuple(args.tasks.split(",")) if args.tasks else (), task_limit=args.limit,
+                          task_data=args.data, task_precision=args.task_precision, max_acc_drop=args.max_acc_drop)
         result = run(args.base, args.candidates, eval_data=args.eval_data, config=cfg, progress=not args.quiet)
     except BenchInputError as e:
         print(f"compress-bench: error: {e}", file=sys.stderr)

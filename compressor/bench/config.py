@@ -35,6 +35,11 @@ class BenchConfig:
     max_ppl_increase: float | None = None  # gate, percent
     min_speedup: float | None = None       # gate, decode tokens/s ratio to BASE
     seed: int = 0
+    tasks: tuple[str, ...] = ()            # multiple-choice tasks (compressor.tasks), e.g. ("hellaswag", "piqa")
+    task_limit: int | None = None          # the first N items of each task; None: all
+    task_data: str | None = None           # directory of the task files; None: compressor.tasks.default_data_dir()
+    task_precision: str = "auto"           # scoring precision: auto (bf16 where native), fp32, bf16
+    max_acc_drop: float | None = None      # gate, percentage points of acc_norm, when the drop is significant
 
     def __post_init__(self):
         object.__setattr__(self, "batches", tuple(self.batches))
@@ -56,5 +61,20 @@ class BenchConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise BenchInputError(f"{name}={v!r}: must be >= 0")
+        if self.tasks:
+            from compressor.tasks import TaskDataError, parse_tasks
+            try:
+                object.__setattr__(self, "tasks", parse_tasks(self.tasks))
+            except TaskDataError as e:
+                raise BenchInputError(str(e)) from None
+        if self.task_limit is not None and (not isinstance(self.task_limit, int) or self.task_limit < 1):
+            raise BenchInputError(f"task_limit={self.task_limit!r}: must be a positive integer (or None for all items)")
+        if self.task_precision not in ("auto", "fp32", "bf16"):
+            raise BenchInputError(f"task_precision={self.task_precision!r}: expected auto, fp32 or bf16")
+        if self.max_acc_drop is not None:
+            if self.max_acc_drop < 0:
+                raise BenchInputError(f"max_acc_drop={self.max_acc_drop!r}: must be >= 0 (percentage points)")
+            if not self.tasks:
+                raise BenchInputError("--max-acc-drop needs --tasks (task accuracy is not measured without it)")
         if self.min_speedup is not None and self.min_speedup <= 0:
             raise BenchInputError(f"min_speedup={self.min_speedup!r}: must be > 0")

@@ -190,13 +190,13 @@ class Measurer:
         import compressor.eval  # noqa: F401  (import everything before the baseline RSS is read)
         import transformers  # noqa: F401
         torch.set_num_threads(threads)
-        self.model = None
+        self.model = self.tokenizer = None
         gc.collect()
         self.rss_base = rss_bytes()
 
     def load(self, path: str) -> dict:
         t0 = time.perf_counter()
-        self.model, _, kind = load_model(path)
+        self.model, self.tokenizer, kind = load_model(path)
         load_s = time.perf_counter() - t0
         gc.collect()
         return {"kind": kind, "load_s": load_s, "rss_base": self.rss_base, "rss_load": rss_bytes(),
@@ -211,6 +211,12 @@ class Measurer:
         with PeakRSS() as mem:
             _, prefill_s, decode_s = greedy(self.model, ids, gen_len)
         return asdict(RunSample(batch=batch, prefill_s=prefill_s, decode_s=decode_s, peak_rss=mem.peak))
+
+    def tasks(self, tasks: list[str], data: str | None, limit: int | None, precision: str) -> dict:
+        """acc / acc_norm and the per-item scores of each task (`compressor.tasks`), as dicts."""
+        from compressor.tasks import evaluate
+        res = evaluate(self.model, self.tokenizer, tasks, data, limit, precision=precision, progress=False)
+        return {t: asdict(r) for t, r in res.items()}
 
     def perplexity(self, ids: list[int], seqlen: int) -> dict:
         import torch

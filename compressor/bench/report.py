@@ -59,11 +59,50 @@ COLUMNS = [
 ]
 
 
+def _task(r: Row, t: str):
+    return next((c for c in r.tasks if c.task == t), None)
+
+
+def _task_columns(t: str) -> list[Column]:
+    def acc(r, first):
+        c = _task(r, t)
+        return "—" if c is None else f"{c.acc_norm * 100:.1f}%"
+
+    def diff(r, first):
+        c = _task(r, t)
+        if c is None or r.is_base:
+            return "base" if r.is_base else "—"
+        return f"{c.diff_pp:+.1f} [{c.ci_pp[0]:+.1f}, {c.ci_pp[1]:+.1f}]"
+    return [Column(f"{t} acc_norm", acc, True), Column(f"Δ{t} pp [95% CI]", diff, True)]
+
+
+def columns(result: BenchResult) -> list[Column]:
+    """The table's columns: `COLUMNS`, with two per task (accuracy, paired difference) after Δppl."""
+    at = next(i for i, c in enumerate(COLUMNS) if c.title == "Δppl") + 1
+    extra = [c for t in result.config.tasks for c in _task_columns(t)]
+    return COLUMNS[:at] + extra + COLUMNS[at:]
+
+
+def task_lines(result: BenchResult) -> list[str]:
+    """One line per candidate and task: both accuracies, the paired difference, McNemar p, the verdict."""
+    out, seen = [], set()
+    for r in result.rows:
+        if r.is_base or r.label in seen:
+            continue
+        seen.add(r.label)
+        for c in r.tasks:
+            out.append(f"{r.label} {c.task}: acc {c.acc * 100:.1f}%, acc_norm {c.acc_norm * 100:.1f}% "
+                       f"({c.diff_pp:+.1f} pp, 95% CI {c.ci_pp[0]:+.1f} to {c.ci_pp[1]:+.1f}, McNemar p={c.p_value:.3g}, "
+                       f"n={c.n}): {c.verdict}")
+    return out
+
+
 def table_cells(result: BenchResult) -> list[list[str]]:
     out, prev = [], None
+    cols = columns(result)
     for r in result.rows:
         first = r.label != prev
-        out.append([c.cell(r, first) if (first or not c.model_wide) else "" for c in COLUMNS])
+        out.append([c.cell(r, first) if (first or not c.model_wide) else "" for c in cols])
         prev = r.label
     return out
 
@@ -89,10 +128,17 @@ def header_lines(result: BenchResult) -> list[str]:
     if result.eval_data:
         w = result.models[0].ppl_windows
         lines.append(f"perplexity: {result.eval_data}, {w} window{'s' if w != 1 else ''} of {c.seqlen} tokens")
+    if c.tasks:
+        m0 = result.models[0]
+        sizes = ", ".join(f"{t} {m0.tasks[t]['n']} items" for t in c.tasks if t in m0.tasks)
+        prec = next((r["precision"] for r in m0.tasks.values()), c.task_precision)
+        lines.append(f"tasks: {sizes}, 0-shot, scored as lm-evaluation-harness (acc_norm shown), {prec} matmuls; "
+                     "Δ: paired difference to the base, 95% paired-bootstrap interval")
     if c.price_per_hour is not None:
         lines.append(f"cost at ${c.price_per_hour:g}/hour at the measured prefill / decode throughput")
     gates = [f"--max-ppl-increase {c.max_ppl_increase:g}%" if c.max_ppl_increase is not None else "",
-             f"--min-speedup {c.min_speedup:g}x (decode)" if c.min_speedup is not None else ""]
+             f"--min-speedup {c.min_speedup:g}x (decode)" if c.min_speedup is not None else "",
+             f"--max-acc-drop {c.max_acc_drop:g} pp (significant drops only)" if c.max_acc_drop is not None else ""]
     if any(gates):
         lines.append("gate: " + ", ".join(g for g in gates if g))
     return lines
@@ -118,11 +164,13 @@ def print_table(result: BenchResult, console=None) -> None:
     for line in header_lines(result):
         console.print(f"# {line}", style="dim", highlight=False)
     t = Table(show_lines=False, header_style="bold")
-    for i, c in enumerate(COLUMNS):
+    for i, c in enumerate(columns(result)):
         t.add_column(c.title, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for r, cells in zip(result.rows, table_cells(result)):
         t.add_row(*cells, style="red" if r.failures else None)
     console.print(t)
+    for line in task_lines(result):
+        console.print(line, highlight=False)
     for f in result.failures:
         console.print(f"[red]gate failed[/red]: {f}", highlight=False)
 
@@ -139,10 +187,14 @@ def write_markdown(result: BenchResult, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# compress-bench", ""] + [f"- {h}" for h in header_lines(result)] + [""]
-    lines.append("| " + " | ".join(c.title for c in COLUMNS) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|")
+    cols = columns(result)
+    lines.append("| " + " | ".join(c.title for c in cols) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|")
     for cells in table_cells(result):
         lines.append("| " + " | ".join(x or " " for x in cells) + " |")
+    tl = task_lines(result)
+    if tl:
+        lines += [""] + [f"- {x}" for x in tl]
     if result.failures:
         lines += ["", "**Gate failed:**", ""] + [f"- {f}" for f in result.failures]
     lines += ["", "TTFT: the prompt's forward plus the first token. Decode tok/s: batch × (gen-len − 1) / time of "

@@ -9,7 +9,7 @@ from . import stats
 from .config import BenchConfig
 from .measure import RunSample
 
-__all__ = ["ModelResult", "Row", "build_rows"]
+__all__ = ["ModelResult", "Row", "TaskCell", "build_rows", "task_cells"]
 
 
 @dataclass
@@ -28,11 +28,41 @@ class ModelResult:
     ppl: float | None = None
     ppl_windows: int = 0
     ppl_s: float = 0.0
+    tasks: dict[str, dict] = field(default_factory=dict)   # task -> asdict(compressor.tasks.TaskResult)
     warmup: list[RunSample] = field(default_factory=list)
     runs: list[RunSample] = field(default_factory=list)
 
     def samples(self, batch: int) -> list[RunSample]:
         return [s for s in self.runs if s.batch == batch]
+
+
+@dataclass(frozen=True)
+class TaskCell:
+    """One model's accuracy on one task, and for a candidate its paired difference to BASE."""
+    task: str
+    acc: float
+    acc_norm: float
+    n: int
+    diff_pp: float | None = None             # acc_norm, candidate - base
+    ci_pp: tuple[float, float] | None = None
+    p_value: float | None = None
+    verdict: str = ""
+
+
+def task_cells(m: ModelResult, base: ModelResult, max_drop: float | None) -> tuple[tuple[TaskCell, ...], list[str]]:
+    from compressor.tasks import GATE_METRIC, paired
+    cells, fails = [], []
+    for t, r in m.tasks.items():
+        if m is base:
+            cells.append(TaskCell(t, r["acc"], r["acc_norm"], r["n"]))
+            continue
+        key = {"acc": "correct", "acc_norm": "correct_norm"}[GATE_METRIC]
+        p = paired(base.tasks[t][key], r[key], GATE_METRIC)
+        cells.append(TaskCell(t, r["acc"], r["acc_norm"], r["n"], p.diff_pp, p.ci_pp, p.p_value, p.verdict()))
+        if max_drop is not None and p.fails(max_drop):
+            fails.append(f"{t} {GATE_METRIC} {p.diff_pp:+.1f} pp (95% CI {p.ci_pp[0]:+.1f} to {p.ci_pp[1]:+.1f}), "
+                         f"a significant drop > --max-acc-drop {max_drop:g} pp")
+    return tuple(cells), fails
 
 
 @dataclass(frozen=True)
@@ -55,6 +85,7 @@ class Row:
     prefill_speedup: float
     cost_gen: float | None             # $ per 1M generated tokens
     cost_prompt: float | None          # $ per 1M prompt tokens
+    tasks: tuple["TaskCell", ...] = ()
     failures: tuple[str, ...] = ()
 
     @property
@@ -67,6 +98,7 @@ def build_rows(models: list[ModelResult], cfg: BenchConfig) -> list[Row]:
     base = models[0]
     rows = []
     for m in models:
+        cells, task_fails = task_cells(m, base, cfg.max_acc_drop)
         inc = (stats.ppl_increase_pct(m.ppl, base.ppl) if m.ppl is not None and base.ppl is not None else None)
         for b in cfg.batches:
             s, bs = m.samples(b), base.samples(b)
@@ -75,7 +107,8 @@ def build_rows(models: list[ModelResult], cfg: BenchConfig) -> list[Row]:
             dec_speedup = stats.paired_speedup(dec, [x.decode_tok_s(cfg.gen_len) for x in bs])
             pre_speedup = stats.paired_speedup(pre, [x.prefill_tok_s(cfg.prompt_len) for x in bs])
             price = cfg.price_per_hour
-            fails = () if m is base else tuple(stats.gate(inc, dec_speedup, cfg.max_ppl_increase, cfg.min_speedup))
+            fails = () if m is base else tuple(stats.gate(inc, dec_speedup, cfg.max_ppl_increase, cfg.min_speedup)
+                                               + task_fails)
             rows.append(Row(
                 label=m.label, batch=b, is_base=m is base, disk_bytes=m.disk_bytes, rss_load=m.rss_load,
                 peak_rss=max(x.peak_rss for x in s), ppl=m.ppl, ppl_increase_pct=inc,
@@ -85,5 +118,5 @@ def build_rows(models: list[ModelResult], cfg: BenchConfig) -> list[Row]:
                 decode_speedup=dec_speedup, prefill_speedup=pre_speedup,
                 cost_gen=None if price is None else stats.cost_per_million(price, stats.median(dec)),
                 cost_prompt=None if price is None else stats.cost_per_million(price, stats.median(pre)),
-                failures=fails))
+                tasks=cells, failures=fails))
     return rows

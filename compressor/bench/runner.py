@@ -83,13 +83,20 @@ def run(base: str, candidates: Sequence[str] = (), eval_data: str | os.PathLike 
         raise BenchInputError("--max-ppl-increase needs --eval-data (perplexity is not measured without it)")
     check_positions(models, cfg, eval_data is not None)
     ids = eval_ids(models, str(eval_data), cfg) if eval_data is not None else None
+    if cfg.tasks:                     # unreadable task files fail here, before any model is loaded
+        from compressor.tasks import TaskDataError, load_tasks, resolve_precision
+        try:
+            load_tasks(cfg.tasks, cfg.task_data, cfg.task_limit)
+        except TaskDataError as e:
+            raise BenchInputError(str(e)) from None
+        precision = resolve_precision(cfg.task_precision)
     result = BenchResult(config=cfg, machine=machine_info(cfg.threads), models=models,
                          eval_data=None if eval_data is None else str(eval_data), isolated=isolate)
 
     labels = [m.label for m in models]
     by_label = {m.label: m for m in models}
     steps = (len(models) + len(stats.schedule(labels, cfg.batches, cfg.warmup + cfg.runs))
-             + (len(models) if ids else 0))
+             + (len(models) if ids else 0) + len(models) * len(cfg.tasks))
     workers = {}
     with _progress(progress) as bar, contextlib.ExitStack() as stack:
         task = bar.add_task("starting", total=steps)
@@ -116,6 +123,12 @@ def run(base: str, candidates: Sequence[str] = (), eval_data: str | os.PathLike 
                 bar.update(task, description=f"perplexity: {m.label}")
                 p = workers[m.label].call("perplexity", ids=ids, seqlen=cfg.seqlen)
                 m.ppl, m.ppl_windows, m.ppl_s = p["ppl"], p["windows"], p["seconds"]
+                bar.update(task, advance=1)
+        for t in cfg.tasks:
+            for m in models:
+                bar.update(task, description=f"{t}: {m.label}")
+                m.tasks.update(workers[m.label].call("tasks", tasks=[t], data=cfg.task_data, limit=cfg.task_limit,
+                                                     precision=precision))
                 bar.update(task, advance=1)
     result.rows = build_rows(models, cfg)
     return result

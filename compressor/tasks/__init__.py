@@ -11,9 +11,9 @@ import os
 
 from .data import Item, TaskDataError, default_data_dir, load_task, parse_tasks
 from .scoring import ScoreStats, encode_pair, loglikelihoods, resolve_precision
-from .stats import Paired, TaskResult, mcnemar_p, paired
+from .stats import Paired, TaskReport, TaskResult, mcnemar_p, paired
 
-__all__ = ["evaluate", "evaluate_items", "load_tasks", "Item", "TaskDataError", "TaskResult", "Paired", "paired",
+__all__ = ["evaluate", "evaluate_items", "load_tasks", "Item", "TaskDataError", "TaskResult", "TaskReport", "Paired", "paired",
            "mcnemar_p", "loglikelihoods", "encode_pair", "parse_tasks", "load_task", "default_data_dir",
            "resolve_precision", "GATE_METRIC"]
 

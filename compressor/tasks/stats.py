@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["TaskResult", "Paired", "paired", "mcnemar_p", "predictions"]
+__all__ = ["TaskResult", "TaskReport", "Paired", "paired", "mcnemar_p", "predictions"]
 
 
 def predictions(lls: list[tuple[float, ...]], choices: list[tuple[str, ...]]) -> tuple[list[int], list[int]]:
@@ -108,3 +108,21 @@ def paired(base: list[int], cand: list[int], metric: str = "acc_norm", n_boot: i
     only_cand = int(((b == 0) & (c == 1)).sum())
     return Paired(metric, b.mean().item(), c.mean().item(), 100 * d.mean().item(), (100 * lo, 100 * hi),
                   mcnemar_p(only_base, only_cand), n)
+
+
+@dataclass
+class TaskReport:
+    """Task accuracy of one `compressor.compress` run: the original and the compressed model as saved."""
+    original: dict[str, TaskResult]
+    compressed: dict[str, TaskResult] = field(default_factory=dict)
+    metric: str = "acc_norm"
+
+    def paired(self) -> dict[str, Paired]:
+        return {t: paired(self.original[t].metric(self.metric), r.metric(self.metric), self.metric)
+                for t, r in self.compressed.items()}
+
+    def failures(self, max_drop_pp: float | None) -> list[str]:
+        if max_drop_pp is None:
+            return []
+        return [f"{t} {p.metric} {p.diff_pp:+.1f} pp (95% CI {p.ci_pp[0]:+.1f} to {p.ci_pp[1]:+.1f}), a significant "
+                f"drop > --max-acc-drop {max_drop_pp:g} pp" for t, p in self.paired().items() if p.fails(max_drop_pp)]

@@ -27,3 +27,19 @@ def eval_text(tmp_path_factory) -> Path:
     p.write_text(" ".join(["the quick brown fox jumps over the lazy dog.",
                            "a model that is smaller and faster.", "quantization rounds weights to a grid."] * 100))
     return p
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory) -> Path:
+    """A HellaSwag and a PIQA file of a few items in the shared-data formats, in words the tiny tokenizer knows."""
+    import json
+    d = tmp_path_factory.mktemp("taskdata")
+    ends = ["jumps over the lazy dog", "is a model", "rounds weights", "the fox"]
+    lines = []
+    for i in range(6):
+        lines += [f"Fox: the quick brown fox {'a' * (i % 3)}", str(i % 4), *ends]
+    (d / "hellaswag-val-5000.txt").write_text("\n".join(lines) + "\n")
+    rows = [json.dumps({"goal": "make a model smaller", "sol1": "quantization rounds weights", "sol2": "the fox"})] * 5
+    (d / "piqa-valid.jsonl").write_text("\n".join(rows) + "\n")
+    (d / "piqa-valid-labels.lst").write_text("0\n1\n0\n0\n1\n")
+    return d

@@ -90,3 +90,29 @@ def test_cli_end_to_end_gate_and_outputs(capsys, tiny_llama, tiny_w8, eval_text,
     md = (out / "b.md").read_text()
     assert "| model | batch |" in md and "**Gate failed:**" in md
     assert (out / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- tasks ------------------------------------------------------------------------------------------
+
+def test_task_inputs_are_checked_first(capsys, tiny_llama, tmp_path, task_data):
+    assert main([str(tiny_llama), *FAST, "--max-acc-drop", "1"]) == 2
+    assert "--max-acc-drop needs --tasks" in _err(capsys)
+    assert main([str(tiny_llama), *FAST, "--tasks", "hellaswag,mmlu"]) == 2
+    assert "unknown task 'mmlu' (known: hellaswag, piqa)" in _err(capsys)
+    assert main([str(tiny_llama), *FAST, "--tasks", "piqa", "--data", str(tmp_path)]) == 2
+    assert "piqa-valid.jsonl: no such file" in _err(capsys)
+    assert main([str(tiny_llama), *FAST, "--tasks", "piqa", "--data", str(task_data), "--limit", "0"]) == 2
+    assert "task_limit=0" in _err(capsys)
+
+
+def test_task_columns_and_json(capsys, tiny_llama, tiny_w8, task_data, tmp_path):
+    out = tmp_path / "r.json"
+    code = main([str(tiny_llama), f"w8={tiny_w8}", "--batch", "1", "--prompt-len", "8", "--gen-len", "2", "--runs",
+                 "1", "--threads", "1", "-q", "--tasks", "hellaswag,piqa", "--data", str(task_data), "--limit", "3",
+                 "--max-acc-drop", "0", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "w8 hellaswag: acc" in text and "w8 piqa: acc" in text and "95% CI" in text
+    data = json.loads(out.read_text())
+    m = data["models"][1]["tasks"]["hellaswag"]
+    assert m["n"] == 3 and len(m["correct_norm"]) == 3 and len(m["loglikelihoods"]) == 3

@@ -40,3 +40,17 @@ def test_rows_gate_flags_candidates_only():
 def test_no_price_no_cost():
     rows = build_rows([_model("a", [1.0])], BenchConfig(batches=(1,), runs=1))
     assert rows[0].cost_gen is None and rows[0].cost_prompt is None
+
+
+def test_task_gate_fails_a_significant_drop_only():
+    from compressor.bench.rows import ModelResult, task_cells
+    base = ModelResult("base", "b", "b", tasks={"piqa": {"acc": 0.8, "acc_norm": 0.8, "n": 500,
+                                                        "correct": [1] * 400 + [0] * 100,
+                                                        "correct_norm": [1] * 400 + [0] * 100}})
+    bad = ModelResult("bad", "c", "c", tasks={"piqa": {"acc": 0.7, "acc_norm": 0.7, "n": 500, "correct": [0] * 500,
+                                                      "correct_norm": [0] * 50 + [1] * 350 + [0] * 100}})
+    cells, fails = task_cells(bad, base, 0.5)
+    assert cells[0].diff_pp == -10.0 and cells[0].verdict == "significant drop of 10.0 pp"
+    assert len(fails) == 1 and "piqa acc_norm -10.0 pp" in fails[0] and "--max-acc-drop 0.5" in fails[0]
+    assert task_cells(bad, base, 15.0)[1] == []           # significant, but not larger than 15 pp
+    assert task_cells(bad, base, None)[1] == []

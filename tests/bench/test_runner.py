@@ -28,3 +28,18 @@ def test_run_in_process(tiny_llama, tiny_w8, eval_text):
     assert abs(w8.ppl / base.ppl - 1) < 0.05
     assert [(r.label, r.batch) for r in res.rows] == [("llama", 1), ("llama", 3), ("w8", 1), ("w8", 3)]
     assert all(r.cost_gen > 0 and r.decode_tok_s > 0 and r.ttft_s > 0 for r in res.rows)
+
+
+def test_tasks_in_process(tiny_llama, tiny_w8, task_data):
+    cfg = BenchConfig(batches=(1,), prompt_len=8, gen_len=2, runs=1, warmup=0, threads=1,
+                      tasks=("hellaswag", "piqa"), task_limit=4, task_data=str(task_data), task_precision="fp32",
+                      max_acc_drop=0.0)
+    res = run(str(tiny_llama), [f"w8={tiny_w8}", f"same={tiny_llama}"], config=cfg, progress=False, isolate=False)
+    base, w8, same = res.models
+    assert base.tasks["hellaswag"]["n"] == 4 and base.tasks["piqa"]["n"] == 4
+    assert len(base.tasks["hellaswag"]["loglikelihoods"][0]) == 4      # per item, per choice: kept for the JSON
+    s = next(r for r in res.rows if r.label == "same")
+    assert [c.task for c in s.tasks] == ["hellaswag", "piqa"]
+    assert all(c.diff_pp == 0 and c.verdict == "no significant drop" for c in s.tasks)  # same model, same items
+    assert same.tasks["piqa"]["loglikelihoods"] == base.tasks["piqa"]["loglikelihoods"]
+    assert not s.failures                       # 4 items cannot make any drop significant
