@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from .api import compress
     from .recipe import load_recipe
 
-    con = Console(stderr=False)
+    con = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
     t0 = time.perf_counter()
     if args.max_acc_drop is not None and not args.eval_tasks:
         raise ValueError("--max-acc-drop needs --eval-tasks (task accuracy is not measured without it)")
