@@ -6,17 +6,23 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tokenize_file", "calibration_windows", "default_text_file", "DEFAULT_TEXT"]
+__all__ = ["tokenize_file", "calibration_windows", "default_text_file", "data_dirs", "DEFAULT_TEXT"]
 
 DEFAULT_TEXT = "wikitext2-valid.tokens"
+
+
+def data_dirs() -> list[Path]:
+    """Where the shared data is looked for, in order: ``$COMPRESSOR_DATA``, then ``../shared/data``
+    relative to the working directory."""
+    env = [Path(os.environ["COMPRESSOR_DATA"])] if os.environ.get("COMPRESSOR_DATA") else []
+    return env + [Path("..") / "shared" / "data"]
 
 
 def default_text_file() -> Path | None:
     """The text used when a recipe needs calibration or training text and none is given:
     ``$COMPRESSOR_DATA/wikitext2-valid.tokens``, else ``../shared/data/wikitext2-valid.tokens``
     relative to the working directory; None if neither exists."""
-    candidates = [Path(os.environ["COMPRESSOR_DATA"]) / DEFAULT_TEXT] if os.environ.get("COMPRESSOR_DATA") else []
-    candidates.append(Path("..") / "shared" / "data" / DEFAULT_TEXT)
+    candidates = [d / DEFAULT_TEXT for d in data_dirs()]
     return next((c for c in candidates if c.is_file()), None)
 
 

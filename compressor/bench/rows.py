@@ -50,18 +50,17 @@ class TaskCell:
 
 
 def task_cells(m: ModelResult, base: ModelResult, max_drop: float | None) -> tuple[tuple[TaskCell, ...], list[str]]:
-    from compressor.tasks import GATE_METRIC, paired
+    from compressor.tasks import GATE_METRIC, TaskResult, paired
     cells, fails = [], []
     for t, r in m.tasks.items():
         if m is base:
             cells.append(TaskCell(t, r["acc"], r["acc_norm"], r["n"]))
             continue
-        key = {"acc": "correct", "acc_norm": "correct_norm"}[GATE_METRIC]
+        key = TaskResult.FIELDS[GATE_METRIC]
         p = paired(base.tasks[t][key], r[key], GATE_METRIC)
         cells.append(TaskCell(t, r["acc"], r["acc_norm"], r["n"], p.diff_pp, p.ci_pp, p.p_value, p.verdict()))
-        if max_drop is not None and p.fails(max_drop):
-            fails.append(f"{t} {GATE_METRIC} {p.diff_pp:+.1f} pp (95% CI {p.ci_pp[0]:+.1f} to {p.ci_pp[1]:+.1f}), "
-                         f"a significant drop > --max-acc-drop {max_drop:g} pp")
+        if (f := p.failure(t, max_drop)):
+            fails.append(f)
     return tuple(cells), fails
 
 

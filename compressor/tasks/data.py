@@ -106,9 +106,9 @@ def parse_tasks(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def default_data_dir() -> Path:
-    """$COMPRESSOR_DATA, else ../shared/data (the layout this project's machines have)."""
-    env = os.environ.get("COMPRESSOR_DATA")
-    return Path(env) if env else Path("../shared/data")
+    """The first of `compressor.calib.data_dirs` ($COMPRESSOR_DATA, ../shared/data)."""
+    from ..calib import data_dirs
+    return data_dirs()[0]
 
 
 def task_files(name: str) -> tuple[str, ...]:

@@ -48,8 +48,10 @@ class TaskResult:
         n = len(items)
         return cls(task, n, sum(c) / n, sum(cn) / n, c, cn, [list(x) for x in lls], **kw)
 
+    FIELDS = {"acc": "correct", "acc_norm": "correct_norm"}     # metric -> its per-item field
+
     def metric(self, name: str) -> list[int]:
-        return {"acc": self.correct, "acc_norm": self.correct_norm}[name]
+        return getattr(self, self.FIELDS[name])
 
 
 def mcnemar_p(b: int, c: int) -> float:
@@ -87,6 +89,13 @@ class Paired:
         """The gate: a significant drop larger than `max_drop_pp`."""
         return self.significant_drop and -self.diff_pp > max_drop_pp
 
+    def failure(self, task: str, max_drop_pp: float | None) -> str | None:
+        """Why `task` fails the gate, or None if it passes (or no gate is set)."""
+        if max_drop_pp is None or not self.fails(max_drop_pp):
+            return None
+        return (f"{task} {self.metric} {self.diff_pp:+.1f} pp (95% CI {self.ci_pp[0]:+.1f} to {self.ci_pp[1]:+.1f}), "
+                f"a significant drop > --max-acc-drop {max_drop_pp:g} pp")
+
 
 def paired(base: list[int], cand: list[int], metric: str = "acc_norm", n_boot: int = 10_000,
            seed: int = 0) -> Paired:
@@ -122,7 +131,4 @@ class TaskReport:
                 for t, r in self.compressed.items()}
 
     def failures(self, max_drop_pp: float | None) -> list[str]:
-        if max_drop_pp is None:
-            return []
-        return [f"{t} {p.metric} {p.diff_pp:+.1f} pp (95% CI {p.ci_pp[0]:+.1f} to {p.ci_pp[1]:+.1f}), a significant "
-                f"drop > --max-acc-drop {max_drop_pp:g} pp" for t, p in self.paired().items() if p.fails(max_drop_pp)]
+        return [f for t, p in self.paired().items() if (f := p.failure(t, max_drop_pp))]
