@@ -22,7 +22,7 @@ import torch
 from compressor.machine import machine_info  # the one collector, shared with compress-bench
 
 __all__ = ["ROTATE_BYTES", "machine_info", "header", "copies_for", "time_rotating", "stream_read_gbps",
-           "print_table", "write_json"]
+           "print_table", "write_json", "load_spec"]
 
 ROTATE_BYTES = 1 << 30  # 1 GiB, well past any L3 on this class of machine
 
@@ -117,3 +117,13 @@ def write_json(path: str, info: dict, rows: list[dict], **extra) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"machine": info, **extra, "rows": rows}, f, indent=1)
+
+
+def load_spec(spec: str):
+    """(model, tokenizer) for a named model, an HF directory, a .gguf file or a compressed checkpoint,
+    loaded as compress-bench loads it (checkpoints repacked for the kernels)."""
+    from compressor.bench.measure import load_model
+    from compressor.checkpoint import is_checkpoint
+    from compressor.models import resolve
+    model, tok, _ = load_model(spec if is_checkpoint(spec) else resolve(spec))
+    return model, tok

@@ -12,6 +12,7 @@ lines the share of RTN's increase that GPTQ (or any pair named rtn/gptq) removes
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,18 +21,12 @@ import torch
 from compressor.eval import perplexity
 from compressor.tasks import load_task
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import load_spec  # noqa: E402
+
 
 def hellaswag_text(data: Path) -> str:
     return "\n\n".join(f"{it.context} {it.choices[it.gold]}" for it in load_task("hellaswag", data))
-
-
-def load(spec: str):
-    from compressor.bench.measure import load_model
-    from compressor.models import resolve
-    from compressor.checkpoint import is_checkpoint
-    path = spec if is_checkpoint(spec) else resolve(spec)
-    model, tok, _ = load_model(path)
-    return model, tok
 
 
 def main() -> None:
@@ -50,7 +45,7 @@ def main() -> None:
         rows = {}
         for m in args.models:
             label, _, spec = m.rpartition("=")
-            model, tok = load(spec)
+            model, tok = load_spec(spec)
             rows[label or spec] = {k: perplexity(model, tok, str(p), 2048, args.windows, progress=False)
                                    for k, p in texts.items()}
             del model

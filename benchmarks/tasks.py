@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import header, machine_info, write_json  # noqa: E402
+from harness import header, load_spec, machine_info, write_json  # noqa: E402
 
 from compressor.tasks import load_task, loglikelihoods  # noqa: E402
 from compressor.tasks.scoring import ScoreStats, encode_item, native_bf16  # noqa: E402
-from compressor.tasks.stats import predictions  # noqa: E402
+from compressor.tasks.stats import TaskResult, predictions  # noqa: E402
 
 
 @torch.inference_mode()
@@ -46,10 +46,9 @@ def plain_loglikelihoods(model, tokenizer, items) -> list[tuple[float, ...]]:
 
 
 def acc_pair(lls, items) -> tuple[float, float, list[int]]:
-    acc, norm = predictions(lls, [it.choices for it in items])
-    n = len(items)
-    return (100 * sum(a == it.gold for a, it in zip(acc, items)) / n,
-            100 * sum(a == it.gold for a, it in zip(norm, items)) / n, norm)
+    """acc %, acc_norm % (as compress-bench computes them) and each item's acc_norm answer."""
+    r = TaskResult.from_scores("", lls, items)
+    return 100 * r.acc, 100 * r.acc_norm, predictions(lls, [it.choices for it in items])[1]
 
 
 def main() -> None:
@@ -64,10 +63,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from compressor.bench.measure import load_model
-    from compressor.checkpoint import is_checkpoint
-    from compressor.models import resolve
-    model, tok, _ = load_model(args.model if is_checkpoint(args.model) else resolve(args.model))
+    model, tok = load_spec(args.model)
     info = machine_info()
     print(header("task scoring: plain vs packed, fp32 vs bf16", info))
     print(f"# model: {args.model} | bf16: {'native' if native_bf16() else 'emulated (no AVX512-BF16/AMX)'} | median of {args.reps} | "
