@@ -90,3 +90,11 @@ def shrink_mlp_(model, widths: dict[int, int]) -> None:
 def shrink_mlp():
     """`shrink_mlp_(model, {layer: width})`: prune MLP channels by hand (tests of shape changes)."""
     return shrink_mlp_
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    """A small calibration text for tiny-model passes."""
+    f = tmp_path / "calib.txt"
+    f.write_text(" ".join(["the quick brown fox jumps over the lazy dog; a model is smaller and faster"] * 300))
+    return f

@@ -3,6 +3,7 @@ from .formats import MODULE_TYPES, build_module, module_spec, register_format, r
 from .half import HalfLinear
 from .prepare import prepare_
 from .qlinear import QuantLinear
+from .sparse import SparseLinear
 
-__all__ = ["HalfLinear", "QuantLinear", "prepare_", "MODULE_TYPES", "register_module", "register_format",
+__all__ = ["HalfLinear", "QuantLinear", "SparseLinear", "prepare_", "MODULE_TYPES", "register_module", "register_format",
            "module_spec", "build_module"]

@@ -1,5 +1,5 @@
 """Compression passes, registered by name. Each pass is imported here explicitly."""
 from .base import FLOATS, PASSES, Context, PassConfig, State, register_pass, select_linears
-from . import awq, gptq, lora, nf4, peqa, rtn  # noqa: F401  (each registers its pass)
+from . import awq, gptq, lora, magnitude, nf4, peqa, prune_structured, rtn, sparsegpt, wanda  # noqa: F401  (each registers its pass)
 
 __all__ = ["PASSES", "Context", "PassConfig", "State", "FLOATS", "register_pass", "select_linears"]

@@ -32,8 +32,10 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
+from ..nn.sparse import SparseLinear
+
 __all__ = ["State", "FLOATS", "PassConfig", "Context", "register_pass", "PASSES", "select_linears", "DEFAULT_IGNORE",
-           "require_packages"]
+           "require_packages", "FLOAT_LINEARS"]
 
 log = logging.getLogger("compressor")
 
@@ -56,6 +58,9 @@ class State(str, enum.Enum):
 
 
 FLOATS = frozenset({State.FLOAT, State.FLOAT_SPARSE, State.FLOAT_LOW_RANK})
+
+# Module types a pass that takes float Linears selects by default: nn.Linear and its pruned form.
+FLOAT_LINEARS: tuple[type, ...] = (nn.Linear, SparseLinear)
 
 
 PASSES: dict[str, type["PassConfig"]] = {}
@@ -135,9 +140,9 @@ class PassConfig:
 
 
 def select_linears(model: nn.Module, targets=(r".*",), ignore=DEFAULT_IGNORE,
-                   kinds: tuple[type, ...] = (nn.Linear,)) -> dict[str, nn.Linear]:
-    """Modules of exactly one of the types `kinds` (default: float ``nn.Linear``) whose name matches a
-    target regex and no ignore regex. Subclasses such as bitsandbytes' ``Linear4bit`` are only
+                   kinds: tuple[type, ...] = FLOAT_LINEARS) -> dict[str, nn.Linear]:
+    """Modules of exactly one of the types `kinds` (default: float ``nn.Linear`` and `SparseLinear`) whose
+    name matches a target regex and no ignore regex. Subclasses such as bitsandbytes' ``Linear4bit`` are only
     selected when listed in `kinds`."""
     keep = set(select_names([n for n, m in model.named_modules() if type(m) in kinds], targets, ignore))
     return {n: m for n, m in model.named_modules() if n in keep}

@@ -29,14 +29,14 @@ from ..quant.primitives import choose_qparams, mse_clip_search
 from .base import Context, register_pass
 from .weight_quant import WeightQuantConfig, swap_in_quantized
 
-__all__ = ["gptq_quantize", "GPTQConfig", "layer_output_error", "fp_target_correction"]
+__all__ = ["gptq_quantize", "GPTQConfig", "layer_output_error", "fp_target_correction", "group_qparams", "FPTarget"]
 
 
 # ------------------------------------------------------------------------------------------------
 # the algorithm: pure tensor functions
 # ------------------------------------------------------------------------------------------------
 
-def _qparams(w: torch.Tensor, bits: int, sym: bool, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def group_qparams(w: torch.Tensor, bits: int, sym: bool, clip_search: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, g) slice -> scale, zero of shape (N, 1)."""
     clip = mse_clip_search(w, bits, -1, sym, grid=50, maxshrink=0.3) if clip_search else None
     return choose_qparams(w, bits, -1, sym, clip)
@@ -97,7 +97,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     scales, zeros = [], []
     losses = torch.zeros(N)
     if group_size == -1:
-        scale, zero = _qparams(W, bits, sym, clip_search)
+        scale, zero = group_qparams(W, bits, sym, clip_search)
         scales.append(scale), zeros.append(zero)
         s, z = scale[:, 0], zero[:, 0]
 
@@ -114,7 +114,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
             if group_size != -1 and col % g == 0:
                 # the group's columns with every update so far (inside this block when it fits)
                 wg = W1[:, i:i + g] if i + g <= i2 - i1 else W[:, col:col + g]
-                scale, zero = _qparams(wg, bits, sym, clip_search)
+                scale, zero = group_qparams(wg, bits, sym, clip_search)
                 scales.append(scale), zeros.append(zero)
                 s, z = scale[:, 0], zero[:, 0]
             w = W1[:, i]
@@ -137,9 +137,35 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
 # wiring: layer-sequential calibration over decoder blocks
 # ------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class FPTarget:
+    """The float-stream target fields shared by the Hessian passes (gptq, sparsegpt); see GPTQConfig."""
+    fp_target: bool = False
+    fp_target_samples: int = 16
+    fp_target_damp: float = 0.1
+
+    def check_fp_target(self) -> None:
+        if not isinstance(self.fp_target_samples, int) or isinstance(self.fp_target_samples, bool) \
+                or self.fp_target_samples < 0:
+            raise ValueError(f"{self.name}.fp_target_samples={self.fp_target_samples!r} must be an integer >= 0 "
+                             f"(0: all)")
+        if not 0 < self.fp_target_damp < 1:
+            raise ValueError(f"{self.name}.fp_target_damp={self.fp_target_damp} must be in (0, 1)")
+        self.check_bools("fp_target")
+
+    @property
+    def reference_windows(self) -> int | None:
+        """What `layerwise(..., reference=)` takes: the float stream's window count, or None."""
+        return self.fp_target_samples if self.fp_target else None
+
+    def target(self, W: torch.Tensor, h) -> torch.Tensor:
+        """The weights to aim at: W, or the float-stream correction of W when the Hessian has a reference."""
+        return W if not h.has_reference else fp_target_correction(W, *h.reference_terms(), self.fp_target_damp)
+
+
 @register_pass("gptq")
 @dataclass(frozen=True)
-class GPTQConfig(WeightQuantConfig):
+class GPTQConfig(WeightQuantConfig, FPTarget):
     """GPTQ weight quantization; see the module docstring for the sample recipe.
 
     act_order: process columns by decreasing Hessian diagonal (stores g_idx, desc_act: true).
@@ -161,19 +187,12 @@ class GPTQConfig(WeightQuantConfig):
     percdamp: float = 0.01
     act_order: bool = False
     clip_search: bool = False
-    fp_target: bool = False
-    fp_target_samples: int = 16
-    fp_target_damp: float = 0.1
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.fp_target_samples, int) or isinstance(self.fp_target_samples, bool) \
-                or self.fp_target_samples < 0:
-            raise ValueError(f"gptq.fp_target_samples={self.fp_target_samples!r} must be an integer >= 0 (0: all)")
+        self.check_fp_target()
         if self.blocksize < 1 or (self.group_size != -1 and self.blocksize % self.group_size):
             raise ValueError(f"gptq.blocksize={self.blocksize} must be a positive multiple of group_size={self.group_size}")
-        if not 0 < self.fp_target_damp < 1:
-            raise ValueError(f"gptq.fp_target_damp={self.fp_target_damp} must be in (0, 1)")
         if not 0 < self.percdamp < 1:
             raise ValueError(f"gptq.percdamp={self.percdamp} must be in (0, 1)")
 
@@ -184,7 +203,7 @@ class GPTQConfig(WeightQuantConfig):
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         targets = self.modules(model)
-        ref = self.fp_target_samples if self.fp_target else None   # float stream on the first windows
+        ref = self.reference_windows              # float stream on the first windows
         for blk in layerwise(model, ctx.calibration(), targets, ctx, f"gptq w{self.bits}g{self.group_size}", ref):
             results = {}
             for grp in blk.groups:
@@ -195,8 +214,7 @@ class GPTQConfig(WeightQuantConfig):
                     t1 = time.perf_counter()
                     lin = blk.linears[name]
                     W = lin.weight.data
-                    target = W if not h.has_reference else fp_target_correction(W, *h.reference_terms(),
-                                                                                self.fp_target_damp)
+                    target = self.target(W, h)
                     q, scale, zero, g_idx, loss = gptq_quantize(target, h.H, self.bits, self.group_size, self.sym,
                                                                 self.blocksize, self.percdamp, self.act_order,
                                                                 self.clip_search)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .base import FLOATS, Context, State, register_pass, require_packages, select_linears
+from .base import FLOAT_LINEARS, FLOATS, Context, State, register_pass, require_packages, select_linears
 from .training import TrainingConfig, check_enum
 
 __all__ = ["merge_lora_weight", "merge_to_float", "SaveAs", "LoRAConfig"]
@@ -155,9 +155,9 @@ class LoRAConfig(TrainingConfig):
         """The layers that get adapters: float Linears and NF4 Linear4bit layers matching targets/ignore."""
         try:
             from .nf4 import linear4bit_kinds
-            kinds = (nn.Linear, *linear4bit_kinds())
+            kinds = (*FLOAT_LINEARS, *linear4bit_kinds())
         except ImportError:
-            kinds = (nn.Linear,)
+            kinds = FLOAT_LINEARS
         return select_linears(model, self.targets, self.ignore, kinds=kinds)
 
     def check(self, model: nn.Module, ctx: Context) -> None:

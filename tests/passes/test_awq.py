@@ -10,13 +10,6 @@ from compressor.quant.primitives import fake_quantize, group_view
 from compressor.recipe import RecipeError, parse_recipe
 
 
-@pytest.fixture
-def calib_file(tmp_path):
-    f = tmp_path / "calib.txt"
-    f.write_text(" ".join(["the quick brown fox jumps over the lazy dog; a model is smaller and faster"] * 300))
-    return f
-
-
 def test_folding_leaves_float_model_unchanged(tiny_llama, calib_file):
     model, tok = load_hf(tiny_llama)
     x = torch.randint(0, 200, (2, 48))
