@@ -1,4 +1,4 @@
-"""Quality at equal bits on SmolLM2-135M: ours (RTN, GPTQ, AWQ, AWQ+GPTQ) against fp32 and peers.
+"""Quality at equal bits on SmolLM2-135M: ours (RTN, GPTQ, AWQ, AWQ+GPTQ, pruning) against fp32 and peers.
 
     python benchmarks/quality.py [--windows 16] [--out out/quality] [--rows fp32,rtn-w4g64,...]
 
@@ -6,6 +6,10 @@ Every row runs in a fresh process (`RowRunner` through `compressor.worker.run_on
 peak RSS and time are its own. Our rows compress with the shipped recipe, write the checkpoint,
 *reload it with compressor.load* and measure the reloaded model's perplexity; the reloaded model's
 logits on the first window must equal the in-memory compressed model's.
+Pruning rows (magnitude, Wanda, SparseGPT unstructured / 2:4 / joint 2:4 + 4-bit, structured MLP) also
+report the zeros of every targeted layer (min and max over layers; for 2:4 the most nonzeros in any
+4), the checkpoint's decoder-Linear bytes against the same Linears in dense fp16, and the MLP width.
+llm-compressor's SparseGPT / Wanda on the same windows: `benchmarks/peer_pruning.py` (its own venv).
 Peer rows (bitsandbytes NF4 blocksize 64, HQQ 4-bit g64) quantize in memory through the peers' own
 libraries. Calibration uses wikitext2-valid.tokens; evaluation uses the first N windows of 2048
 tokens of wikitext2-test.txt. Writes quality.json and quality.md beside the table it prints.
@@ -27,10 +31,22 @@ DATA = ROOT.parent / "shared" / "data"
 OURS = {  # row -> (recipe, bits, group)
     "rtn-w4g64": ("rtn-w4g64", 4, 64), "gptq-w4g64": ("gptq-w4g64", 4, 64), "awq-w4g64": ("awq-w4g64", 4, 64),
     "awq-gptq-w4g64": ("awq-gptq-w4g64", 4, 64), "rtn-w3g64": (None, 3, 64), "gptq-w3g64": ("gptq-w3g64", 3, 64),
+    "magnitude-50": ("magnitude-50", 16, None), "wanda-50": ("wanda-50", 16, None),
+    "sparsegpt-50": ("sparsegpt-50", 16, None), "sparsegpt-2of4": ("sparsegpt-2of4", 16, None),
+    "sparsegpt-2of4+rtn-w4g64": ("sparsegpt-2of4+rtn", 4, 64), "sparsegpt-2of4-w4g64": ("sparsegpt-2of4-w4g64", 4, 64),
+    "prune-mlp-25": ("prune-mlp-25", 32, None),
 }
+PRUNING = [r for r in OURS if r.startswith(("magnitude", "wanda", "sparsegpt", "prune"))]
 PEERS = {"bnb-nf4-b64": (4, 64), "hqq-w4g64": (4, 64)}
 DEFAULT_ROWS = ["fp32", *OURS, *PEERS]
-RTN_W3G64 = {"description": "RTN 3-bit g64 asym (benchmark row)", "passes": [{"rtn": {"bits": 3, "group_size": 64}}]}
+INLINE = {  # rows whose recipe is not shipped
+    None: {"description": "RTN 3-bit g64 asym (benchmark row)", "passes": [{"rtn": {"bits": 3, "group_size": 64}}]},
+    "magnitude-50": {"description": "magnitude 50% (benchmark row)", "passes": [{"magnitude": {"sparsity": 0.5}}]},
+    "sparsegpt-2of4+rtn": {"description": "sparsegpt-2of4, then RTN w4g64 (benchmark row)",
+                           "calibration": {"samples": 64, "seqlen": 512},
+                           "passes": [{"sparsegpt": {"pattern": "2:4", "fp_target": True}},
+                                      {"rtn": {"bits": 4, "group_size": 64}}]},
+}
 PEER_PACKAGES = ("compressor", "torch", "transformers", "bitsandbytes", "hqq")
 
 
@@ -64,7 +80,7 @@ def _measure(row: str, windows: int, out_dir: Path, data: Path) -> dict:
         out.update(method="fp32", bits=32, group=None, mb=dir_bytes(src) / 2**20, seconds=0.0)
     elif row in OURS:
         recipe, bits, group = OURS[row]
-        recipe = recipe or parse_recipe(RTN_W3G64, "rtn-w3g64")
+        recipe = parse_recipe(INLINE[recipe], row) if recipe in INLINE else recipe
         dest = out_dir / row
         res = compress("smollm2-135m", recipe, dest, calib_data=str(data / "wikitext2-valid.tokens"),
                        overwrite=True, progress=False)
@@ -80,6 +96,8 @@ def _measure(row: str, windows: int, out_dir: Path, data: Path) -> dict:
             dlogit = float((model(input_ids=x).logits - logits_mem).abs().max())
         out.update(method=row.rsplit("-", 1)[0].upper(), bits=bits, group=group, mb=dir_bytes(dest) / 2**20,
                    seconds=secs, reload_max_dlogit=dlogit, checkpoint=str(dest))
+        if row in PRUNING:
+            out.update(_pruning_stats(model, dest))
     else:
         bits, group = PEERS[row]
         model, tok = load_hf(src)
@@ -94,6 +112,30 @@ def _measure(row: str, windows: int, out_dir: Path, data: Path) -> dict:
     out["ppl"] = perplexity(model, tok, test, 2048, windows, progress=False)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def _pruning_stats(model, dest: Path) -> dict:
+    """Zeros per targeted layer, 2:4 check, decoder-Linear bytes vs dense fp16, MLP width."""
+    from safetensors import safe_open
+
+    from compressor.nn import QuantLinear
+    from compressor.sparsity import max_nonzeros_per_group
+    ws = {n: (m.dequantized_weight() if isinstance(m, QuantLinear) else m.weight.detach())
+          for n, m in model.named_modules() if ".layers." in n and hasattr(m, "in_features")}
+    zeros = [float((w == 0).float().mean()) for w in ws.values()]
+    with safe_open(str(dest / "model.safetensors"), "pt") as f:
+        stored = sum(_nbytes(f.get_slice(k)) for k in f.keys()
+                     if ".layers." in k and ("_proj." in k))
+    dense = sum(w.numel() * 2 for w in ws.values())
+    return {"zeros_min": min(zeros), "zeros_max": max(zeros), "layers": len(ws),
+            "max_nonzeros_per_4": max(max_nonzeros_per_group(w, 4) for w in ws.values()),
+            "linear_bytes_vs_dense_fp16": stored / dense, "mlp_width": model.config.intermediate_size}
+
+
+def _nbytes(sl) -> int:
+    import math
+    size = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}[sl.get_dtype()]
+    return math.prod(sl.get_shape()) * size
 
 
 def _targets(model):
@@ -185,12 +227,41 @@ def _acceptance(rows: list[dict]) -> list[tuple[str, bool, str]]:
     if "gptq-w4g64" in by:
         s = by["gptq-w4g64"]["seconds"]
         out.append(("GPTQ w4g64 compresses in < 300 s", s < 300, f"{s:.0f} s"))
+    bars = {"sparsegpt-50": 35.0, "wanda-50": 43.4, "sparsegpt-2of4": 58.0}
+    for row, bar in bars.items():
+        if row in by:
+            r = by[row]
+            exact = r["zeros_min"] >= 0.5 and (r["max_nonzeros_per_4"] <= 2 if "2of4" in row else r["zeros_max"] <= 0.5005)
+            out.append((f"{row}: ppl <= {bar} and 50% zeros in every layer" + (" (<= 2 nonzeros per 4)" if "2of4" in row
+                                                                                else ""),
+                        r["ppl"] <= bar and exact, f"ppl {r['ppl']:.3f}, zeros {r['zeros_min']:.4f}-{r['zeros_max']:.4f}"))
+    if "sparsegpt-2of4-w4g64" in by and "sparsegpt-2of4+rtn-w4g64" in by:
+        a, b = by["sparsegpt-2of4-w4g64"]["ppl"], by["sparsegpt-2of4+rtn-w4g64"]["ppl"]
+        out.append(("joint sparsegpt-2of4-w4g64 ppl <= sparsegpt-2of4 then RTN w4g64", a <= b, f"{a:.3f} vs {b:.3f}"))
+    if "wanda-50" in by:
+        v = by["wanda-50"]["linear_bytes_vs_dense_fp16"]
+        out.append(("wanda-50 decoder-Linear bytes (fp16 + bitmask) <= 0.6x dense fp16", v <= 0.6, f"{v:.3f}"))
+    if "prune-mlp-25" in by:
+        w = by["prune-mlp-25"]["mlp_width"]
+        out.append(("prune-mlp-25: MLP width is 75% of 1536", w == 1152, f"{w}; ppl {by['prune-mlp-25']['ppl']:.3f}"))
     for r in by.values():
         if "reload_max_dlogit" in r:
             d = r["reload_max_dlogit"]
             out.append((f"{r['row']}: reloaded checkpoint's logits == in-memory model's (max |Δ| <= 1e-4)", d <= 1e-4,
                         f"{d:.1e}"))
     return out
+
+
+def _pruning_table(rows: list[dict]) -> str:
+    pr = [r for r in rows if r["row"] in PRUNING and "error" not in r]
+    if not pr:
+        return ""
+    lines = ["| pruning row | ppl | zeros per layer (min-max) | max nonzeros per 4 | Linear bytes / dense fp16 | MLP width |",
+             "|---|---|---|---|---|---|"]
+    for r in pr:
+        lines.append(f"| {r['row']} | {r['ppl']:.3f} | {r['zeros_min']:.4f}-{r['zeros_max']:.4f} | "
+                     f"{r['max_nonzeros_per_4']} | {r['linear_bytes_vs_dense_fp16']:.3f} | {r['mlp_width']} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -219,8 +290,11 @@ def main() -> int:
     acc = "\n".join(f"- [{'x' if ok else ' '}] {name}: {val}" for name, ok, val in checks)
     print(header)
     print(table)
-    print("\n## acceptance (issue 3)\n" + acc)
-    (args.out / "quality.md").write_text(f"{header}\n\n{table}\n\n## acceptance (issue 3)\n{acc}\n")
+    prune = _pruning_table(rows)
+    print("\n## acceptance (issues 3 and 17)\n" + acc)
+    if prune:
+        print("\n" + prune)
+    (args.out / "quality.md").write_text(f"{header}\n\n{table}\n\n{prune}\n\n## acceptance (issues 3 and 17)\n{acc}\n")
     (args.out / "quality.json").write_text(json.dumps(
         {"header": header, "machine": m, "rows": rows,
          "acceptance": [dict(check=n, ok=o, value=v) for n, o, v in checks]}, indent=2))
