@@ -1,7 +1,13 @@
 """Peer row for pruning: llm-compressor's SparseGPT / Wanda oneshot on CPU, scored like ours.
 
 Runs in a separate venv that has llmcompressor (it pins a different transformers), not in the
-project's environment, and imports nothing from `compressor`:
+project's environment, and imports nothing from `compressor` (so the calibration windows and the
+perplexity loop are small copies of `compressor.calib` and `compressor.eval`: same windows, same
+protocol). The venv:
+
+    python -m venv /work/lc-venv && echo torch==2.13.0 > /tmp/c.txt
+    /work/lc-venv/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1 -c /tmp/c.txt
+
 
     /work/lc-venv/bin/python benchmarks/peer_pruning.py --model DIR --method sparsegpt \\
         --sparsity 0.5 [--pattern 2:4] --samples 64 --seqlen 512 --windows 16 \\

@@ -134,6 +134,15 @@ class PassConfig:
     def modules(self, model: nn.Module) -> dict[str, nn.Linear]:
         return select_linears(model, self.targets, self.ignore)
 
+    def check_targets(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """The targeted Linears, checked: at least one, and `check_shapes` on their shapes."""
+        mods = self.modules(model)
+        if not mods:
+            raise ValueError(f"{self.name}: no Linear layer matches targets={list(self.targets)} "
+                             f"minus ignore={list(self.ignore)}")
+        self.check_shapes({n: (m.in_features, m.out_features) for n, m in mods.items()})
+        return mods
+
     def targeted(self, names) -> list[str]:
         """The names among `names` that match targets and no ignore regex."""
         return select_names(names, self.targets, self.ignore)

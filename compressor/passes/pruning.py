@@ -94,11 +94,7 @@ class PruneConfig(PassConfig):
         return State.FLOAT_SPARSE
 
     def check(self, model: nn.Module, ctx: Context) -> None:
-        mods = self.modules(model)
-        if not mods:
-            raise ValueError(f"{self.name}: no Linear layer matches targets={list(self.targets)} "
-                             f"minus ignore={list(self.ignore)}")
-        self.check_shapes({n: (m.in_features, m.out_features) for n, m in mods.items()})
+        mods = self.check_targets(model)
         if self.needs_calibration or self.allocation is not Allocation.UNIFORM:
             check_in_blocks(model, mods, self.name)
 

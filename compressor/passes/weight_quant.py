@@ -44,11 +44,7 @@ class WeightQuantConfig(PassConfig):
         return State.INT
 
     def check(self, model: nn.Module, ctx: Context) -> None:
-        mods = self.modules(model)
-        if not mods:
-            raise ValueError(f"{self.name}: no Linear layer matches targets={list(self.targets)} "
-                             f"minus ignore={list(self.ignore)}")
-        self.check_shapes({n: (m.in_features, m.out_features) for n, m in mods.items()})
+        mods = self.check_targets(model)
 
     def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
         shapes = {n: shapes[n] for n in self.targeted(shapes)}
