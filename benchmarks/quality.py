@@ -214,7 +214,8 @@ def _acceptance(rows: list[dict]) -> list[tuple[str, bool, str]]:
         v = by[row]["delta_vs_rtn"] if row in by else None
         return float("nan") if v is None else v       # no RTN row at these bits in this run
 
-    out.append(("GPTQ w4g64 Δppl <= 0.40 x RTN's", rel("gptq-w4g64") <= 0.40, f"{rel('gptq-w4g64'):.3f}"))
+    if "gptq-w4g64" in by:
+        out.append(("GPTQ w4g64 Δppl <= 0.40 x RTN's", rel("gptq-w4g64") <= 0.40, f"{rel('gptq-w4g64'):.3f}"))
     ours4 = [r for r in ("gptq-w4g64", "awq-w4g64", "awq-gptq-w4g64") if r in by]
     if ours4:
         best = min(ours4, key=lambda r: by[r]["ppl"])
@@ -223,7 +224,8 @@ def _acceptance(rows: list[dict]) -> list[tuple[str, bool, str]]:
         out.append((f"best 4-bit ({best}) Δppl <= 0.35 x RTN's and below {', '.join(peers) or 'no peers'}", ok,
                     f"{rel(best):.3f}; ppl {by[best]['ppl']:.3f} vs " +
                     ", ".join(f"{p} {v:.3f}" for p, v in peers.items())))
-    out.append(("GPTQ w3g64 Δppl <= 0.35 x RTN w3g64's", rel("gptq-w3g64") <= 0.35, f"{rel('gptq-w3g64'):.3f}"))
+    if "gptq-w3g64" in by:
+        out.append(("GPTQ w3g64 Δppl <= 0.35 x RTN w3g64's", rel("gptq-w3g64") <= 0.35, f"{rel('gptq-w3g64'):.3f}"))
     if "gptq-w4g64" in by:
         s = by["gptq-w4g64"]["seconds"]
         out.append(("GPTQ w4g64 compresses in < 300 s", s < 300, f"{s:.0f} s"))
