@@ -45,3 +45,21 @@ def test_input_stats_by_hand():
     X = torch.cat([x[:2].reshape(-1, 6), x[2:].bfloat16().float().reshape(-1, 6)])
     torch.testing.assert_close(s.norm, X.norm(dim=0))
     torch.testing.assert_close(s.mean_abs, X.abs().mean(0))
+
+
+def test_wide_hessian_blocked_upper_half_equals_full_product():
+    """From K = 1024 on, XᵀX is accumulated over block rows of the upper half and mirrored at the end:
+    the result must be the full, symmetric product (to fp32 summation tolerance), also for the
+    reference snapshot taken mid-way."""
+    g = torch.Generator().manual_seed(3)
+    x = [torch.randn(40, 1030, generator=g) for _ in range(3)]
+    h = Hessian(1030, reference=True)
+    h.add(x[0], x[0] * 1.1)
+    h.add(x[1])
+    h.add(x[2])
+    h.finish()
+    X = torch.cat(x).double()
+    torch.testing.assert_close(h.H.double(), 2 * X.t() @ X / X.shape[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(h.H, h.H.t())
+    _, H_ref = h.reference_terms()
+    torch.testing.assert_close(H_ref.double(), 2 * x[0].double().t() @ x[0].double() / 40, rtol=1e-5, atol=1e-5)
