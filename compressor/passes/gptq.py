@@ -29,7 +29,8 @@ from ..quant.primitives import choose_qparams, mse_clip_search
 from .base import Context, register_pass
 from .weight_quant import WeightQuantConfig, swap_in_quantized
 
-__all__ = ["gptq_quantize", "GPTQConfig", "layer_output_error", "fp_target_correction", "group_qparams", "FPTarget"]
+__all__ = ["gptq_quantize", "GPTQConfig", "layer_output_error", "fp_target_correction", "group_qparams", "FPTarget",
+           "relative_output_error"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,6 +64,11 @@ def layer_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> flo
     """tr((W - Q) H (W - Q)^T): the summed squared output error for inputs whose H = X X^T."""
     D = (W - Q).float()
     return float(((D @ H.float()) * D).sum(dtype=torch.float64))
+
+
+def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """`layer_output_error` of Q as a fraction of the layer's own output energy tr(W H Wᵀ)."""
+    return layer_output_error(W, Q, H) / max(layer_output_error(W, 0 * W, H), 1e-30)
 
 
 @torch.no_grad()
@@ -220,8 +226,7 @@ class GPTQConfig(WeightQuantConfig, FPTarget):
                                                                 self.clip_search)
                     Wq = (q.float() - zero[:, g_idx.long()]) * scale[:, g_idx.long()]
                     stats = {"gptq_loss": round(loss, 6),
-                             "output_error_rel": round(layer_output_error(W, Wq, h.H) /
-                                                       max(layer_output_error(W, 0 * W, h.H), 1e-30), 8)}
+                             "output_error_rel": round(relative_output_error(W, Wq, h.H), 8)}
                     lin.weight.data = Wq.to(W.dtype)          # later groups see the quantized layer
                     results[name] = (lin, W, q, scale, zero, g_idx, stats, t_h + time.perf_counter() - t1)
             blk.advance()                                     # next inputs, through the quantized block

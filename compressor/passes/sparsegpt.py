@@ -33,7 +33,7 @@ import torch.nn as nn
 from ..layerwise import layerwise
 from ..sparsity import nm_mask
 from .base import Context, State, register_pass
-from .gptq import FPTarget, group_qparams, layer_output_error
+from .gptq import FPTarget, group_qparams, relative_output_error
 from .pruning import PruneConfig, swap_in_sparse
 from .weight_quant import BITS, GROUP_SIZES, WeightQuantConfig, swap_in_quantized
 
@@ -187,8 +187,7 @@ class SparseGPTConfig(PruneConfig, FPTarget):
                     if packed is None:
                         Wp = Wp.half().float()                     # as it will be stored
                     stats = {"sparsegpt_loss": round(loss, 6),
-                             "output_error_rel": round(layer_output_error(W, Wp, h.H) /
-                                                       max(layer_output_error(W, 0 * W, h.H), 1e-30), 8)}
+                             "output_error_rel": round(relative_output_error(W, Wp, h.H), 8)}
                     lin.weight.data = Wp.to(W.dtype)                # later groups see the pruned layer
                     results[name] = (lin, W, keep, packed, stats, t_h + time.perf_counter() - t1)
             blk.advance()
