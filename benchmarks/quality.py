@@ -1,4 +1,4 @@
-"""Quality at equal bits on SmolLM2-135M: ours (RTN, GPTQ, AWQ, AWQ+GPTQ, pruning) against fp32 and peers.
+"""Quality at equal bits on SmolLM2-135M: ours (RTN, GPTQ, AWQ, AWQ+GPTQ, pruning, distill) against fp32 and peers.
 
     python benchmarks/quality.py [--windows 16] [--out out/quality] [--rows fp32,rtn-w4g64,...]
 
@@ -9,6 +9,9 @@ logits on the first window must equal the in-memory compressed model's.
 Pruning rows (magnitude, Wanda, SparseGPT unstructured / 2:4 / joint 2:4 + 4-bit, structured MLP) also
 report the zeros of every targeted layer (min and max over layers; for 2:4 the most nonzeros in any
 4), the checkpoint's decoder-Linear bytes against the same Linears in dense fp16, and the MLP width.
+Distill rows (``*-distill``) run the base recipe then ``distill`` on wikitext2-valid.tokens, and report
+perplexity before (the base row of the same run) and after, the share of the increase over fp32
+recovered, training minutes (teacher pass + student steps), tokens and tokens/s.
 llm-compressor's SparseGPT / Wanda on the same windows: `benchmarks/peer_pruning.py` (its own venv).
 Peer rows (bitsandbytes NF4 blocksize 64, HQQ 4-bit g64) quantize in memory through the peers' own
 libraries. Calibration uses wikitext2-valid.tokens; evaluation uses the first N windows of 2048
@@ -35,7 +38,11 @@ OURS = {  # row -> (recipe, bits, group)
     "sparsegpt-50": ("sparsegpt-50", 16, None), "sparsegpt-2of4": ("sparsegpt-2of4", 16, None),
     "sparsegpt-2of4+rtn-w4g64": ("sparsegpt-2of4+rtn", 4, 64), "sparsegpt-2of4-w4g64": ("sparsegpt-2of4-w4g64", 4, 64),
     "prune-mlp-25": ("prune-mlp-25", 32, None),
+    "prune-mlp-25-distill": ("prune-mlp-25-distill", 32, None), "sparsegpt-50-distill": ("sparsegpt-50-distill", 16, None),
+    "gptq-w3g64-distill": ("gptq-w3g64-distill", 3, 64),
 }
+DISTILL = {"prune-mlp-25-distill": "prune-mlp-25", "sparsegpt-50-distill": "sparsegpt-50",
+           "gptq-w3g64-distill": "gptq-w3g64"}   # distill row -> the row it starts from
 PRUNING = [r for r in OURS if r.startswith(("magnitude", "wanda", "sparsegpt", "prune"))]
 PEERS = {"bnb-nf4-b64": (4, 64), "hqq-w4g64": (4, 64)}
 DEFAULT_ROWS = ["fp32", *OURS, *PEERS]
@@ -83,8 +90,12 @@ def _measure(row: str, windows: int, out_dir: Path, data: Path) -> dict:
         recipe = parse_recipe(INLINE[recipe], row) if recipe in INLINE else recipe
         dest = out_dir / row
         res = compress("smollm2-135m", recipe, dest, calib_data=str(data / "wikitext2-valid.tokens"),
-                       overwrite=True, progress=False)
+                       train_data=str(data / "wikitext2-valid.tokens"), overwrite=True, progress=False)
         secs = time.perf_counter() - t0
+        if "distill" in res.ctx.training:
+            t = res.ctx.training["distill"]
+            out.update(train_seconds=t["seconds"], teacher_seconds=t["teacher_seconds"], train_tokens=t["tokens"],
+                       train_tok_s=t["tokens_per_second"], trainable=t["trainable_parameters"])
         out["compress_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         tok = res.tokenizer
         x = tokenize_file(test, tok)[:2048].unsqueeze(0)         # the first evaluation window
@@ -246,6 +257,20 @@ def _acceptance(rows: list[dict]) -> list[tuple[str, bool, str]]:
     if "prune-mlp-25" in by:
         w = by["prune-mlp-25"]["mlp_width"]
         out.append(("prune-mlp-25: MLP width is 75% of 1536", w == 1152, f"{w}; ppl {by['prune-mlp-25']['ppl']:.3f}"))
+    for row, base in DISTILL.items():
+        if row in by and base in by:
+            r, b, fp = by[row], by[base], by["fp32"]["ppl"] if "fp32" in by else float("nan")
+            rec = (b["ppl"] - r["ppl"]) / (b["ppl"] - fp) * 100
+            minutes = (r["train_seconds"] + r["teacher_seconds"]) / 60
+            what = "ppl <= 26.0" if row.startswith("gptq") else "recovers >= 40% of the ppl increase"
+            ok = (r["ppl"] <= 26.0 if row.startswith("gptq") else rec >= 40) and minutes <= 20
+            if row.startswith("sparsegpt"):
+                ok = ok and r["zeros_min"] >= 0.5 and r["zeros_max"] <= 0.5005
+                what += ", still 50% zeros in every layer"
+            out.append((f"{row}: {what}, in <= 20 min of training", ok,
+                        f"{b['ppl']:.3f} -> {r['ppl']:.3f} ({rec:.0f}% of +{b['ppl'] - fp:.2f} recovered), "
+                        f"{minutes:.1f} min at {r['train_tok_s']:.0f} tok/s"))
+            out.append((f"{row}: peak RSS <= 3 GB", r["compress_rss_mib"] <= 3072, f"{r['compress_rss_mib']:.0f} MiB"))
     for r in by.values():
         if "reload_max_dlogit" in r:
             d = r["reload_max_dlogit"]
@@ -263,6 +288,23 @@ def _pruning_table(rows: list[dict]) -> str:
     for r in pr:
         lines.append(f"| {r['row']} | {r['ppl']:.3f} | {r['zeros_min']:.4f}-{r['zeros_max']:.4f} | "
                      f"{r['max_nonzeros_per_4']} | {r['linear_bytes_vs_dense_fp16']:.3f} | {r['mlp_width']} |")
+    return "\n".join(lines)
+
+
+def _distill_table(rows: list[dict]) -> str:
+    by = {r["row"]: r for r in rows if "error" not in r}
+    if "fp32" not in by or not any(r in by and b in by for r, b in DISTILL.items()):
+        return ""
+    fp = by["fp32"]["ppl"]
+    lines = ["| recipe | ppl before distill | after | recovered | training min (teacher + student) | tokens | tok/s |"
+             " trained params |", "|---|---|---|---|---|---|---|---|"]
+    for row, base in DISTILL.items():
+        if row in by and base in by:
+            r, b = by[row], by[base]
+            lines.append(f"| {row} | {b['ppl']:.3f} | {r['ppl']:.3f} | {(b['ppl'] - r['ppl']) / (b['ppl'] - fp):.0%} | "
+                         f"{(r['train_seconds'] + r['teacher_seconds']) / 60:.1f} ({r['teacher_seconds'] / 60:.1f} + "
+                         f"{r['train_seconds'] / 60:.1f}) | {r['train_tokens']:,} | {r['train_tok_s']:.0f} | "
+                         f"{r['trainable'] / 1e6:.2f} M |")
     return "\n".join(lines)
 
 
@@ -292,11 +334,13 @@ def main() -> int:
     acc = "\n".join(f"- [{'x' if ok else ' '}] {name}: {val}" for name, ok, val in checks)
     print(header)
     print(table)
-    prune = _pruning_table(rows)
-    print("\n## acceptance (issues 3 and 17)\n" + acc)
-    if prune:
-        print("\n" + prune)
-    (args.out / "quality.md").write_text(f"{header}\n\n{table}\n\n{prune}\n\n## acceptance (issues 3 and 17)\n{acc}\n")
+    prune, dist = _pruning_table(rows), _distill_table(rows)
+    print("\n## acceptance (issues 3, 17 and 18)\n" + acc)
+    for t in (prune, dist):
+        if t:
+            print("\n" + t)
+    (args.out / "quality.md").write_text(f"{header}\n\n{table}\n\n{prune}\n\n{dist}\n\n"
+                                         f"## acceptance (issues 3, 17 and 18)\n{acc}\n")
     (args.out / "quality.json").write_text(json.dumps(
         {"header": header, "machine": m, "rows": rows,
          "acceptance": [dict(check=n, ok=o, value=v) for n, o, v in checks]}, indent=2))

@@ -1,4 +1,4 @@
-"""Training loops for passes that train (``lora``, ``peqa``): the losses, deterministic data order,
+"""Training loops for passes that train (``lora``, ``peqa``, ``distill``): reference losses, deterministic data order,
 the learning-rate schedule, the loop itself, and a training state that is written atomically and
 restored exactly after a crash.
 
@@ -22,8 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import kd
+
 __all__ = ["distill_loss", "causal_lm_loss", "TokenWindows", "warmup_cosine", "rng_state", "set_rng_state",
-           "save_state", "load_state", "train"]
+           "save_state", "load_state", "train", "step_loss"]
 
 log = logging.getLogger("compressor")
 
@@ -82,11 +84,14 @@ class TokenWindows:
             self._orders[epoch] = torch.randperm(len(self), generator=g)
         return self._orders[epoch]
 
+    def indices(self, step: int, batch_size: int) -> torch.Tensor:
+        """(batch_size,) int64: the numbers of the windows of step `step`."""
+        n = len(self)
+        return torch.stack([self.order(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)])
+
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
         """(batch_size, seqlen) int64: the windows of step `step`."""
-        n = len(self)
-        idx = [self.order(i // n)[i % n] for i in range(step * batch_size, (step + 1) * batch_size)]
-        return self.windows[torch.stack(idx)]
+        return self.windows[self.indices(step, batch_size)]
 
 
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
@@ -141,20 +146,32 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 def train(model: nn.Module, params: list[nn.Parameter], data: TokenWindows, *, steps: int, lr: float, warmup: int,
           batch_size: int, teacher: Callable[[], nn.Module] | None = None, temperature: float = 1.0,
+          loss: kd.Loss | None = None, top_k: int = 0, extra: nn.Module | None = None,
           state_file: Path | None = None, checkpoint_every: int = 0, fingerprint: dict | None = None,
           resume: bool = False, progress: bool = True, desc: str = "train",
           autocast: torch.dtype | None = None) -> dict[str, Any]:
     """Train `params` of `model` with AdamW (warm-up, cosine decay to lr/10, gradient norm clipped to 1).
 
-    The loss is `distill_loss` against the logits of the model that `teacher()` returns (called only
-    if there is a step left to run), else `causal_lm_loss`.
+    Each step is `compressor.kd.step`: `loss` (default: forward KL at `temperature` against the
+    model that `teacher()` returns, or next-token cross-entropy without a teacher), chunked over
+    positions. `teacher()` is called only if there is a step left to run. With `top_k` > 0 the teacher
+    runs once, before the first step, over every window the run visits and keeps its top-k
+    log-probabilities and tail mass (`kd.teacher_targets`, saved beside `state_file`); it is then
+    released, so teacher and student are not in memory together while the student trains.
+    `extra` holds trainable modules outside `model` (the hidden-state projections, in a ModuleDict).
     With `state_file`, the state is saved every `checkpoint_every` steps and after the last one; with
     `resume` and an existing `state_file` whose `fingerprint` matches, training continues from it.
     With `autocast` (torch.bfloat16), both forwards run under ``torch.autocast('cpu', autocast)``;
     the loss is computed in fp32 from the (upcast) logits either way.
     Returns the loss curve and timings. `model` is left in eval mode.
     """
+    if loss is None:
+        loss = kd.Loss(temperature=temperature) if teacher is not None else kd.Loss(kl=0.0, ce=1.0)
+    if loss.needs_teacher and teacher is None:
+        raise ValueError("a distillation loss needs a teacher")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if extra is not None:
+        named.update({f"extra.{n}": p for n, p in extra.named_parameters()})
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
     step, losses, seconds = 0, [], 0.0
@@ -172,8 +189,15 @@ def train(model: nn.Module, params: list[nn.Parameter], data: TokenWindows, *, s
         step, losses, seconds = st["step"], list(st["losses"]), st["seconds"]
         log.info("%s: resuming from step %d of %d (%s)", desc, step, steps, state_file)
     resumed_at = step
-    if teacher is not None and step < steps:
-        teacher = teacher().eval().requires_grad_(False)
+    live, targets, t_seconds = None, None, 0.0
+    if loss.needs_teacher and step < steps:
+        t0 = time.perf_counter()
+        if top_k > 0:
+            targets = _teacher_targets(teacher, data, steps, batch_size, loss, top_k, autocast, progress,
+                                       state_file, fingerprint)
+        else:
+            live = teacher().eval().requires_grad_(False)
+        t_seconds = time.perf_counter() - t0
 
     def checkpoint() -> None:
         save_state(state_file, {
@@ -182,33 +206,20 @@ def train(model: nn.Module, params: list[nn.Parameter], data: TokenWindows, *, s
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()})
 
     tokens = batch_size * data.windows.shape[1]
-
-    def amp():
-        return torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
-
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress)
     model.train()
     t_run = time.perf_counter()
     while step < steps:
         t0 = time.perf_counter()
-        ids = data.batch(step, batch_size)                          # (B, L)
-        with amp():
-            logits = model(input_ids=ids, use_cache=False).logits   # (B, L, V)
-        if teacher is not None:
-            with torch.no_grad(), amp():
-                t_logits = teacher(input_ids=ids, use_cache=False).logits
-            loss = distill_loss(logits, t_logits, temperature)
-            del t_logits
-        else:
-            loss = causal_lm_loss(logits, ids)
-        del logits
-        loss.backward()
+        w = data.indices(step, batch_size)                           # (B,) window numbers
+        value = step_loss(model, data.windows[w], loss, teacher=live, targets=targets, windows=w,
+                          projections=extra, autocast=autocast)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        losses.append(round(loss.item(), 6))
+        losses.append(round(value, 6))
         seconds += time.perf_counter() - t0
         if state_file is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
             checkpoint()
@@ -218,5 +229,38 @@ def train(model: nn.Module, params: list[nn.Parameter], data: TokenWindows, *, s
     bar.close()
     model.eval()
     tail = losses[-10:]
+    run_s = time.perf_counter() - t_run
     return {"loss": losses, "steps": steps, "tokens": steps * tokens, "seconds": round(seconds, 1),
+            "teacher_seconds": round(t_seconds, 1),
+            "tokens_per_second": round((step - resumed_at) * tokens / run_s, 1) if step > resumed_at else None,
             "resumed_at_step": resumed_at or None, "final_loss_mean_last_10": round(sum(tail) / len(tail), 6)}
+
+
+def step_loss(model, ids, loss, **kw) -> float:
+    """One step's forward and backward (`kd.step`); a seam for tests that interrupt training."""
+    return kd.step(model, ids, loss, **kw)
+
+
+def _teacher_targets(teacher, data: TokenWindows, steps: int, batch_size: int, loss: kd.Loss, top_k: int,
+                     autocast, progress: bool, state_file: Path | None, fingerprint) -> kd.TeacherTargets:
+    """The teacher's cached targets for every window of steps 0..steps-1: read from beside
+    `state_file` when a run with the same fingerprint wrote them, else computed (in the order the
+    windows are first visited) and written there, so a resumed run uses the very same numbers."""
+    cache = state_file.with_name(state_file.stem + "-teacher.pt") if state_file is not None else None
+    key = {"fingerprint": fingerprint, "top_k": top_k, "steps": steps, "batch_size": batch_size}
+    if cache is not None and cache.exists():
+        st = load_state(cache)
+        if st.get("key") == key:
+            return kd.TeacherTargets.from_state(st["targets"])
+    order = torch.cat([data.indices(s, batch_size) for s in range(steps)])
+    first = torch.ones(len(order), dtype=torch.bool)
+    seen = set()
+    for i, w in enumerate(order.tolist()):
+        first[i] = w not in seen
+        seen.add(w)
+    model = teacher().eval().requires_grad_(False)
+    targets = kd.teacher_targets(model, data.windows, order[first], loss, top_k, batch_size, autocast, progress)
+    del model
+    if cache is not None:
+        save_state(cache, {"key": key, "targets": targets.state()})
+    return targets

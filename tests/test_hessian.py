@@ -63,3 +63,15 @@ def test_wide_hessian_blocked_upper_half_equals_full_product():
     assert torch.equal(h.H, h.H.t())
     _, H_ref = h.reference_terms()
     torch.testing.assert_close(H_ref.double(), 2 * x[0].double().t() @ x[0].double() / 40, rtol=1e-5, atol=1e-5)
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_inverse():
+    from compressor.hessian import inverse_cholesky
+    torch.manual_seed(0)
+    X = torch.randn(400, 96)
+    H = X.T @ X / 400 + 0.01 * torch.eye(96)
+    U = inverse_cholesky(H)
+    assert torch.equal(U, torch.triu(U))
+    torch.testing.assert_close(U.T @ U @ H, torch.eye(96), rtol=0, atol=1e-4)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    torch.testing.assert_close(U, ref, rtol=1e-4, atol=1e-5)

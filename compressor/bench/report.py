@@ -51,6 +51,7 @@ COLUMNS = [
     Column("peak RSS MiB", lambda r, first: f"{r.peak_rss / MIB:,.0f}"),
     Column("TTFT ms", lambda r, first: f"{r.ttft_s * 1e3:,.1f}" if r.ttft_s < 0.1 else f"{r.ttft_s * 1e3:,.0f}"),
     Column("prefill tok/s", lambda r, first: f"{r.prefill_tok_s:,.1f} ±{r.prefill_spread_pct:.0f}%"),
+    Column("prefill ×base", lambda r, first: "base" if r.is_base else f"{r.prefill_speedup:.2f}x"),
     Column("decode tok/s", lambda r, first: f"{r.decode_tok_s:,.1f} ±{r.decode_spread_pct:.0f}%"),
     Column("decode ×base", lambda r, first: "base" if r.is_base else f"{r.decode_speedup:.2f}x"),
     Column("$/1M gen", lambda r, first: _cost(r.cost_gen)),

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..hessian import inverse_cholesky
 from ..layerwise import check_in_blocks, layerwise
 from ..quant.primitives import choose_qparams, mse_clip_search
 from .base import Context, register_pass
@@ -97,7 +98,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
 
     damp = percdamp * torch.mean(torch.diag(H))
     H[range(K), range(K)] += damp
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = inverse_cholesky(H)
 
     codes = torch.zeros(N, K)                      # float while rounding; uint8 at the end
     scales, zeros = [], []

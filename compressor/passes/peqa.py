@@ -33,7 +33,7 @@ from ..nn.qlinear import QuantLinear
 from .base import Context, State, register_pass, select_linears
 from .training import TrainingConfig
 
-__all__ = ["grouped_weight", "ScaleTunedLinear", "PEQAConfig"]
+__all__ = ["grouped_weight", "ScaleTunedLinear", "PEQAConfig", "swap_in_scale_tuned", "swap_back"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,12 +147,7 @@ class PEQAConfig(TrainingConfig):
         mods = self.quantized(model)
         ctx.measure(model, " + ".join(ctx.applied))       # before training, e.g. 'nf4 + lora + gptq'
         model.requires_grad_(False)
-        # Every QuantLinear is swapped, targeted or not: its packed kernel has no backward, and
-        # gradients must flow through all layers above the first trained one.
-        swapped = {n: ScaleTunedLinear(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        for name, m in swapped.items():
-            m.log_gain.requires_grad_(name in mods)
-            model.set_submodule(name, m)
+        swapped = swap_in_scale_tuned(model, set(mods))
         params = [swapped[n].log_gain for n in mods]
         if self.norms:
             norms = self.norm_weights(model)
@@ -161,10 +156,26 @@ class PEQAConfig(TrainingConfig):
             params += norms
         self.fit(model, params, ctx)
         model.requires_grad_(False)
-        for name, m in swapped.items():
-            if name in mods:
-                gain = m.log_gain.detach().abs()
-                ctx.record(name, peqa_mean_abs_log_gain=round(float(gain.mean()), 6),
-                           peqa_max_abs_log_gain=round(float(gain.max()), 6))
-            model.set_submodule(name, m.to_quant_linear())
+        swap_back(model, swapped, ctx, trained=set(mods))
         return model
+
+
+def swap_in_scale_tuned(model: nn.Module, trained: set[str]) -> dict[str, ScaleTunedLinear]:
+    """Replace every `QuantLinear` of `model` by a `ScaleTunedLinear`; the scales of those named in
+    `trained` require grad. Every one is swapped, trained or not: the packed kernels have no
+    backward, and gradients must flow through all layers above the first trained one."""
+    swapped = {n: ScaleTunedLinear(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, m in swapped.items():
+        m.log_gain.requires_grad_(name in trained)
+        model.set_submodule(name, m)
+    return swapped
+
+
+def swap_back(model: nn.Module, swapped: dict[str, ScaleTunedLinear], ctx: Context, trained: set[str]) -> None:
+    """Pack each `ScaleTunedLinear` back into a `QuantLinear`, recording how far the trained scales moved."""
+    for name, m in swapped.items():
+        if name in trained:
+            gain = m.log_gain.detach().abs()
+            ctx.record(name, peqa_mean_abs_log_gain=round(float(gain.mean()), 6),
+                       peqa_max_abs_log_gain=round(float(gain.max()), 6))
+        model.set_submodule(name, m.to_quant_linear())

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..hessian import inverse_cholesky
 from ..layerwise import layerwise
 from ..sparsity import nm_mask
 from .base import Context, State, register_pass
@@ -43,13 +44,14 @@ __all__ = ["sparsegpt_prune", "SparseGPTConfig"]
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
                     blocksize: int = 128, percdamp: float = 0.01,
-                    quant: tuple[int, int, bool, bool] | None = None):
+                    quant: tuple[int, int, bool, bool] | None = None, subblock: int = 16):
     """Prune (and optionally quantize) W (N, K) given H (K, K) = 2 XᵀX / n.
 
     Args:
         sparsity: fraction pruned in every block of columns (ignored with `nm`).
         nm: (N, M): keep N of every M consecutive weights of each row.
         quant: None, or (bits, group_size, sym, clip_search) for the joint mode.
+        subblock: columns per lazy-update sub-block (`blocksize`: the paper's plain column loop).
     Returns:
         W' (N, K) float32 with exact zeros (dequantized when quantizing), keep mask (N, K) bool,
         (codes uint8, scale (N, G), zero (N, G)) or None, and the OBS loss Σ (w - q)² / d² / 2.
@@ -61,10 +63,16 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple
     H[dead, dead] = 1
     W[:, dead] = 0
     H[range(K), range(K)] += percdamp * torch.mean(torch.diag(H))
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = inverse_cholesky(H)
 
     keep = torch.ones(N, K, dtype=torch.bool)
     losses = torch.zeros(N)
+    # Columns are updated in sub-blocks of `subblock`: a column's rank-1 update reaches only the rest of its
+    # sub-block, and one matmul per sub-block carries the errors to the rest of the block. Every
+    # read (a column, an N:M window, a quantization group's range) starts on a sub-block boundary or
+    # inside it, so it sees every earlier update: the same result as updating all columns at once.
+    sub = subblock if (blocksize % subblock == 0 and (nm is None or subblock % nm[1] == 0)
+                       and (quant is None or quant[1] == -1 or quant[1] % subblock == 0)) else blocksize
     if quant is not None:
         bits, group_size, sym, clip = quant
         g = K if group_size == -1 else group_size
@@ -87,30 +95,34 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple
                 tmp = (W1.square() / d.square()).flatten()
                 prune1.view(-1)[torch.topk(tmp, n_prune, largest=False, sorted=False).indices] = True
         inv_d = (1 / d).tolist()
-        for i in range(cnt):
-            col = i1 + i
-            if nm is not None and i % nm[1] == 0:
-                tmp = W1[:, i:i + nm[1]].square() / d[i:i + nm[1]].square()
-                prune1.scatter_(1, i + torch.topk(tmp, nm[1] - nm[0], dim=1, largest=False).indices, True)
-            w = W1[:, i]
-            q = w.masked_fill(prune1[:, i], 0)
-            if quant is not None:
-                if col % g == 0:                    # the group's range over the weights it will keep
-                    wg = W1[:, i:i + g] if g <= cnt - i else W[:, col:col + g].clone()
-                    if nm is None:
-                        wg = wg.masked_fill(prune1[:, i:i + g], 0) if g <= cnt - i else wg
-                    else:                           # N:M masks ahead are not chosen yet: predict them
-                        wg = wg * nm_mask(wg.square() / d[i:i + g].square(), *nm) if g <= cnt - i else wg
-                    scale, zero = group_qparams(wg, bits, sym, clip)
-                    scales.append(scale), zeros.append(zero)
-                    s, z = scale[:, 0], zero[:, 0]
-                c = torch.div(q, s).round_().add_(z).clamp_(0, maxq)
-                codes[:, col] = c
-                q = (c - z) * s
-            Q1[:, i] = q
-            err = (w - q) * inv_d[i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
+        for j1 in range(0, cnt, sub):               # lazy updates inside the block too (same result)
+            j2 = min(j1 + sub, cnt)
+            for i in range(j1, j2):
+                col = i1 + i
+                if nm is not None and i % nm[1] == 0:
+                    tmp = W1[:, i:i + nm[1]].square() / d[i:i + nm[1]].square()
+                    prune1.scatter_(1, i + torch.topk(tmp, nm[1] - nm[0], dim=1, largest=False).indices, True)
+                w = W1[:, i]
+                q = w.masked_fill(prune1[:, i], 0)
+                if quant is not None:
+                    if col % g == 0:                # the group's range over the weights it will keep
+                        wg = W1[:, i:i + g] if g <= cnt - i else W[:, col:col + g].clone()
+                        if nm is None:
+                            wg = wg.masked_fill(prune1[:, i:i + g], 0) if g <= cnt - i else wg
+                        else:                       # N:M masks ahead are not chosen yet: predict them
+                            wg = wg * nm_mask(wg.square() / d[i:i + g].square(), *nm) if g <= cnt - i else wg
+                        scale, zero = group_qparams(wg, bits, sym, clip)
+                        scales.append(scale), zeros.append(zero)
+                        s, z = scale[:, 0], zero[:, 0]
+                    c = torch.div(q, s).round_().add_(z).clamp_(0, maxq)
+                    codes[:, col] = c
+                    q = (c - z) * s
+                Q1[:, i] = q
+                err = (w - q) * inv_d[i]
+                W1[:, i:j2].addr_(err, Hinv1[i, i:j2], alpha=-1)
+                Err1[:, i] = err
+            if j2 < cnt:
+                W1[:, j2:] -= Err1[:, j1:j2] @ Hinv1[j1:j2, j2:]
         W[:, i1:i2] = Q1
         keep[:, i1:i2] = ~prune1
         losses += Err1.square().sum(1) / 2

@@ -1,4 +1,4 @@
-"""Shared config and wiring for passes that train (``lora``, ``peqa``).
+"""Shared config and wiring for passes that train (``lora``, ``peqa``, ``distill``).
 
 `TrainingConfig` holds the fields every such pass has (steps, lr, batch size, sequence length, seed,
 teacher, checkpointing) and validates them. `TrainingConfig.fit` connects a pass's trainable
@@ -71,7 +71,7 @@ class TrainingConfig(PassConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "teacher", check_enum(Teacher, self.teacher, f"{self.name}.teacher", allow_none=True))
+        object.__setattr__(self, "teacher", self._teacher(self.teacher))
         object.__setattr__(self, "autocast", check_enum(Autocast, self.autocast, f"{self.name}.autocast",
                                                         allow_none=True))
         for f, lo in self._int_fields():
@@ -83,6 +83,10 @@ class TrainingConfig(PassConfig):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ValueError(f"{self.name}.{f}={v!r} must be a positive number")
             object.__setattr__(self, f, float(v))
+
+    def _teacher(self, value: Any) -> Any:
+        """The validated `teacher` field (a pass may accept more than 'original' and null)."""
+        return check_enum(Teacher, value, f"{self.name}.teacher", allow_none=True)
 
     def _int_fields(self) -> tuple[tuple[str, int], ...]:
         return (("steps", 1), ("batch_size", 1), ("seqlen", 2), ("warmup", 0), ("seed", 0), ("checkpoint_every", 0))
@@ -104,8 +108,13 @@ class TrainingConfig(PassConfig):
         return {"pass": self.to_dict(), "before": list(ctx.applied), "source_sha256": ctx.source.get("sha256"),
                 "train_data": str(Path(ctx.train_data).resolve())}
 
-    def fit(self, model: nn.Module, params: list[nn.Parameter], ctx: Context) -> dict[str, Any]:
-        """Train `params` of `model` on ctx.train_data; records and returns the loss curve."""
+    def fit(self, model: nn.Module, params: list[nn.Parameter], ctx: Context, *, loss=None, top_k: int = 0,
+            extra: nn.Module | None = None, teacher=None) -> dict[str, Any]:
+        """Train `params` of `model` on ctx.train_data; records and returns the loss curve.
+
+        loss, top_k, extra: see `compressor.train.train` (default: forward KL against the teacher, or
+        cross-entropy without one). teacher: a callable returning the teacher (default: ctx.original
+        when `teacher` is 'original')."""
         from ..calib import tokenize_file
         from ..train import TokenWindows, train
 
@@ -114,8 +123,9 @@ class TrainingConfig(PassConfig):
         data = TokenWindows(tokenize_file(ctx.train_data, ctx.tokenizer), self.seqlen, self.seed)
         state_file = ctx.work_dir / f"{self.name}-state.pt" if ctx.work_dir is not None else None
         log_ = train(model, params, data, steps=self.steps, lr=self.lr, warmup=self.warmup,
-                     batch_size=self.batch_size, teacher=ctx.original if self.needs_original else None,
-                     temperature=self.temperature, state_file=state_file, checkpoint_every=self.checkpoint_every,
+                     batch_size=self.batch_size,
+                     teacher=teacher if teacher is not None else ctx.original if self.needs_original else None,
+                     temperature=self.temperature, loss=loss, top_k=top_k, extra=extra, state_file=state_file, checkpoint_every=self.checkpoint_every,
                      fingerprint=self.fingerprint(ctx), resume=ctx.resume, progress=ctx.progress, desc=self.name,
                      autocast=self.autocast and self.autocast.dtype)
         ctx.training[self.name] = log_

@@ -78,7 +78,7 @@ def test_cli_end_to_end_gate_and_outputs(capsys, tiny_llama, tiny_w8, eval_text,
     assert len(gate_lines) == 2 and "< --min-speedup 100x" in gate_lines[0]
     assert "w8 (batch 1): decode speedup" in gate_lines[0]
     assert "w8 (batch 2)" in gate_lines[1]
-    for col in ("disk MiB", "RSS load MiB", "peak RSS MiB", "ppl", "TTFT ms", "prefill tok/s", "decode tok/s",
+    for col in ("disk MiB", "RSS load MiB", "peak RSS MiB", "ppl", "TTFT ms", "prefill tok/s", "prefill ×base", "decode tok/s",
                 "$/1M gen", "$/1M prompt", "FAIL"):
         assert col in captured.out
     data = json.loads((out / "b.json").read_text())

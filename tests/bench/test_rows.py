@@ -26,6 +26,9 @@ def test_rows_pair_runs_and_take_medians():
     assert rc.cost_gen == pytest.approx(0.36 / 3600 / 20 * 1e6)  # $5 per 1M at 20 tok/s
     assert rc.prefill_tok_s == 20.0 and rc.cost_prompt == pytest.approx(5.0)
     assert rc.ttft_s == 0.5 and rc.peak_rss == 102 and rc.failures == ()
+    assert rc.prefill_speedup == 1.0
+    _, fast = build_rows([base, _model("w4", [0.5, 1.0, 0.25], prefill_s=0.4)], cfg)
+    assert fast.prefill_speedup == pytest.approx(1.25)           # the "prefill ×base" column
 
 
 def test_rows_gate_flags_candidates_only():

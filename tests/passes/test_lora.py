@@ -154,7 +154,7 @@ def test_resume_restores_optimizer_state_and_matches_uninterrupted(tiny_llama, t
     full = compress(str(tiny_llama), recipe, tmp_path / "full", train_data=str(train_file), progress=False)
     full_losses = full.ctx.training["lora"]["loss"]
 
-    real, calls = train_mod.distill_loss, []
+    real, calls = train_mod.step_loss, []
 
     def crash_at_step_5(*a, **k):
         calls.append(1)
@@ -162,11 +162,11 @@ def test_resume_restores_optimizer_state_and_matches_uninterrupted(tiny_llama, t
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "distill_loss", crash_at_step_5)
+    monkeypatch.setattr(train_mod, "step_loss", crash_at_step_5)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         compress(str(tiny_llama), recipe, out, train_data=str(train_file), progress=False)
-    monkeypatch.setattr(train_mod, "distill_loss", real)
+    monkeypatch.setattr(train_mod, "step_loss", real)
     state_file = tmp_path / "run.work" / "lora-state.pt"
     assert not out.exists() and state_file.exists()
     state = torch.load(state_file, weights_only=True)
@@ -199,15 +199,15 @@ def test_resume_restores_optimizer_state_and_matches_uninterrupted(tiny_llama, t
 
 
 def test_resume_refuses_a_different_recipe(tiny_llama, train_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "distill_loss", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(train_mod, "step_loss", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         compress(str(tiny_llama), _recipe(checkpoint_every=0), tmp_path / "o", train_data=str(train_file),
                  progress=False)
     assert not (tmp_path / "o.work").exists()         # nothing to resume: no state written before step 1
     monkeypatch.undo()
-    real = train_mod.distill_loss
+    real = train_mod.step_loss
     calls = []
-    monkeypatch.setattr(train_mod, "distill_loss",
+    monkeypatch.setattr(train_mod, "step_loss",
                         lambda *a, **k: real(*a, **k) if calls.append(1) or len(calls) < 3 else
                         (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):

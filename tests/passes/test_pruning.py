@@ -103,6 +103,22 @@ def test_sparsegpt_beats_wanda_on_correlated_inputs(seed, nm):
     assert err_sgpt < err_wanda
 
 
+@pytest.mark.parametrize("nm, quant", [(None, None), ((2, 4), None), (None, (4, 32, False, True)),
+                                       ((2, 4), (4, 64, True, False)), ((4, 8), (3, -1, False, False))])
+def test_sub_blocked_updates_equal_the_plain_column_loop(nm, quant):
+    k = 256
+    X = _correlated(k, seed=3)
+    W = torch.randn(48, k, generator=torch.Generator().manual_seed(3))
+    H = Hessian(k)
+    H.add(X)
+    H = H.finish().H.double().float()
+    a = sparsegpt_prune(W, H, 0.5, nm, blocksize=128, quant=quant)                   # sub-blocks of 16
+    b = sparsegpt_prune(W, H, 0.5, nm, blocksize=128, quant=quant, subblock=128)     # one column at a time
+    assert (a[1] == b[1]).float().mean() > 0.998                  # the same masks, up to float ties
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-4 * float(W.abs().max()))
+    assert a[3] == pytest.approx(b[3], rel=1e-4)
+
+
 def test_sparsegpt_joint_quant_beats_prune_then_rtn():
     k = 128
     X = _correlated(k, seed=7)
