@@ -26,10 +26,16 @@ through the block as it stands, or from outputs the pass hands it. When the last
 Linear that reaches the block output through a residual sum (llama's down_proj), its Hessian is
 taken from full forwards whose outputs are kept, and `advance` adds ``x @ Δᵀ`` for that layer's
 weight change instead of running the block again (checked against a real forward on one batch;
-recomputed if any other weight of the block changed since).
+recomputed if any other weight of the block changed since). Likewise, when a group is a single
+Linear that ends its parent submodule (llama's o_proj in self_attn), its inputs are kept and the
+block's later forwards run that Linear on them in place of the whole parent, so attention is
+computed once per block instead of three times (checked against a real forward on one batch; off
+as soon as a weight changes that the parent's output depends on; `SHORTCUT = False` turns it off).
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -62,8 +68,30 @@ def _to(inp: BlockInputs, device: torch.device) -> BlockInputs:
     return BlockInputs([h.to(device) for h in inp.hidden], {k: move(v) for k, v in inp.kwargs.items()})
 
 
-def _weights_state(module: nn.Module, skip: nn.Parameter | None) -> list[tuple[int, int]]:
-    return [(p.data_ptr(), p._version) for p in module.parameters() if p is not skip]
+def _weights_state(module: nn.Module, skip) -> list[tuple[int, int]]:
+    """(data pointer, version) of every parameter of `module` but `skip` (one parameter, or a list)."""
+    skip = {id(p) for p in (skip if isinstance(skip, (list, tuple)) else [skip])}
+    return [(p.data_ptr(), p._version) for p in module.parameters() if id(p) not in skip]
+
+
+SHORTCUT = True     # set False to recompute every submodule (the shortcut gives the same numbers)
+
+
+@dataclass
+class _Memo:
+    """The inputs a single-Linear group's layer received, kept so that later forwards of the block
+    can replace the layer's parent submodule (llama's self_attn for o_proj) by the layer alone."""
+    head: str                                # local name of the Linear
+    kept: list[torch.Tensor]                 # its input, per batch
+    free: list[nn.Parameter]                 # may change: the Linear's weight, the later groups' weights
+    state: list[tuple[int, int]]             # the block's other weights when they were kept
+    ok: bool | None = None                   # checked on the first batch at first use
+    rest: tuple = field(default_factory=tuple)
+    is_tuple: bool = False
+
+    @property
+    def parent(self) -> str:
+        return self.head.rpartition(".")[0]
 
 
 class LayerwiseBlock:
@@ -80,6 +108,8 @@ class LayerwiseBlock:
         self.reference_outputs = ref_out
         self._pending = None                     # (name, inputs kept, outputs, weight then, others' state)
         self.next_inputs: BlockInputs | None = None
+        self._memo: _Memo | None = None
+        self._batch = {id(x): i for i, x in enumerate(inputs.hidden)}
 
     def full_name(self, local: str) -> str:
         return f"{self.name}.{local}"
@@ -87,12 +117,79 @@ class LayerwiseBlock:
     def _feed(self, group: list[str], fn: Callable[[torch.Tensor], None]) -> None:
         """Pass every batch's input of `group` to `fn`, through the block as it stands now."""
         head = group[0]
-        if group == self.groups[-1] and len(group) == 1 and self.next_inputs is None:
-            kept, out = last_group_inputs(self.module, self.inputs, head, fn)
-            lin = self.linears[head]
-            self._pending = (head, kept, out, lin.weight.data.clone(), _weights_state(self.module, lin.weight))
-        else:
-            group_inputs(self.module, self.inputs, head, fn)
+        with self._shortcut():
+            if group == self.groups[-1] and len(group) == 1 and self.next_inputs is None:
+                kept, out = last_group_inputs(self.module, self.inputs, head, fn)
+                lin = self.linears[head]
+                self._pending = (head, kept, out, lin.weight.data.clone(), _weights_state(self.module, lin.weight))
+            elif SHORTCUT and self._memoizable(group):
+                kept: list[torch.Tensor] = []
+                group_inputs(self.module, self.inputs, head, lambda x: (kept.append(x), fn(x)))
+                later = self.groups[self.groups.index(group) + 1:]
+                free = [self.linears[head].weight] + [p for g in later for n in g for p in self.linears[n].parameters()]
+                self._memo = _Memo(head, kept, free, _weights_state(self.module, free))
+            else:
+                group_inputs(self.module, self.inputs, head, fn)
+
+    # --- the shortcut: a parent submodule replaced by its last Linear on kept inputs ---------
+    def _memoizable(self, group: list[str]) -> bool:
+        """A single Linear inside a submodule that no later group reaches into (o_proj in self_attn)."""
+        parent = group[0].rpartition(".")[0]
+        if len(group) != 1 or not parent:
+            return False
+        later = self.groups[self.groups.index(group) + 1:]
+        return not any(n.startswith(parent + ".") for g in later for n in g)
+
+    def _memo_holds(self, m: _Memo) -> bool:
+        """Whether the parent's output is still its last Linear applied to the kept inputs: no weight
+        changed but that Linear's and the later groups' (which run after the parent), and (once, on
+        the first batch) a real forward agrees."""
+        lin = self.linears[m.head]
+        if _weights_state(self.module, m.free) != m.state:
+            return False
+        if m.ok is None:
+            got = []
+            h = self.module.get_submodule(m.parent).register_forward_hook(lambda mod, a, out: got.append(out))
+            try:
+                run_block(self.module, BlockInputs(self.inputs.hidden[:1], self.inputs.kwargs))
+            finally:
+                h.remove()
+            out = got[0]
+            m.is_tuple = isinstance(out, tuple)
+            y, m.rest = (out[0], tuple(out[1:])) if m.is_tuple else (out, ())
+            with torch.no_grad():
+                ref = lin(m.kept[0])
+            m.ok = (all(r is None for r in m.rest) and isinstance(y, torch.Tensor) and y.shape == ref.shape
+                    and bool((y - ref).norm() <= 1e-5 * y.norm().clamp_min(1e-30)))
+        return m.ok
+
+    @contextlib.contextmanager
+    def _shortcut(self):
+        """While active, the memoized parent returns ``Linear(kept input of this batch)`` without running."""
+        m = self._memo
+        if m is None or not self._memo_holds(m):
+            yield
+            return
+        parent, lin = self.module.get_submodule(m.parent), self.linears[m.head]
+        real, cur = parent.forward, [None]
+
+        def which(mod, args, kwargs):            # the batch this block forward runs on
+            x = args[0] if args else kwargs.get("hidden_states")
+            cur[0] = self._batch.get(id(x))
+
+        def forward(*a, **k):
+            if cur[0] is None:
+                return real(*a, **k)
+            y = lin(m.kept[cur[0]])
+            return (y, *m.rest) if m.is_tuple else y
+
+        h = self.module.register_forward_pre_hook(which, with_kwargs=True)
+        parent.forward = forward
+        try:
+            yield
+        finally:
+            h.remove()
+            del parent.forward
 
     def hessian(self, group: list[str]) -> Hessian:
         """``H = 2 XᵀX / n`` of the group's input over every calibration batch, finished."""
@@ -118,6 +215,10 @@ class LayerwiseBlock:
 
     def advance(self, outputs: BlockInputs | None = None) -> BlockInputs:
         """The next block's inputs, computed once: `outputs` if given, else through the block as it is."""
+        with self._shortcut():
+            return self._advance(outputs)
+
+    def _advance(self, outputs: BlockInputs | None) -> BlockInputs:
         if self.next_inputs is None:
             if outputs is not None:
                 self.next_inputs = outputs
@@ -131,6 +232,7 @@ class LayerwiseBlock:
             else:
                 self.next_inputs = run_block(self.module, self.inputs)
             self._pending = None
+            self._memo = None
         return self.next_inputs
 
 

@@ -98,3 +98,35 @@ def calib_file(tmp_path):
     f = tmp_path / "calib.txt"
     f.write_text(" ".join(["the quick brown fox jumps over the lazy dog; a model is smaller and faster"] * 300))
     return f
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch):
+    """``interrupt_training(n)``: the n-th training step (`compressor.train.step_loss`) raises
+    KeyboardInterrupt, as a Ctrl-C would; ``.undo()`` puts the real step back."""
+    import compressor.train as train_mod
+    real = train_mod.step_loss
+
+    class Interrupt:
+        def __call__(self, n: int) -> None:
+            calls = []
+
+            def step(*a, **k):
+                calls.append(1)
+                if len(calls) == n:
+                    raise KeyboardInterrupt
+                return real(*a, **k)
+            monkeypatch.setattr(train_mod, "step_loss", step)
+
+        def undo(self) -> None:
+            monkeypatch.setattr(train_mod, "step_loss", real)
+    return Interrupt()
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory):
+    """A small training text for the passes that train (lora, peqa, distill)."""
+    f = tmp_path_factory.mktemp("text") / "train.txt"
+    f.write_text(" ".join(["the quick brown fox jumps over the lazy dog; a model that is smaller and faster",
+                           "perplexity of the compressed model", "quantization rounds weights to a grid"] * 120))
+    return f

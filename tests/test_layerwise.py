@@ -71,6 +71,38 @@ def test_other_changes_after_the_last_capture_force_a_real_forward(tiny_llama):
         break
 
 
+def _halve_every_group(tiny_llama, shortcut, monkeypatch):
+    """Hessians and q_proj calls of a pass that changes every group in turn, and the logits after."""
+    import compressor.layerwise as lw
+    monkeypatch.setattr(lw, "SHORTCUT", shortcut)
+    torch.manual_seed(0)
+    model, ids = _model(tiny_llama)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for n, m in model.named_modules()
+             if n.endswith("q_proj")]
+    hs = {}
+    for blk in layerwise(model, ids, select_linears(model), Context(progress=False), "test"):
+        for grp in blk.groups:
+            hs[blk.full_name(grp[0])] = blk.hessian(grp).H
+            for name in grp:
+                blk.linears[name].weight.data = 0.5 * blk.linears[name].weight.data
+        blk.advance()
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        return hs, len(calls), model(ids, use_cache=False).logits
+
+
+def test_the_attention_shortcut_gives_the_same_numbers_with_fewer_forwards(tiny_llama, monkeypatch):
+    fast, n_fast, logits_fast = _halve_every_group(tiny_llama, True, monkeypatch)
+    slow, n_slow, logits_slow = _halve_every_group(tiny_llama, False, monkeypatch)
+    assert fast.keys() == slow.keys()
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-6, atol=1e-7, msg=k)
+    torch.testing.assert_close(logits_fast, logits_slow, rtol=1e-6, atol=1e-6)
+    assert n_fast < n_slow                                     # attention ran fewer times
+
+
 def test_reference_stream_is_the_float_model(tiny_llama):
     model, ids = _model(tiny_llama)
     float_model, _ = _model(tiny_llama)

@@ -22,14 +22,6 @@ SMALL = {"steps": 8, "lr": 3e-3, "warmup": 1, "batch_size": 2, "seqlen": 32, "ch
 CAL = {"samples": 8, "seqlen": 64}
 
 
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("text") / "train.txt"
-    f.write_text(" ".join(["the quick brown fox jumps over the lazy dog; a model that is smaller and faster",
-                           "perplexity of the compressed model", "quantization rounds weights to a grid"] * 120))
-    return f
-
-
 def _recipe(first, **distill):
     return parse_recipe({"calibration": CAL, "passes": [first, {"distill": {**SMALL, **distill}}]})
 
@@ -89,6 +81,23 @@ def test_after_rtn_it_trains_scales_and_norms_and_keeps_the_codes(tiny_llama, fi
         torch.testing.assert_close(compressor.load(tmp_path / "o")(input_ids=x).logits, res.model(input_ids=x).logits)
 
 
+def test_after_nf4_it_trains_the_norms(tiny_llama, files, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from compressor.api import compress_
+    from compressor.models import load_hf
+    from compressor.passes import Context
+    model, tok = load_hf(tiny_llama)
+    before = model.model.norm.weight.clone()
+    ctx = Context(tokenizer=tok, train_data=str(files[1]), progress=False)
+    recipe = parse_recipe({"passes": [{"nf4": {}}, {"distill": {**SMALL, "trainable": ["norms"], "lr": 2e-2,
+                                                                "ce": 1.0}}]})
+    model = compress_(model, recipe, ctx)
+    log = ctx.training["distill"]
+    assert sum(log["loss"][-3:]) < sum(log["loss"][:3])
+    assert not torch.equal(model.model.norm.weight, before)
+    assert log["trainable_parameters"] == sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+
+
 def test_after_structured_pruning_the_shapes_stay(tiny_llama, files, tmp_path):
     res = _run(tiny_llama, _recipe({"prune-structured": {"mlp": 0.25, "multiple_of": 8}}, hidden=1.0,
                                    hidden_layers=[0, 1], ce=0.1), tmp_path / "o", files)
@@ -96,21 +105,13 @@ def test_after_structured_pruning_the_shapes_stay(tiny_llama, files, tmp_path):
     assert compressor.load(tmp_path / "o").model.layers[1].mlp.down_proj.in_features == 96
 
 
-def test_resume_after_an_interruption_is_exact(tiny_llama, files, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_is_exact(tiny_llama, files, tmp_path, interrupt_training):
     recipe = _recipe({"magnitude": {"sparsity": 0.5}})
     full = _run(tiny_llama, recipe, tmp_path / "full", files).ctx.training["distill"]["loss"]
-    real, calls = train_mod.step_loss, []
-
-    def crash_at_step_5(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "step_loss", crash_at_step_5)
+    interrupt_training(5)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_llama, recipe, tmp_path / "run", files)
-    monkeypatch.setattr(train_mod, "step_loss", real)
+    interrupt_training.undo()
     work = tmp_path / "run.work"
     assert (work / "distill-state.pt").exists() and (work / "distill-state-teacher.pt").exists()
     res = _run(tiny_llama, recipe, tmp_path / "run", files, resume=True)

@@ -27,14 +27,6 @@ SMALL = {"r": 4, "alpha": 8, "steps": 6, "lr": 5e-3, "warmup": 2, "batch_size": 
          "checkpoint_every": 2}
 
 
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("text") / "train.txt"
-    f.write_text(" ".join(["the quick brown fox jumps over the lazy dog; a model that is smaller and faster",
-                           "perplexity of the compressed model", "quantization rounds weights to a grid"] * 120))
-    return f
-
-
 def _recipe(**lora):
     return parse_recipe({"passes": [{"nf4": {}}, {"lora": {**SMALL, **lora}}]})
 
@@ -149,24 +141,17 @@ def test_adapter_saved_in_peft_format_and_reloads(tiny_llama, train_file, tmp_pa
 
 # --- resume --------------------------------------------------------------------------------------------
 
-def test_resume_restores_optimizer_state_and_matches_uninterrupted(tiny_llama, train_file, tmp_path, monkeypatch):
+def test_resume_restores_optimizer_state_and_matches_uninterrupted(tiny_llama, train_file, tmp_path, monkeypatch,
+                                                                   interrupt_training):
     recipe = _recipe(dropout=0.1)                   # dropout: the RNG state must be restored too
     full = compress(str(tiny_llama), recipe, tmp_path / "full", train_data=str(train_file), progress=False)
     full_losses = full.ctx.training["lora"]["loss"]
 
-    real, calls = train_mod.step_loss, []
-
-    def crash_at_step_5(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "step_loss", crash_at_step_5)
+    interrupt_training(5)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         compress(str(tiny_llama), recipe, out, train_data=str(train_file), progress=False)
-    monkeypatch.setattr(train_mod, "step_loss", real)
+    interrupt_training.undo()
     state_file = tmp_path / "run.work" / "lora-state.pt"
     assert not out.exists() and state_file.exists()
     state = torch.load(state_file, weights_only=True)
