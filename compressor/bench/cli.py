@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=int, default=d.gen_len, help=f"generated tokens per run (default {d.gen_len})")
     p.add_argument("--runs", type=int, default=d.runs, help=f"timed runs per model and batch (default {d.runs})")
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed runs first (default {d.warmup})")
+    p.add_argument("--prefill-reps", type=int, default=d.prefill_reps,
+                   help=f"prompt forwards timed per run, their median taken (default {d.prefill_reps})")
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads per model (default {d.threads})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random prompts")
     p.add_argument("--price-per-hour", type=float, help="hourly price in $ of the deployment machine, for $/1M tokens")
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         cfg = BenchConfig(batches=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len, runs=args.runs,
+                          prefill_reps=args.prefill_reps,
                           warmup=args.warmup, threads=args.threads, seqlen=args.seqlen,
                           eval_windows=args.eval_windows or None, price_per_hour=args.price_per_hour,
                           max_ppl_increase=args.max_ppl_increase, min_speedup=args.min_speedup, seed=args.seed,

@@ -28,6 +28,7 @@ class BenchConfig:
     gen_len: int = 64
     runs: int = 3                        # timed runs per model and batch size (k)
     warmup: int = 1                      # untimed runs per model and batch size, before the timed ones
+    prefill_reps: int = 3                # prompt forwards timed per run (their median is the run's prefill)
     threads: int = field(default_factory=_default_threads)
     seqlen: int = 2048                   # perplexity window
     eval_windows: int | None = 8         # None: every window of the eval text
@@ -43,7 +44,8 @@ class BenchConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "batches", tuple(self.batches))
-        positive = {"prompt_len": self.prompt_len, "runs": self.runs, "threads": self.threads, "seqlen": self.seqlen}
+        positive = {"prompt_len": self.prompt_len, "runs": self.runs, "prefill_reps": self.prefill_reps,
+                    "threads": self.threads, "seqlen": self.seqlen}
         for name, v in positive.items():
             if not isinstance(v, int) or v < 1:
                 raise BenchInputError(f"{name}={v!r}: must be a positive integer")

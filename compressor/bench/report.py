@@ -117,7 +117,8 @@ def header_lines(result: BenchResult) -> list[str]:
         f"threads: {m['threads']} | torch cpu capability {m['torch_cpu_capability']}",
         f"{v} | {m['date']}",
         f"greedy, prompt {c.prompt_len} random tokens (seed {c.seed}), {c.gen_len} generated tokens; "
-        f"median of {c.runs} runs after {c.warmup} warm-up, models alternating run by run; ratios are medians "
+        f"median of {c.runs} runs after {c.warmup} warm-up (each run's prefill the median of {c.prefill_reps} "
+        f"prompt forwards), models alternating run by run; ratios are medians "
         f"of per-run ratios to {result.models[0].label}",
         ("one process per model" if result.isolated else "all models in one process (memory columns not per model)")
         + "; runtime RSS before load: "

@@ -115,6 +115,7 @@ def run(base: str, candidates: Sequence[str] = (), eval_data: str | os.PathLike 
             bar.update(task, description=f"batch {b} {what}: {label}")
             gen_len = min(cfg.gen_len, 8) if warm else cfg.gen_len
             s = RunSample(**workers[label].call("generate", batch=b, prompt_len=cfg.prompt_len, gen_len=gen_len,
+                                                       prefill_reps=cfg.prefill_reps,
                                                 seed=cfg.seed + r))
             (by_label[label].warmup if warm else by_label[label].runs).append(s)
             bar.update(task, advance=1)

@@ -20,6 +20,8 @@ def test_greedy_matches_generate(tiny_llama, batch, prompt_len, gen_len):
     assert tokens.shape == (batch, gen_len)
     assert torch.equal(tokens, ref)
     assert prefill_s > 0 and decode_s > 0
+    again, prefill3, _ = greedy(model, ids, gen_len, prefill_reps=3)   # the median of 3 prompt forwards
+    assert torch.equal(again, ref) and prefill3 > 0
 
 
 def _touch(nbytes):
