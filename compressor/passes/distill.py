@@ -261,8 +261,9 @@ class DistillConfig(TrainingConfig):
         """A trainable Linear (identity-initialised where it can be) for each hidden layer whose
         student width differs from the teacher's; None when all widths agree."""
         s_width = model.config.hidden_size
-        t_width = (self._teacher_config() or {}).get("hidden_size", s_width) if self.teacher_path else \
-            ctx.source.get("hidden_size", s_width)
+        # The original's width is the student's: no pass changes the hidden size (width pruning
+        # removes MLP channels and heads, not residual-stream channels).
+        t_width = (self._teacher_config() or {}).get("hidden_size", s_width) if self.teacher_path else s_width
         if s_width == t_width:
             return None
         proj = nn.ModuleDict()
