@@ -1,9 +1,10 @@
 """Modules that hold compressed weights, each owning its checkpoint format (`formats`)."""
 from .formats import MODULE_TYPES, build_module, module_spec, register_format, register_module
 from .half import HalfLinear
+from .lowrank import LowRankLinear
 from .prepare import prepare_
 from .qlinear import QuantLinear
 from .sparse import SparseLinear
 
-__all__ = ["HalfLinear", "QuantLinear", "SparseLinear", "prepare_", "MODULE_TYPES", "register_module", "register_format",
+__all__ = ["HalfLinear", "LowRankLinear", "QuantLinear", "SparseLinear", "prepare_", "MODULE_TYPES", "register_module", "register_format",
            "module_spec", "build_module"]
