@@ -12,6 +12,9 @@ report the zeros of every targeted layer (min and max over layers; for 2:4 the m
 Distill rows (``*-distill``) run the base recipe then ``distill`` on wikitext2-valid.tokens, and report
 perplexity before (the base row of the same run) and after, the share of the increase over fp32
 recovered, training minutes (teacher pass + student steps), tokens and tokens/s.
+Low-rank rows (``svd-80``, ``asvd-80``, ``svd-llm-80`` and its distill and GPTQ rows) report the decoder
+Linear parameters kept and their checkpoint bytes against fp32's, beside ``prune-mlp-27``, structured
+pruning at the same parameter count.
 llm-compressor's SparseGPT / Wanda on the same windows: `benchmarks/peer_pruning.py` (its own venv).
 Peer rows (bitsandbytes NF4 blocksize 64, HQQ 4-bit g64) quantize in memory through the peers' own
 libraries. Calibration uses wikitext2-valid.tokens; evaluation uses the first N windows of 2048
@@ -40,10 +43,15 @@ OURS = {  # row -> (recipe, bits, group)
     "prune-mlp-25": ("prune-mlp-25", 32, None),
     "prune-mlp-25-distill": ("prune-mlp-25-distill", 32, None), "sparsegpt-50-distill": ("sparsegpt-50-distill", 16, None),
     "gptq-w3g64-distill": ("gptq-w3g64-distill", 3, 64),
+    "svd-80": ("svd-80", 32, None), "asvd-80": ("asvd-80", 32, None), "svd-llm-80": ("svd-llm-80", 32, None),
+    "prune-mlp-27": ("prune-mlp-27", 32, None), "svd-llm-80-distill": ("svd-llm-80-distill", 32, None),
+    "svd-llm-80-gptq-w4g64": ("svd-llm-80-gptq-w4g64", 4, 64),
 }
 DISTILL = {"prune-mlp-25-distill": "prune-mlp-25", "sparsegpt-50-distill": "sparsegpt-50",
-           "gptq-w3g64-distill": "gptq-w3g64"}   # distill row -> the row it starts from
+           "gptq-w3g64-distill": "gptq-w3g64", "svd-llm-80-distill": "svd-llm-80"}   # distill row -> its base row
+LOWRANK = ["svd-80", "asvd-80", "svd-llm-80", "svd-llm-80-distill", "svd-llm-80-gptq-w4g64"]
 PRUNING = [r for r in OURS if r.startswith(("magnitude", "wanda", "sparsegpt", "prune"))]
+PRUNE_AT_80 = "prune-mlp-27"     # structured pruning at low-rank's parameter count: 408 of 1536 channels = 19.9%
 PEERS = {"bnb-nf4-b64": (4, 64), "hqq-w4g64": (4, 64)}
 DEFAULT_ROWS = ["fp32", *OURS, *PEERS]
 INLINE = {  # rows whose recipe is not shipped
@@ -53,6 +61,13 @@ INLINE = {  # rows whose recipe is not shipped
                            "calibration": {"samples": 64, "seqlen": 512},
                            "passes": [{"sparsegpt": {"pattern": "2:4", "fp_target": True}},
                                       {"rtn": {"bits": 4, "group_size": 64}}]},
+    "svd-80": {"description": "plain SVD, 80% of decoder Linear parameters kept (benchmark row)",
+               "passes": [{"lowrank": {"method": "svd", "target": 0.8}}]},
+    "asvd-80": {"description": "ASVD, 80% kept (benchmark row)", "calibration": {"samples": 64, "seqlen": 512},
+                "passes": [{"lowrank": {"method": "asvd", "target": 0.8}}]},
+    "prune-mlp-27": {"description": "408 of 1536 MLP channels removed: 80.1% of decoder Linear parameters kept "
+                                    "(benchmark row)", "calibration": {"samples": 64, "seqlen": 512},
+                     "passes": [{"prune-structured": {"mlp": 0.265625, "multiple_of": 8, "fp_target": True}}]},
 }
 PEER_PACKAGES = ("compressor", "torch", "transformers", "bitsandbytes", "hqq")
 
@@ -109,6 +124,8 @@ def _measure(row: str, windows: int, out_dir: Path, data: Path) -> dict:
                    seconds=secs, reload_max_dlogit=dlogit, checkpoint=str(dest))
         if row in PRUNING:
             out.update(_pruning_stats(model, dest))
+        if row in LOWRANK or row == PRUNE_AT_80:
+            out.update(_lowrank_stats(model, dest))
     else:
         bits, group = PEERS[row]
         model, tok = load_hf(src)
@@ -141,6 +158,22 @@ def _pruning_stats(model, dest: Path) -> dict:
     return {"zeros_min": min(zeros), "zeros_max": max(zeros), "layers": len(ws),
             "max_nonzeros_per_4": max(max_nonzeros_per_group(w, 4) for w in ws.values()),
             "linear_bytes_vs_dense_fp16": stored / dense, "mlp_width": model.config.intermediate_size}
+
+
+def _lowrank_stats(model, dest: Path) -> dict:
+    """Decoder-Linear parameters kept and checkpoint bytes, against the fp32 model's same Linears."""
+    from safetensors import safe_open
+
+    from compressor.models import load_hf, resolve
+    ref, _ = load_hf(resolve("smollm2-135m"))
+    dense = sum(m.weight.numel() for n, m in ref.named_modules() if ".layers." in n and n.endswith("_proj"))
+    kept = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and "_proj." in n)
+    with safe_open(str(dest / "model.safetensors"), "pt") as f:
+        stored = sum(_nbytes(f.get_slice(k)) for k in f.keys() if ".layers." in k and "_proj." in k)
+    meta = json.loads((dest / "compression.json").read_text())
+    ranks = {n: v["rank"] for n, v in meta.get("layers", {}).items() if "rank" in v}
+    return {"params_kept": kept / dense, "linear_bytes_vs_fp32": stored / (4 * dense), "ranks": ranks,
+            "dense_layers": sum(1 for n in ranks if ranks[n] is None)}
 
 
 def _nbytes(sl) -> int:
@@ -271,6 +304,21 @@ def _acceptance(rows: list[dict]) -> list[tuple[str, bool, str]]:
                         f"{b['ppl']:.3f} -> {r['ppl']:.3f} ({rec:.0f}% of +{b['ppl'] - fp:.2f} recovered), "
                         f"{minutes:.1f} min at {r['train_tok_s']:.0f} tok/s"))
             out.append((f"{row}: peak RSS <= 3 GB", r["compress_rss_mib"] <= 3072, f"{r['compress_rss_mib']:.0f} MiB"))
+    if "svd-llm-80" in by:
+        r, fp = by["svd-llm-80"], by["fp32"]["ppl"] if "fp32" in by else float("nan")
+        d = r["ppl"] - fp
+        out.append(("svd-llm-80 keeps 80% of the decoder Linear parameters (within 1%)",
+                    abs(r["params_kept"] - 0.8) <= 0.01, f"{r['params_kept']:.4f}"))
+        if "svd-80" in by:
+            ds = by["svd-80"]["ppl"] - fp
+            out.append(("svd-llm-80 Δppl <= 0.2 x plain svd-80's", d <= 0.2 * ds, f"{d:+.3f} vs {ds:+.3f} "
+                        f"({d / ds:.3f})"))
+        if PRUNE_AT_80 in by:
+            dp, kp = by[PRUNE_AT_80]["ppl"] - fp, by[PRUNE_AT_80]["params_kept"]
+            out.append((f"svd-llm-80 Δppl <= structured pruning's at the same parameters ({PRUNE_AT_80}, "
+                        f"{kp:.4f} kept)", d <= dp, f"{d:+.3f} vs {dp:+.3f}"))
+        v = r["linear_bytes_vs_fp32"]
+        out.append(("svd-llm-80 decoder-Linear bytes <= 0.82x fp32's", v <= 0.82, f"{v:.3f}"))
     for r in by.values():
         if "reload_max_dlogit" in r:
             d = r["reload_max_dlogit"]
@@ -288,6 +336,21 @@ def _pruning_table(rows: list[dict]) -> str:
     for r in pr:
         lines.append(f"| {r['row']} | {r['ppl']:.3f} | {r['zeros_min']:.4f}-{r['zeros_max']:.4f} | "
                      f"{r['max_nonzeros_per_4']} | {r['linear_bytes_vs_dense_fp16']:.3f} | {r['mlp_width']} |")
+    return "\n".join(lines)
+
+
+def _lowrank_table(rows: list[dict]) -> str:
+    by = {r["row"]: r for r in rows if "error" not in r}
+    lr = [r for r in (*LOWRANK, PRUNE_AT_80) if r in by]
+    if not lr or "fp32" not in by:
+        return ""
+    fp = by["fp32"]["ppl"]
+    lines = ["| low-rank row | ppl | Δppl | params kept | Linear bytes / fp32 | dense layers | compress s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in lr:
+        r = by[row]
+        lines.append(f"| {row} | {r['ppl']:.3f} | {r['ppl'] - fp:+.3f} | {r['params_kept']:.4f} | "
+                     f"{r['linear_bytes_vs_fp32']:.3f} | {r['dense_layers']} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -334,13 +397,13 @@ def main() -> int:
     acc = "\n".join(f"- [{'x' if ok else ' '}] {name}: {val}" for name, ok, val in checks)
     print(header)
     print(table)
-    prune, dist = _pruning_table(rows), _distill_table(rows)
-    print("\n## acceptance (issues 3, 17 and 18)\n" + acc)
-    for t in (prune, dist):
+    prune, dist, low = _pruning_table(rows), _distill_table(rows), _lowrank_table(rows)
+    print("\n## acceptance (issues 3, 17, 18 and 19)\n" + acc)
+    for t in (prune, dist, low):
         if t:
             print("\n" + t)
-    (args.out / "quality.md").write_text(f"{header}\n\n{table}\n\n{prune}\n\n{dist}\n\n"
-                                         f"## acceptance (issues 3, 17 and 18)\n{acc}\n")
+    (args.out / "quality.md").write_text(f"{header}\n\n{table}\n\n{prune}\n\n{dist}\n\n{low}\n\n"
+                                         f"## acceptance (issues 3, 17, 18 and 19)\n{acc}\n")
     (args.out / "quality.json").write_text(json.dumps(
         {"header": header, "machine": m, "rows": rows,
          "acceptance": [dict(check=n, ok=o, value=v) for n, o, v in checks]}, indent=2))

@@ -240,6 +240,8 @@ class LowRankConfig(PassConfig):
         total, kept = sum(o * i for o, i in shapes.values()), kept_params(shapes, ranks)
         ctx.record("lowrank", params_dense=total, params_kept=kept, kept_fraction=round(kept / total, 6))
         todo = {n: m for n, m in targets.items() if ranks[n] is not None}
+        for name in targets.keys() - todo.keys():
+            ctx.record(name, rank=None)                                        # kept dense: no saving
         if self.method is Method.SVD:
             for name, lin in todo.items():
                 self._swap(model, ctx, name, lin, *factorize(lin.weight.data, ranks[name]), H=None, sec=0.0)
