@@ -164,8 +164,11 @@ def _lowrank_stats(model, dest: Path) -> dict:
     """Decoder-Linear parameters kept and checkpoint bytes, against the fp32 model's same Linears."""
     from safetensors import safe_open
 
-    from compressor.models import load_hf, resolve
-    ref, _ = load_hf(resolve("smollm2-135m"))
+    from transformers import AutoConfig
+
+    from compressor.checkpoint import _meta_model
+    from compressor.models import resolve
+    ref = _meta_model(AutoConfig.from_pretrained(resolve("smollm2-135m")))     # shapes only, no weights read
     dense = sum(m.weight.numel() for n, m in ref.named_modules() if ".layers." in n and n.endswith("_proj"))
     kept = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and "_proj." in n)
     with safe_open(str(dest / "model.safetensors"), "pt") as f:

@@ -265,10 +265,11 @@ class LowRankConfig(PassConfig):
 
     def _swap(self, model, ctx, name, lin, A, B, H, sec) -> None:
         W = lin.weight.data.float()
+        BA = B @ A
         low = LowRankLinear.from_factors(A, B, None if lin.bias is None else lin.bias.data, dtype=lin.weight.dtype)
         stats = {"rank": low.rank, "params_kept": round(low.n_params / W.numel(), 4), "seconds": round(sec, 3),
-                 "weight_error_rel": round(float((W - B @ A).norm() / W.norm().clamp_min(1e-30)), 6)}
+                 "weight_error_rel": round(float((W - BA).norm() / W.norm().clamp_min(1e-30)), 6)}
         if H is not None:
-            stats["output_error_rel"] = round(truncation_loss(W, B @ A, H) / max(truncation_loss(W, 0 * W, H), 1e-30), 6)
+            stats["output_error_rel"] = round(truncation_loss(W, BA, H) / max(truncation_loss(W, 0 * W, H), 1e-30), 6)
         model.set_submodule(name, low)
         ctx.record(name, **stats)
