@@ -12,10 +12,8 @@ survives a crash and is removed after a successful save; ``resume=True`` continu
 from __future__ import annotations
 
 import copy
-import ctypes
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch.nn as nn
 
 from . import checkpoint
 from .eval import PerplexityReport, perplexity
+from .machine import release_memory
 from .models import load_hf, resolve, weights_hash
 from .passes import Context
 from .recipe import Recipe, load_recipe
@@ -90,19 +89,6 @@ def compress_(model: nn.Module, recipe: Recipe | str | Path, ctx: Context | None
         ctx.record(f"pass:{p.name}", seconds=round(time.perf_counter() - t0, 3))
         release_memory()                           # the next pass starts from what this one freed
     return model
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim), so that a
-    pass's freed calibration activations do not stay in the process's resident set under the next
-    pass's allocations."""
-    import gc
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):         # not glibc (musl): nothing to trim
-            pass
 
 
 @dataclass
@@ -192,7 +178,7 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     ctx = ctx or Context()
     ctx.tokenizer, ctx.calib_data, ctx.train_data, ctx.progress = tok, calib_data, train_data, progress
     ctx.work_dir, ctx.resume = work, resume
-    ctx.original = lambda: load_hf(src)[0]   # the teacher is re-read from disk only when a pass asks
+    ctx.original = lambda: load_hf(src, private=False)[0]  # re-read from disk (mapped) only when a pass asks
     preflight(model, recipe, ctx)           # refuse bad group sizes etc. before the hash and the work
     report = None
     if eval_data is not None:

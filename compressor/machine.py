@@ -4,18 +4,24 @@
     machine_info(threads=2)            # cpu, L3, cores, threads, torch and its CPU capability,
                                        # compressor's kernel backend, versions, date
 
+`release_memory()` hands the heap pages freed by a finished phase (a pass, the teacher) back to
+the OS, so they do not stay in the resident set under the next phase's allocations.
+
 One collector serves `compress-bench`, the developer benchmarks in ``benchmarks/`` and the
 ``versions`` of ``compression.json``, so a table and a checkpoint describe a machine the same way.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
+import gc
 import importlib.metadata as md
 import platform
+import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["versions", "machine_info", "cpu_model", "l3_cache"]
+__all__ = ["versions", "machine_info", "cpu_model", "l3_cache", "release_memory"]
 
 DEFAULT_PACKAGES = ("compressor", "torch", "transformers")
 
@@ -73,3 +79,13 @@ def machine_info(threads: int | None = None, packages: Sequence[str] = DEFAULT_P
         "versions": versions(packages),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):         # not glibc (musl): nothing to trim
+            pass

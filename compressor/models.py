@@ -210,8 +210,11 @@ def resolve(spec: str | os.PathLike) -> Path:
     raise ModelError(f"{s!r}: no such file or directory, and not a named model (known: {names})")
 
 
-def load_hf(path: Path, dtype=None):
-    """Load an fp model and tokenizer from an HF directory resolved by `resolve`."""
+def load_hf(path: Path, dtype=None, private: bool = True):
+    """Load an fp model and tokenizer from an HF directory resolved by `resolve`.
+
+    private: copy the weights out of the memory-mapped file (`_own_memory`), for a model that passes
+    will change; False leaves them mapped, for a read-only model (a teacher, a checkpoint's skeleton)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -219,6 +222,19 @@ def load_hf(path: Path, dtype=None):
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else AutoModel
     model = auto.from_pretrained(path, dtype=dtype or torch.float32)
+    if private:
+        _own_memory(model)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok
+
+
+def _own_memory(model) -> None:
+    """Give every parameter and buffer memory of its own, instead of pages of the memory-mapped
+    safetensors file. A mapped file stays resident as a whole while any tensor points into it, so a
+    pass that replaces the Linears would otherwise leave the old weights in the resident set (530 MB
+    for SmolLM2) beside the new ones. Ties survive: a shared parameter is one object, copied once."""
+    import torch
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()

@@ -60,14 +60,27 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, k)
 
 
+def mask_to_bits(mask: torch.Tensor) -> torch.Tensor:
+    """(N, K) bool -> (N, ceil(K/8)) uint8, bit j % 8 of byte j // 8 set where mask[:, j]."""
+    n, k = mask.shape
+    bits = torch.nn.functional.pad(mask, (0, (-k) % 8)).reshape(n, -1, 8).to(torch.uint8)
+    weights = (1 << torch.arange(8, dtype=torch.uint8, device=mask.device))     # little bit order
+    return (bits * weights).sum(-1, dtype=torch.uint8)
+
+
+def bits_to_mask(bitmask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `mask_to_bits`: the (N, K) bool mask."""
+    n, k = shape
+    if bitmask.shape != (n, (k + 7) // 8):
+        raise ValueError(f"bitmask shape {tuple(bitmask.shape)} does not match weight shape {tuple(shape)}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    return ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(n, -1)[:, :k]
+
+
 def pack_bitmask(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(bitmask (N, ceil(K/8)) uint8, values (nnz,), row_offsets (N,) int64) of the nonzeros of `w`."""
     mask = w != 0
-    n, k = mask.shape
-    pad = (-k) % 8
-    bits = torch.nn.functional.pad(mask, (0, pad)).reshape(n, -1, 8).to(torch.uint8)
-    weights = (1 << torch.arange(8, dtype=torch.uint8, device=w.device))     # little bit order
-    bitmask = (bits * weights).sum(-1, dtype=torch.uint8)
+    bitmask = mask_to_bits(mask)
     counts = mask.sum(1)
     row_offsets = torch.cumsum(counts, 0) - counts
     return bitmask, w[mask], row_offsets.to(torch.int64)
@@ -77,10 +90,7 @@ def unpack_bitmask(bitmask: torch.Tensor, values: torch.Tensor, shape: tuple[int
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of `pack_bitmask`: the dense (N, K) tensor."""
     n, k = shape
-    if bitmask.shape != (n, (k + 7) // 8):
-        raise ValueError(f"bitmask shape {tuple(bitmask.shape)} does not match weight shape {tuple(shape)}")
-    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
-    mask = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(n, -1)[:, :k]
+    mask = bits_to_mask(bitmask, shape)
     if int(mask.sum()) != values.numel():
         raise ValueError(f"bitmask marks {int(mask.sum())} weights but {values.numel()} values are stored")
     out = torch.zeros(n, k, dtype=dtype or values.dtype, device=values.device)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import kd
+from .machine import release_memory
 
 __all__ = ["distill_loss", "causal_lm_loss", "TokenWindows", "warmup_cosine", "rng_state", "set_rng_state",
            "save_state", "load_state", "train", "step_loss"]
@@ -270,6 +271,7 @@ def _teacher_targets(teacher, data: TokenWindows, steps: int, batch_size: int, l
     model = teacher().eval().requires_grad_(False)
     targets = kd.teacher_targets(model, data.windows, order[first], loss, top_k, batch_size, autocast, progress)
     del model
+    release_memory()                    # the teacher's pages go back before the student's steps need them
     if cache is not None:
         save_state(cache, {"key": key, "targets": targets.state()})
     return targets

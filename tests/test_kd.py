@@ -113,3 +113,35 @@ def test_hidden_state_loss_is_zero_for_the_teacher_itself_and_trains_the_blocks(
     model.zero_grad()
     assert kd.step(model, ids, loss, teacher=teacher) > 1e-4
     assert model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def _saved_bytes_and_grads(model, ids, loss, autocast):
+    """What autograd keeps for the backward pass of `kd.step`'s student forward (bytes, outside any
+    recomputation), and the loss and gradients the step gives."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    model.zero_grad(set_to_none=True)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        value = kd.step(model, ids, loss, targets=None, teacher=None, autocast=autocast)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = sum(n for ptr, n in saved.items() if ptr not in params)
+    return kept, value, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_recomputation_keeps_less_and_changes_nothing(tiny_llama, autocast):
+    model, _ = load_hf(tiny_llama)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    runs = {how: _saved_bytes_and_grads(model, ids, kd.Loss(kl=0.0, ce=1.0, chunk=16, recompute=how), autocast)
+            for how in kd.Recompute}
+    none, sel, full = (runs[h] for h in (kd.Recompute.NONE, kd.Recompute.SELECTIVE, kd.Recompute.FULL))
+    assert full[0] < sel[0] < none[0]
+    for kept, value, grads in (sel, full):
+        assert value == none[1]                                    # the same forward, bit for bit
+        assert grads.keys() == none[2].keys()
+        for n, g in grads.items():
+            torch.testing.assert_close(g, none[2][n], rtol=0, atol=0, msg=n)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.sparsity import (allocate, max_nonzeros_per_group, nm_mask, pack_bitmask, parse_pattern, row_mask,
+from compressor.sparsity import (allocate, bits_to_mask, mask_to_bits, max_nonzeros_per_group, nm_mask, pack_bitmask, parse_pattern, row_mask,
                                  unpack_bitmask)
 
 
@@ -79,3 +79,13 @@ def test_allocate_keeps_the_mean_and_orders_by_score():
     assert max(s) - min(s) == pytest.approx(0.16)
     assert s[3] < s[1] < s[2] < s[0]          # more outliers, fewer pruned
     assert allocate([0.2, 0.2], 0.5, 0.08) == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("k", [8, 13, 576])
+def test_mask_bits_round_trip_exactly(k):
+    mask = torch.rand(5, k, generator=torch.Generator().manual_seed(k)) > 0.5
+    bits = mask_to_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.shape == (5, (k + 7) // 8)
+    assert torch.equal(bits_to_mask(bits, (5, k)), mask)
+    with pytest.raises(ValueError, match="does not match"):
+        bits_to_mask(bits, (5, k + 8))
