@@ -53,8 +53,8 @@ class LowRankLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense product B A (out x in), for inspection; float factors only."""
-        return self.b.weight @ self.a.weight
+        """The dense product B A (out x in) in fp32, for inspection; a quantized factor is dequantized."""
+        return _dense(self.b, "b") @ _dense(self.a, "a")
 
     @property
     def n_params(self) -> int:
@@ -70,3 +70,12 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def _dense(factor: nn.Module, name: str) -> torch.Tensor:
+    if hasattr(factor, "dequantized_weight"):                  # QuantLinear, after lowrank -> gptq / rtn
+        return factor.dequantized_weight(torch.float32)
+    w = getattr(factor, "weight", None)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise TypeError(f"LowRankLinear.{name} is a {type(factor).__name__} without a float or dequantizable weight")
+    return w.float()

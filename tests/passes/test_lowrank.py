@@ -119,6 +119,9 @@ def test_lowrank_then_gptq_quantizes_both_factors(tiny_llama, calib_file, tmp_pa
     x = torch.randint(0, 200, (1, 24))
     with torch.no_grad():
         assert torch.equal(compressor.load(tmp_path / "out")(x).logits, res.model(x).logits)
+        m = low[0]                                    # the dense view dequantizes both factors
+        xin = torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(xin @ m.weight.T, m(xin), rtol=2e-2, atol=2e-2)
 
 
 def test_fixed_rank_and_dense_when_no_saving(tiny_llama, one_thread):
