@@ -194,21 +194,34 @@ def _capture(blocks: nn.ModuleList, layers: tuple[int, ...]):
 
 @dataclass
 class TeacherTargets:
-    """Per training window w: ``idx[w]`` (L, k) int32 top-k token ids, ``logp[w]`` (L, k + 1) float32
-    their log-probabilities at temperature T and the tail's, ``hidden[i][w]`` (L, D) float32 the
-    output of decoder block i. Windows the run never visits are not computed (`have`)."""
+    """The teacher's side of the loss for the windows the run visits, one row per visited window:
+    ``slot[w]`` is window w's row (-1 if the run never visits it), ``idx[row]`` (L, k) int32 the top-k
+    token ids, ``logp[row]`` (L, k + 1) float32 their log-probabilities at temperature T and the
+    tail's, ``hidden[i][row]`` (L, D) float32 the output of decoder block i."""
     idx: torch.Tensor
     logp: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
-    have: torch.Tensor | None = None
+    slot: torch.Tensor | None = None
+
+    @property
+    def have(self) -> torch.Tensor:
+        """(n,) bool: which windows have targets."""
+        return self.slot >= 0
+
+    def rows(self, windows: torch.Tensor) -> torch.Tensor:
+        """The rows of `windows` (B,); KeyError-like ValueError if one was never computed."""
+        r = self.slot[windows]
+        if bool((r < 0).any()):
+            raise ValueError(f"no teacher targets for windows {windows[r < 0].tolist()}")
+        return r
 
     def state(self) -> dict:
         return {"idx": self.idx, "logp": self.logp, "hidden": {str(k): v for k, v in self.hidden.items()},
-                "have": self.have}
+                "slot": self.slot}
 
     @classmethod
     def from_state(cls, st: dict) -> "TeacherTargets":
-        return cls(st["idx"], st["logp"], {int(k): v for k, v in st["hidden"].items()}, st["have"])
+        return cls(st["idx"], st["logp"], {int(k): v for k, v in st["hidden"].items()}, st["slot"])
 
 
 @torch.inference_mode()
@@ -222,12 +235,14 @@ def teacher_targets(teacher: nn.Module, windows: torch.Tensor, visit: torch.Tens
     blocks = decoder_blocks(teacher) if loss.hidden_layers else None
     V = head.out_features
     k = min(k, V - 1)
-    idx = torch.zeros(n, L, k, dtype=torch.int32)
-    logp = torch.zeros(n, L, k + 1)
+    m = len(visit)
+    idx = torch.zeros(m, L, k, dtype=torch.int32)
+    logp = torch.zeros(m, L, k + 1)
     hidden: dict[int, torch.Tensor] = {}
-    have = torch.zeros(n, dtype=torch.bool)
-    for s in tqdm(range(0, len(visit), batch_size), desc="teacher", unit="batch", disable=not progress):
-        w = visit[s:s + batch_size]
+    slot = torch.full((n,), -1, dtype=torch.int64)
+    slot[visit] = torch.arange(m)
+    for s in tqdm(range(0, m, batch_size), desc="teacher", unit="batch", disable=not progress):
+        w, r = visit[s:s + batch_size], slice(s, s + batch_size)
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None), \
                 (_capture(blocks, loss.hidden_layers) if blocks is not None else _nothing()) as got:
             h = body(input_ids=windows[w], use_cache=False).last_hidden_state           # (b, L, D)
@@ -238,12 +253,11 @@ def teacher_targets(teacher: nn.Module, windows: torch.Tensor, visit: torch.Tens
                 top = z.topk(k, dim=-1).indices
                 tops.append(top)
                 lps.append(bucket_logprobs(z, top))
-        idx[w] = torch.cat(tops).view(len(w), L, k).to(torch.int32)
-        logp[w] = torch.cat(lps).view(len(w), L, k + 1)
+        idx[r] = torch.cat(tops).view(len(w), L, k).to(torch.int32)
+        logp[r] = torch.cat(lps).view(len(w), L, k + 1)
         for i, t in (got or {}).items():
-            hidden.setdefault(i, torch.zeros(n, L, t.shape[-1]))[w] = t.float()
-        have[w] = True
-    return TeacherTargets(idx, logp, hidden, have)
+            hidden.setdefault(i, torch.zeros(m, L, t.shape[-1]))[r] = t.float()
+    return TeacherTargets(idx, logp, hidden, slot)
 
 
 @contextmanager
@@ -285,7 +299,8 @@ def step(model: nn.Module, ids: torch.Tensor, loss: Loss, *, teacher: nn.Module 
         t_flat = t_flat.clone()                                  # an ordinary tensor, usable in autograd
         t_hidden = {i: t.float().clone() for i, t in (t_got or {}).items()}
     elif targets is not None:
-        t_hidden = {i: targets.hidden[i][windows] for i in layers}
+        slots = targets.rows(windows)                                 # (B,) rows of the cache
+        t_hidden = {i: targets.hidden[i][slots] for i in layers}
     hd = h.detach().requires_grad_(True)
     flat = hd.reshape(N, -1)
     nxt = torch.cat([ids[:, 1:], torch.full((B, 1), -100, dtype=ids.dtype)], dim=1).reshape(N)  # -100: no target
@@ -300,7 +315,7 @@ def step(model: nn.Module, ids: torch.Tensor, loss: Loss, *, teacher: nn.Module 
         if loss.kl > 0:
             zs = z / T if T != 1 else z
             if targets is not None:
-                rows = windows.repeat_interleave(L)[c:e], torch.arange(c, e) % L
+                rows = slots.repeat_interleave(L)[c:e], torch.arange(c, e) % L
                 top = targets.idx[rows].long()
                 ls, lt = bucket_logprobs(zs, top), targets.logp[rows]
             else:

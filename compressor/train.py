@@ -260,7 +260,7 @@ def _teacher_targets(teacher, data: TokenWindows, steps: int, batch_size: int, l
     key = {"fingerprint": fingerprint, "top_k": top_k, "steps": steps, "batch_size": batch_size}
     if cache is not None and cache.exists():
         st = load_state(cache)
-        if st.get("key") == key:
+        if st.get("key") == key and "slot" in st.get("targets", {}):      # (an older layout is recomputed)
             return kd.TeacherTargets.from_state(st["targets"])
     order = torch.cat([data.indices(s, batch_size) for s in range(steps)])
     first = torch.ones(len(order), dtype=torch.bool)

@@ -88,10 +88,10 @@ def test_cached_top_k_targets_match_the_live_teacher_when_k_covers_the_vocabular
     loss = kd.Loss(kl=1.0, temperature=1.5, chunk=10)
     w = torch.tensor([3, 1])
     small = kd.teacher_targets(teacher, windows, torch.tensor([1, 3]), loss, k=8, batch_size=2, progress=False)
-    assert small.have.tolist() == [False, True, False, True, False] and small.idx.shape == (5, 12, 8)
+    assert small.have.tolist() == [False, True, False, True, False] and small.idx.shape == (2, 12, 8)
     with torch.no_grad():
         t = teacher(input_ids=windows[w]).logits / 1.5
-    assert torch.equal(small.idx[w].long(), t.topk(8, -1).indices)
+    assert torch.equal(small.idx[small.rows(w)].long(), t.topk(8, -1).indices)
     live = kd.step(model, windows[w], loss, teacher=teacher)
     model.zero_grad()
     cached_small = kd.step(model, windows[w], loss, targets=small, windows=w)
@@ -139,7 +139,8 @@ def test_recomputation_keeps_less_and_changes_nothing(tiny_llama, autocast):
     runs = {how: _saved_bytes_and_grads(model, ids, kd.Loss(kl=0.0, ce=1.0, chunk=16, recompute=how), autocast)
             for how in kd.Recompute}
     none, sel, full = (runs[h] for h in (kd.Recompute.NONE, kd.Recompute.SELECTIVE, kd.Recompute.FULL))
-    assert full[0] < sel[0] < none[0]
+    # (the matmul outputs that `selective` keeps live in the checkpoint's own cache, out of the hooks' sight)
+    assert full[0] < none[0] / 2 and sel[0] < none[0] / 2
     for kept, value, grads in (sel, full):
         assert value == none[1]                                    # the same forward, bit for bit
         assert grads.keys() == none[2].keys()

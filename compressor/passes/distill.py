@@ -5,9 +5,9 @@ What trains (`trainable`, keywords and regexes, combined):
 
 * ``float``: the weights and biases of every float Linear left in the student (targets/ignore
   choose them; the tied head and the embeddings are ignored by default) and every norm. A pruned
-  layer (`SparseLinear`) trains through its mask: its gradient is masked, so AdamW (no weight
-  decay) never moves a zero, and 50% stays exactly 50%, 2:4 stays 2:4. Structurally pruned and
-  low-rank layers keep their shapes.
+  layer (`SparseLinear`) trains its kept values only (`_Kept`): its zeros are not parameters, so
+  50% stays exactly 50%, 2:4 stays 2:4, and its gradient and optimizer state are half the size.
+  Structurally pruned and low-rank layers keep their shapes.
 * ``norms``: the weights of the normalization layers only.
 * ``scales``: the per-group scales of the integer-quantized layers, as the ``peqa`` pass trains them
   (`peqa.swap_in_scale_tuned`): the integer codes stay, the checkpoint keeps its GPTQ layout.
@@ -44,7 +44,6 @@ import torch.nn as nn
 from .. import kd
 from ..nn.qlinear import QuantLinear
 from ..nn.sparse import SparseLinear
-from ..sparsity import bits_to_mask, mask_to_bits
 from .base import FLOATS, Context, State, register_pass, select_linears
 from .peqa import PEQAConfig, swap_back, swap_in_scale_tuned
 from .training import Teacher, TrainingConfig, check_enum
@@ -77,23 +76,48 @@ def trainable_parameters(model: nn.Module, spec: tuple[str, ...], targets, ignor
     return out
 
 
-def _mask_gradient(layer: SparseLinear) -> None:
-    """Zero the pruned weights' gradient in every backward pass. The mask is kept as bits (1/8 of a
-    bool mask: 13 MB instead of 106 MB for SmolLM2's Linears) and unpacked one layer at a time."""
-    bits, shape = mask_to_bits(layer.mask), tuple(layer.weight.shape)
-    layer.weight.register_hook(lambda g: g.masked_fill(~bits_to_mask(bits, shape), 0))
-    layer._distill_mask = bits
+class _Kept(nn.Module):
+    """Parametrization of a pruned layer's weight by its kept values alone: ``weight`` is the dense
+    (out, in) matrix with `values` (nnz,) at the mask's positions (row-major) and zeros elsewhere.
+    The pruned weights are not parameters at all, so they stay exactly zero, and the gradient and
+    AdamW's two moments are nnz long: half the memory at 50%, for the same updates. The dense weight
+    is built at each forward (and again when the backward pass recomputes the block): `index_put`
+    with a bool mask, which on CPU is 1.7x faster than `masked_scatter` and 3x faster than unpacking
+    a bit mask first."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", weight != 0, persistent=False)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(self.mask.shape).index_put((self.mask,), values)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight[self.mask]
+
+
+def _train_kept_values(layer: SparseLinear) -> nn.Parameter:
+    """Parametrize `layer.weight` by its kept values (`_Kept`); returns the new trainable parameter."""
+    from torch.nn.utils import parametrize
+    parametrize.register_parametrization(layer, "weight", _Kept(layer.weight.detach()), unsafe=True)
+    values = layer.parametrizations.weight.original
+    values.requires_grad_(True)
+    return values
 
 
 def _seal(layer: SparseLinear) -> None:
-    """Round the trained kept weights to fp16 (their stored form) without losing any to zero: a kept
-    weight that would round to 0 is stored as +-2^-24, so the mask, and the sparsity, hold exactly."""
-    mask = bits_to_mask(layer.__dict__.pop("_distill_mask"), tuple(layer.weight.shape))
+    """Back to a plain dense weight, its kept values rounded to fp16 (their stored form) without
+    losing any to zero: a kept weight that would round to 0 is stored as +-2^-24, so the mask, and
+    the sparsity, hold exactly."""
+    from torch.nn.utils import parametrize
+    mask = layer.parametrizations.weight[0].mask
+    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     with torch.no_grad():
         w = layer.weight.mul_(mask).to(torch.float16)
         tiny = torch.full_like(w, 2.0 ** -24) * torch.where(layer.weight < 0, -1.0, 1.0).to(w.dtype)
         w = torch.where(mask & (w == 0), tiny, w)
         layer.weight.copy_(w.to(layer.weight.dtype))
+    layer.weight.requires_grad_(False)
 
 
 @register_pass("distill")
@@ -227,12 +251,13 @@ class DistillConfig(TrainingConfig):
             isinstance(m, QuantLinear) for m in model.modules()) else {}
         params = trainable_parameters(model, self.trainable, self.targets, self.ignore)
         scales = {n.removesuffix(".log_gain") for n in params if n.endswith(".log_gain")}
-        ids = {id(p) for p in params.values()}
-        sparse = [m for m in model.modules() if isinstance(m, SparseLinear) and id(m.weight) in ids]
+        by_id = {id(p): n for n, p in params.items()}
+        sparse = [m for m in model.modules() if isinstance(m, SparseLinear) and id(m.weight) in by_id]
         for p in params.values():
             p.requires_grad_(True)
-        for m in sparse:
-            _mask_gradient(m)
+        for m in sparse:                     # a pruned layer trains its kept values only
+            name = by_id[id(m.weight)]
+            params[name] = _train_kept_values(m)
         teacher_fn = None
         if self.loss.needs_teacher:
             teacher_fn = self._teacher_once(ctx, model)
