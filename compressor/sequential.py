@@ -204,6 +204,8 @@ def residual_update(block: nn.Module, inp: BlockInputs, out: BlockInputs, name: 
     residual sum, so the change is x @ delta^T. The assumption is checked on the first batch
     against a real forward; if it does not hold, every batch is recomputed.
     """
+    if delta.shape[0] != out.hidden[0].shape[-1]:       # its output is not the block's width (up_proj alone)
+        return run_block(block, inp)
     new = [y + F.linear(xi, delta.to(xi.dtype)).reshape(y.shape) for y, xi in zip(out.hidden, x)]
     check = run_block(block, BlockInputs(inp.hidden[:1], inp.kwargs)).hidden[0]
     err = (check - new[0]).norm() / check.norm().clamp_min(1e-30)

@@ -50,6 +50,18 @@ def test_residual_update_falls_back_when_not_residual(tiny_llama):
     assert all(torch.equal(a, b) for a, b in zip(fixed.hidden, real.hidden))
 
 
+def test_residual_update_falls_back_when_wider_than_the_block(tiny_llama):
+    """up_proj alone as the last group (gate and down kept dense by a pass): its output is the MLP
+    width, not the block's, so the update cannot be a residual sum; it must fall back, not fail."""
+    block, inp = _setup(tiny_llama)
+    x, out = last_group_inputs(block, inp, "mlp.up_proj", lambda t: None)
+    delta = 0.5 * torch.randn_like(block.mlp.up_proj.weight)
+    block.mlp.up_proj.weight.data += delta
+    fixed = residual_update(block, inp, out, "mlp.up_proj", x, delta)
+    real = run_block(block, inp)
+    assert all(torch.equal(a, b) for a, b in zip(fixed.hidden, real.hidden))
+
+
 def test_collect_inputs_can_store_half(tiny_llama):
     block, inp = _setup(tiny_llama)
     got, _ = collect_inputs(block, inp, ["mlp.down_proj"], store=torch.float16)
