@@ -1,6 +1,7 @@
 """Layer-sequential helpers: the one-forward shortcuts must equal the plain forwards they replace."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from compressor.models import load_hf
@@ -39,25 +40,17 @@ def test_residual_update_matches_a_real_forward(tiny_llama):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_residual_update_falls_back_when_not_residual(tiny_llama):
-    """q_proj does not reach the output through a residual sum: the check must catch it."""
+@pytest.mark.parametrize("name", ["self_attn.q_proj", "mlp.up_proj"])
+def test_residual_update_falls_back_when_not_residual(tiny_llama, name):
+    """q_proj does not reach the output through a residual sum: the check must catch it. up_proj
+    alone as the last group (gate and down kept dense by a pass) outputs the MLP width, not the
+    block's: it must fall back too, not fail on the reshape."""
     block, inp = _setup(tiny_llama)
-    x, out = last_group_inputs(block, inp, "self_attn.q_proj", lambda t: None)
-    delta = 0.5 * torch.randn_like(block.self_attn.q_proj.weight)
-    block.self_attn.q_proj.weight.data += delta
-    fixed = residual_update(block, inp, out, "self_attn.q_proj", x, delta)
-    real = run_block(block, inp)
-    assert all(torch.equal(a, b) for a, b in zip(fixed.hidden, real.hidden))
-
-
-def test_residual_update_falls_back_when_wider_than_the_block(tiny_llama):
-    """up_proj alone as the last group (gate and down kept dense by a pass): its output is the MLP
-    width, not the block's, so the update cannot be a residual sum; it must fall back, not fail."""
-    block, inp = _setup(tiny_llama)
-    x, out = last_group_inputs(block, inp, "mlp.up_proj", lambda t: None)
-    delta = 0.5 * torch.randn_like(block.mlp.up_proj.weight)
-    block.mlp.up_proj.weight.data += delta
-    fixed = residual_update(block, inp, out, "mlp.up_proj", x, delta)
+    x, out = last_group_inputs(block, inp, name, lambda t: None)
+    lin = block.get_submodule(name)
+    delta = 0.5 * torch.randn_like(lin.weight)
+    lin.weight.data += delta
+    fixed = residual_update(block, inp, out, name, x, delta)
     real = run_block(block, inp)
     assert all(torch.equal(a, b) for a, b in zip(fixed.hidden, real.hidden))
 
