@@ -170,7 +170,9 @@ def _lowrank_stats(model, dest: Path) -> dict:
     from compressor.models import resolve
     ref = _meta_model(AutoConfig.from_pretrained(resolve("smollm2-135m")))     # shapes only, no weights read
     dense = sum(m.weight.numel() for n, m in ref.named_modules() if ".layers." in n and n.endswith("_proj"))
-    kept = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and "_proj." in n)
+    kept = sum(m.in_features * m.out_features for n, m in model.named_modules()      # float or quantized
+               if ".layers." in n and "_proj" in n and not hasattr(m, "rank")
+               and isinstance(getattr(m, "in_features", None), int))
     with safe_open(str(dest / "model.safetensors"), "pt") as f:
         stored = sum(_nbytes(f.get_slice(k)) for k in f.keys() if ".layers." in k and "_proj." in k)
     meta = json.loads((dest / "compression.json").read_text())

@@ -9,14 +9,24 @@ Three ways to choose the factors, all a truncated SVD of ``W S`` for some input 
     (``S Sᵀ = H = 2 XᵀX / n``, `compressor.hessian`, the matrix GPTQ uses), so the output error
     ``tr(D H Dᵀ)`` of the truncation equals the sum of the discarded σ² of ``W S`` (`truncation_loss`).
 
+Fisher weighting of the outputs (``fisher_windows``, 16 by default; asvd and svd-llm): one forward and
+backward of the float model on that many calibration windows gives each targeted layer's output
+Fisher ``f_i = E[(∂loss/∂y_i)²]`` per output channel (`output_fisher`). The fit then minimizes
+``‖diag(√f) (W - B A) S‖_F`` (FWSVD, Hsu et al. 2022, on the output side, combined with the
+whitening), and its discarded σ² estimate the loss increase itself, in the same units for every
+layer. Without it the ranks are allocated from each layer's discarded energy as a fraction of its own
+(``‖W S‖²``), which treats a layer the loss barely feels like one it feels strongly: on SmolLM2 at 80%
+kept (16 windows), svd-llm gives 62.4 ppl so, 31.1 with the Fisher (fp32 20.7); the absolute
+whitened energy without the Fisher is worse still (334).
+
 Ranks: ``rank`` fixes one rank for every layer; ``target`` (0.8: keep 80% of the targeted Linears'
-parameters) allocates them (`allocate_ranks`) from every layer's spectrum in that same space: the
-discarded ``σ²`` as a fraction of the layer's output energy ``‖W S‖²``, greedily by loss saved per
-parameter, in steps of ``multiple`` (8). A layer whose rank would not save parameters
+parameters) allocates them (`allocate_ranks`) from every layer's spectrum in that space, greedily by
+loss saved per parameter, in steps of ``multiple`` (8). A layer whose rank would not save parameters
 (``r (in + out) ≥ in · out``) stays dense. The spectra come from one layer-wise sweep of the model as
 it is; the factorization then runs layer-wise again, each block on inputs that went through the
 blocks already factorized (and each group on its block's earlier groups), so later blocks fit what
-earlier ones left. Per-layer ranks go into compression.json.
+earlier ones left. ``fp_target`` (as gptq's) aims each fit at the float model's output on the float
+stream instead (56.7 against 62.4 without the Fisher). Per-layer ranks go into compression.json.
 
 Sample recipe::
 
@@ -37,6 +47,7 @@ import torch.nn as nn
 from ..layerwise import check_in_blocks, layerwise
 from ..nn.lowrank import LowRankLinear
 from .base import Context, PassConfig, State, register_pass
+from .gptq import FPTarget
 
 __all__ = ["Method", "whitener", "factorize", "truncation_loss", "allocate_ranks", "LowRankConfig"]
 
@@ -72,18 +83,26 @@ def _unapply(A: torch.Tensor, S: torch.Tensor | None) -> torch.Tensor:
     return torch.linalg.solve_triangular(S, A, upper=False, left=False)
 
 
-def spectrum(W: torch.Tensor, S: torch.Tensor | None = None) -> torch.Tensor:
-    """Singular values of ``W S``, descending (float64)."""
-    return torch.linalg.svdvals(_apply(W.double(), S))
-
-
-def factorize(W: torch.Tensor, rank: int, S: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (rank x in), B (out x rank), float32, with ``B A`` the best rank-r fit of W in S's norm:
-    ``‖(W - B A) S‖_F`` is minimal (S: None, a diagonal as a vector, or a lower-triangular matrix)."""
+def _weigh(W: torch.Tensor, S: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
     M = _apply(W.double(), S)
-    U, sig, Vh = torch.linalg.svd(M, full_matrices=False)
+    return M if rows is None else M * rows.double()[:, None]
+
+
+def spectrum(W: torch.Tensor, S: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Singular values of ``diag(rows) W S``, descending (float64)."""
+    return torch.linalg.svdvals(_weigh(W, S, rows))
+
+
+def factorize(W: torch.Tensor, rank: int, S: torch.Tensor | None = None, rows: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (rank x in), B (out x rank), float32, with ``B A`` the best rank-r fit of W in the weighted
+    norm ``‖diag(rows) (W - B A) S‖_F`` (S: None, a diagonal as a vector, or a lower-triangular
+    matrix; rows: None or a positive weight per output channel)."""
+    U, sig, Vh = torch.linalg.svd(_weigh(W, S, rows), full_matrices=False)
     root = sig[:rank].sqrt()
     B = U[:, :rank] * root
+    if rows is not None:
+        B = B / rows.double()[:, None]
     A = _unapply(root[:, None] * Vh[:rank], S)
     return A.float(), B.float()
 
@@ -94,8 +113,8 @@ def truncation_loss(W: torch.Tensor, W_r: torch.Tensor, H: torch.Tensor) -> floa
     return float(torch.einsum("ij,jk,ik->", D, H.double(), D))
 
 
-def allocate_ranks(layers: dict[str, tuple[int, int, torch.Tensor]], target: float, multiple: int = 8
-                   ) -> dict[str, int | None]:
+def allocate_ranks(layers: dict[str, tuple[int, int, torch.Tensor]], target: float, multiple: int = 8,
+                   relative: bool = True) -> dict[str, int | None]:
     """Ranks that keep about `target` of the layers' parameters, None for a layer left dense.
 
     `layers`: name -> (out, in, σ descending). The loss of rank r is the discarded ``Σ_{i≥r} σ_i²``
@@ -122,7 +141,7 @@ def allocate_ranks(layers: dict[str, tuple[int, int, torch.Tensor]], target: flo
 
     for name, (n, k, sig) in layers.items():
         e = sig.double().square()
-        energy[name] = e / e.sum().clamp_min(1e-30)
+        energy[name] = e / e.sum().clamp_min(1e-30) if relative else e
         if multiple * (n + k) >= n * k or multiple >= len(e):    # even the smallest rank saves nothing
             rank[name] = None
             used += n * k
@@ -146,16 +165,44 @@ def allocate_ranks(layers: dict[str, tuple[int, int, torch.Tensor]], target: flo
     return rank
 
 
+def output_fisher(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Per output channel of each target Linear, the mean squared gradient of the LM loss (float64)."""
+    acc = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in targets.items()}
+    hooks = []
+    for n, m in targets.items():
+        def fwd(mod, args, out, n=n):
+            if out.requires_grad:
+                out.register_hook(lambda g: (acc[n].add_(g.reshape(-1, g.shape[-1]).double().square().sum(0)), None)[1])
+        hooks.append(m.register_forward_hook(fwd))
+    emb = model.get_input_embeddings()
+    hooks.append(emb.register_forward_hook(lambda mod, a, out: out.requires_grad_()))
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for x in ids:
+                x = x[None]
+                model(input_ids=x, labels=x).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+    return {n: a / len(ids) for n, a in acc.items()}
+
+
 def kept_params(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> int:
     return sum(n * k if ranks[m] is None else ranks[m] * (n + k) for m, (n, k) in shapes.items())
 
 
 @register_pass("lowrank")
 @dataclass(frozen=True)
-class LowRankConfig(PassConfig):
+class LowRankConfig(PassConfig, FPTarget):
     """method: svd | asvd | svd-llm. target: fraction of the targeted parameters kept, in (0, 1);
     or rank: one rank for every targeted layer. multiple: rank rounding. percdamp: ridge of the
-    whitening (svd-llm). alpha: exponent of ASVD's channel scale."""
+    whitening (svd-llm). alpha: exponent of ASVD's channel scale. fisher_windows: calibration windows
+    of the output-Fisher weighting (0: none). fp_target*: see gptq."""
     changes_shapes = True
     accepts = frozenset({State.FLOAT})              # not sparse (the zeros would go), not factorized twice
 
@@ -165,6 +212,7 @@ class LowRankConfig(PassConfig):
     multiple: int = 8
     percdamp: float = 0.01
     alpha: float = 0.5
+    fisher_windows: int = 16
 
     def __post_init__(self):
         super().__post_init__()
@@ -183,6 +231,10 @@ class LowRankConfig(PassConfig):
             raise ValueError(f"lowrank.multiple={self.multiple!r} must be a positive integer (8 or 16)")
         if not 0 < self.percdamp < 1:
             raise ValueError(f"lowrank.percdamp={self.percdamp!r} must be in (0, 1)")
+        self.check_fp_target()
+        if isinstance(self.fisher_windows, bool) or not isinstance(self.fisher_windows, int) or self.fisher_windows < 0:
+            raise ValueError(f"lowrank.fisher_windows={self.fisher_windows!r} must be an integer >= 0 (0: no Fisher "
+                             f"weighting)")
         if not 0 < self.alpha <= 1:
             raise ValueError(f"lowrank.alpha={self.alpha!r} must be in (0, 1]")
 
@@ -207,15 +259,26 @@ class LowRankConfig(PassConfig):
             check_in_blocks(model, mods, self.name)
 
     # --- the transform S of each layer -------------------------------------------------------
-    def _transform(self, blk, grp: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _transform(self, blk, grp: list[str], h=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(S, H) for a group: S per `method`, and H (for the recorded output error)."""
         if self.method is Method.SVD_LLM:
-            h = blk.hessian(grp).H
+            h = (h or blk.hessian(grp)).H
             return whitener(h, self.percdamp), h
         if self.method is Method.ASVD:
             s = blk.input_stats(grp).mean_abs.double().clamp_min(1e-6) ** self.alpha
             return s, None
         return None, None
+
+    @property
+    def uses_fisher(self) -> bool:
+        return self.method is not Method.SVD and self.fisher_windows > 0
+
+    def _rows(self, name: str) -> torch.Tensor | None:
+        """sqrt of the layer's output Fisher (damped by 1% of its mean), or None without it."""
+        if self._fisher is None:
+            return None
+        f = self._fisher[name]
+        return (f + 0.01 * f.mean()).sqrt()
 
     def _ranks(self, model: nn.Module, ctx: Context, targets: dict[str, nn.Linear]) -> dict[str, int | None]:
         shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
@@ -229,12 +292,16 @@ class LowRankConfig(PassConfig):
                 for grp in blk.groups:
                     S, _ = self._transform(blk, grp)
                     for name in grp:
-                        spectra[blk.full_name(name)] = spectrum(blk.linears[name].weight.data, S)
-        return allocate_ranks({n: (*shapes[n], spectra[n]) for n in targets}, float(self.target), self.multiple)
+                        spectra[blk.full_name(name)] = spectrum(blk.linears[name].weight.data, S,
+                                                                self._rows(blk.full_name(name)))
+        return allocate_ranks({n: (*shapes[n], spectra[n]) for n in targets}, float(self.target), self.multiple,
+                              relative=self._fisher is None)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         targets = self.modules(model)
+        object.__setattr__(self, "_fisher", output_fisher(model, ctx.calibration()[:self.fisher_windows], targets)
+                           if self.uses_fisher else None)
         ranks = self._ranks(model, ctx, targets)
         shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
         total, kept = sum(o * i for o, i in shapes.values()), kept_params(shapes, ranks)
@@ -246,15 +313,18 @@ class LowRankConfig(PassConfig):
             for name, lin in todo.items():
                 self._swap(model, ctx, name, lin, *factorize(lin.weight.data, ranks[name]), H=None, sec=0.0)
             return model
-        for blk in layerwise(model, ctx.calibration(), todo, ctx, f"lowrank {self.method.value}"):
+        for blk in layerwise(model, ctx.calibration(), todo, ctx, f"lowrank {self.method.value}",
+                             self.reference_windows):
             done = {}
             for grp in blk.groups:
                 t0 = time.perf_counter()
-                S, H = self._transform(blk, grp)
+                h = blk.hessian(grp) if self.method is Method.SVD_LLM or self.fp_target else None
+                S, H = self._transform(blk, grp, h)
                 for name in grp:
                     lin = blk.linears[name]
-                    A, B = factorize(lin.weight.data, ranks[blk.full_name(name)], S)
                     W = lin.weight.data
+                    Wt = W if h is None else FPTarget.target(self, W, h)
+                    A, B = factorize(Wt, ranks[blk.full_name(name)], S, self._rows(blk.full_name(name)))
                     lin.weight.data = (B @ A).to(W.dtype)                   # later groups see the factorized layer
                     done[name] = (lin, W, A, B, H, time.perf_counter() - t0)
             blk.advance()

@@ -11,7 +11,8 @@ from compressor.hessian import Hessian
 from compressor.models import load_hf
 from compressor.nn import LowRankLinear, QuantLinear
 from compressor.passes import Context
-from compressor.passes.lowrank import allocate_ranks, factorize, kept_params, spectrum, truncation_loss, whitener
+from compressor.passes.lowrank import (allocate_ranks, factorize, kept_params, output_fisher, spectrum, truncation_loss,
+                                       whitener)
 from compressor.recipe import RecipeError, parse_recipe
 
 
@@ -45,6 +46,37 @@ def test_svd_llm_truncation_loss_is_the_discarded_singular_values(rank):
     # and no other rank-r matrix does better: plain SVD's factors lose more on the same inputs
     A0, B0 = factorize(W, rank)
     assert truncation_loss(W, B0.double() @ A0.double(), S @ S.T) > direct
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+def test_fisher_weighted_fit_is_the_discarded_singular_values(rank):
+    """With output weights r: ‖diag(r)(W - BA)S‖² is the discarded σ² of diag(r) W S, and beats the unweighted fit."""
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(48, 64, generator=g, dtype=torch.float64)
+    S = whitener(_hessian(_correlated(64).double()), percdamp=1e-9)
+    r = torch.rand(48, generator=g, dtype=torch.float64).mul(4).exp()
+    A, B = factorize(W, rank, S, r)
+    loss = lambda A, B: float((r[:, None] * (W - B.double() @ A.double()) @ S).square().sum())
+    assert loss(A, B) == pytest.approx(float(spectrum(W, S, r)[rank:].square().sum()), rel=1e-4)
+    assert loss(A, B) < loss(*factorize(W, rank, S))
+
+
+def test_output_fisher_is_the_mean_squared_output_gradient(tiny_llama, calib_file, one_thread):
+    model, tok = load_hf(tiny_llama)
+    ctx = Context(tokenizer=tok, calib_data=str(calib_file), calib_samples=3, calib_seqlen=32, progress=False)
+    ids = ctx.calibration()
+    name = "model.layers.1.mlp.down_proj"
+    lin = model.get_submodule(name)
+    f = output_fisher(model, ids, {name: lin})[name]
+    want = torch.zeros(lin.out_features, dtype=torch.float64)
+    for x in ids:                                   # direct: keep the layer output and take its gradient
+        out = {}
+        h = lin.register_forward_hook(lambda m, a, y: (y.retain_grad(), out.update(y=y))[-1])
+        model(input_ids=x[None], labels=x[None]).loss.backward()
+        h.remove()
+        want += out["y"].grad.reshape(-1, lin.out_features).double().square().sum(0)
+    model.zero_grad()
+    torch.testing.assert_close(f, want / len(ids), rtol=1e-4, atol=1e-12)
 
 
 def test_svd_is_eckart_young():
@@ -137,6 +169,7 @@ def test_fixed_rank_and_dense_when_no_saving(tiny_llama, one_thread):
     ({"lowrank": {"target": 0}}, r"target=0 must be"),
     ({"lowrank": {"method": "pca"}}, r"method='pca' is not one of"),
     ({"lowrank": {"rank": 0}}, r"rank=0 must be a positive integer"),
+    ({"lowrank": {"fisher_windows": -1}}, r"fisher_windows=-1 must be an integer >= 0"),
 ])
 def test_bad_settings_refused_at_parse(entry, match):
     with pytest.raises(RecipeError, match=match):
