@@ -165,7 +165,7 @@ class FPTarget:
         """What `layerwise(..., reference=)` takes: the float stream's window count, or None."""
         return self.fp_target_samples if self.fp_target else None
 
-    def target(self, W: torch.Tensor, h) -> torch.Tensor:
+    def aim(self, W: torch.Tensor, h) -> torch.Tensor:
         """The weights to aim at: W, or the float-stream correction of W when the Hessian has a reference."""
         return W if not h.has_reference else fp_target_correction(W, *h.reference_terms(), self.fp_target_damp)
 
@@ -221,7 +221,7 @@ class GPTQConfig(WeightQuantConfig, FPTarget):
                     t1 = time.perf_counter()
                     lin = blk.linears[name]
                     W = lin.weight.data
-                    target = self.target(W, h)
+                    target = self.aim(W, h)
                     q, scale, zero, g_idx, loss = gptq_quantize(target, h.H, self.bits, self.group_size, self.sym,
                                                                 self.blocksize, self.percdamp, self.act_order,
                                                                 self.clip_search)

@@ -16,7 +16,7 @@ Fisher ``f_i = E[(∂loss/∂y_i)²]`` per output channel (`output_fisher`). The
 whitening), and its discarded σ² estimate the loss increase itself, in the same units for every
 layer. Without it the ranks are allocated from each layer's discarded energy as a fraction of its own
 (``‖W S‖²``), which treats a layer the loss barely feels like one it feels strongly: on SmolLM2 at 80%
-kept (16 windows), svd-llm gives 62.4 ppl so, 31.1 with the Fisher (fp32 20.7); the absolute
+kept (16 windows), svd-llm gives 62.4 ppl without it and 31.1 with it (fp32 20.7); the absolute
 whitened energy without the Fisher is worse still (334).
 
 Ranks: ``rank`` fixes one rank for every layer; ``target`` (0.8: keep 80% of the targeted Linears'
@@ -43,13 +43,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..layerwise import check_in_blocks, layerwise
 from ..nn.lowrank import LowRankLinear
 from .base import Context, PassConfig, State, register_pass
 from .gptq import FPTarget
 
-__all__ = ["Method", "whitener", "factorize", "truncation_loss", "allocate_ranks", "LowRankConfig"]
+__all__ = ["Method", "whitener", "factorize", "truncation_loss", "allocate_ranks", "output_fisher", "LowRankConfig"]
 
 
 class Method(str, enum.Enum):
@@ -165,14 +166,18 @@ def allocate_ranks(layers: dict[str, tuple[int, int, torch.Tensor]], target: flo
     return rank
 
 
-def output_fisher(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    """Per output channel of each target Linear, the mean squared gradient of the LM loss (float64)."""
+def output_fisher(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Linear], progress: bool = False
+                  ) -> dict[str, torch.Tensor]:
+    """Per output channel of each target Linear, the mean squared gradient of the LM loss (float64),
+    over the windows `ids` (n, seqlen); the model's parameters get no gradient."""
     acc = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in targets.items()}
     hooks = []
     for n, m in targets.items():
-        def fwd(mod, args, out, n=n):
+        def fwd(mod, args, out, a=acc[n]):
+            def grad(g):
+                a.add_(g.reshape(-1, g.shape[-1]).double().square().sum(0))
             if out.requires_grad:
-                out.register_hook(lambda g: (acc[n].add_(g.reshape(-1, g.shape[-1]).double().square().sum(0)), None)[1])
+                out.register_hook(grad)
         hooks.append(m.register_forward_hook(fwd))
     emb = model.get_input_embeddings()
     hooks.append(emb.register_forward_hook(lambda mod, a, out: out.requires_grad_()))
@@ -181,7 +186,7 @@ def output_fisher(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Lin
         p.requires_grad_(False)
     try:
         with torch.enable_grad():
-            for x in ids:
+            for x in tqdm(ids, desc="lowrank output Fisher", unit="window", disable=not progress):
                 x = x[None]
                 model(input_ids=x, labels=x).loss.backward()
     finally:
@@ -262,7 +267,7 @@ class LowRankConfig(PassConfig, FPTarget):
     def _transform(self, blk, grp: list[str], h=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(S, H) for a group: S per `method`, and H (for the recorded output error)."""
         if self.method is Method.SVD_LLM:
-            h = (h or blk.hessian(grp)).H
+            h = (h if h is not None else blk.hessian(grp)).H
             return whitener(h, self.percdamp), h
         if self.method is Method.ASVD:
             s = blk.input_stats(grp).mean_abs.double().clamp_min(1e-6) ** self.alpha
@@ -273,14 +278,15 @@ class LowRankConfig(PassConfig, FPTarget):
     def uses_fisher(self) -> bool:
         return self.method is not Method.SVD and self.fisher_windows > 0
 
-    def _rows(self, name: str) -> torch.Tensor | None:
-        """sqrt of the layer's output Fisher (damped by 1% of its mean), or None without it."""
-        if self._fisher is None:
+    def _rows(self, model: nn.Module, ctx: Context, targets: dict[str, nn.Linear]) -> dict[str, torch.Tensor] | None:
+        """Each layer's output weights: sqrt of its output Fisher, damped by 1% of its mean; None without."""
+        if not self.uses_fisher:
             return None
-        f = self._fisher[name]
-        return (f + 0.01 * f.mean()).sqrt()
+        fisher = output_fisher(model, ctx.calibration()[:self.fisher_windows], targets, ctx.progress)
+        return {n: (f + 0.01 * f.mean()).sqrt() for n, f in fisher.items()}
 
-    def _ranks(self, model: nn.Module, ctx: Context, targets: dict[str, nn.Linear]) -> dict[str, int | None]:
+    def _ranks(self, model: nn.Module, ctx: Context, targets: dict[str, nn.Linear],
+               rows: dict[str, torch.Tensor] | None) -> dict[str, int | None]:
         shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
         if self.rank is not None:
             return {n: None if self.rank * (o + i) >= o * i else self.rank for n, (o, i) in shapes.items()}
@@ -292,17 +298,16 @@ class LowRankConfig(PassConfig, FPTarget):
                 for grp in blk.groups:
                     S, _ = self._transform(blk, grp)
                     for name in grp:
-                        spectra[blk.full_name(name)] = spectrum(blk.linears[name].weight.data, S,
-                                                                self._rows(blk.full_name(name)))
+                        full = blk.full_name(name)
+                        spectra[full] = spectrum(blk.linears[name].weight.data, S, rows[full] if rows else None)
         return allocate_ranks({n: (*shapes[n], spectra[n]) for n in targets}, float(self.target), self.multiple,
-                              relative=self._fisher is None)
+                              relative=rows is None)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         targets = self.modules(model)
-        object.__setattr__(self, "_fisher", output_fisher(model, ctx.calibration()[:self.fisher_windows], targets)
-                           if self.uses_fisher else None)
-        ranks = self._ranks(model, ctx, targets)
+        rows = self._rows(model, ctx, targets)
+        ranks = self._ranks(model, ctx, targets, rows)
         shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
         total, kept = sum(o * i for o, i in shapes.values()), kept_params(shapes, ranks)
         ctx.record("lowrank", params_dense=total, params_kept=kept, kept_fraction=round(kept / total, 6))
@@ -323,8 +328,8 @@ class LowRankConfig(PassConfig, FPTarget):
                 for name in grp:
                     lin = blk.linears[name]
                     W = lin.weight.data
-                    Wt = W if h is None else FPTarget.target(self, W, h)
-                    A, B = factorize(Wt, ranks[blk.full_name(name)], S, self._rows(blk.full_name(name)))
+                    full = blk.full_name(name)
+                    A, B = factorize(W if h is None else self.aim(W, h), ranks[full], S, rows[full] if rows else None)
                     lin.weight.data = (B @ A).to(W.dtype)                   # later groups see the factorized layer
                     done[name] = (lin, W, A, B, H, time.perf_counter() - t0)
             blk.advance()

@@ -191,7 +191,7 @@ class PruneStructuredConfig(PassConfig, FPTarget):
                 keep = torch.zeros(n_q * hd, dtype=torch.bool)
                 keep[q_rows] = True
                 attn = blk.module.self_attn
-                w_o = refit(self.target(o.weight.data, h), h.H, keep, self.percdamp) if self.refit else None
+                w_o = refit(self.aim(o.weight.data, h), h.H, keep, self.percdamp) if self.refit else None
                 for n, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
                     setattr(attn, n, slice_linear(getattr(attn, n), rows=rows))
                 attn.o_proj = slice_linear(o, cols=keep, weight=w_o)
@@ -206,7 +206,7 @@ class PruneStructuredConfig(PassConfig, FPTarget):
                 keep[torch.topk(imp, width).indices] = True
                 rows = keep.nonzero().flatten()
                 mlp = blk.module.mlp
-                w_d = refit(self.target(down.weight.data, h), h.H, keep, self.percdamp) if self.refit else None
+                w_d = refit(self.aim(down.weight.data, h), h.H, keep, self.percdamp) if self.refit else None
                 mlp.gate_proj = slice_linear(mlp.gate_proj, rows=rows)
                 mlp.up_proj = slice_linear(mlp.up_proj, rows=rows)
                 mlp.down_proj = slice_linear(down, cols=keep, weight=w_d)

@@ -194,7 +194,7 @@ class SparseGPTConfig(PruneConfig, FPTarget):
                     t1 = time.perf_counter()
                     lin = blk.linears[name]
                     W = lin.weight.data
-                    Wp, keep, packed, loss = sparsegpt_prune(self.target(W, h), h.H, sparsity[blk.full_name(name)],
+                    Wp, keep, packed, loss = sparsegpt_prune(self.aim(W, h), h.H, sparsity[blk.full_name(name)],
                                                              self.nm, self.blocksize, self.percdamp, quant)
                     if packed is None:
                         Wp = Wp.half().float()                     # as it will be stored
