@@ -103,11 +103,12 @@ class CompressResult:
     perplexity: PerplexityReport | None = None     # with eval_data
     kernels: str | None = None                     # what the checkpoint's quantized layers run on
     tasks: Any = None                              # compressor.tasks.TaskReport, with eval_tasks
+    format: str = "gptq"                           # what `out` holds (`compressor.export.FORMATS`)
 
 
 def dir_bytes(path: Path) -> int:
-    """Bytes of the weight files (safetensors) in a model directory."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    """Bytes of the weight files (safetensors, gguf) in a model directory."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in (".safetensors", ".gguf"))
 
 
 def work_dir_for(out: str | Path) -> Path:
@@ -139,6 +140,7 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
              train_data: str | None = None, eval_data: str | Path | None = None, eval_windows: int | None = None,
              seqlen: int = 2048, eval_tasks=None, task_data: str | Path | None = None, task_limit: int | None = None,
              task_precision: str = "auto", overwrite: bool = False, resume: bool = False, progress: bool = True,
+             format: str | None = None, export_options: dict[str, Any] | None = None,
              ctx: Context | None = None) -> CompressResult:
     """Resolve `model_spec`, apply `recipe` and write the result to `out` atomically.
 
@@ -154,9 +156,18 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     With `eval_tasks` (e.g. ``"hellaswag,piqa"``), `CompressResult.tasks` is a
     `compressor.tasks.TaskReport`: each task's accuracy for the original and for the result as saved
     (the checkpoint reloaded from disk), on the first `task_limit` items of the files in `task_data`.
+
+    `format` (with `export_options`), else the recipe's ``save: {format: ...}``, names what `out`
+    holds: the native checkpoint (``gptq``, the default) or an export (`compressor.export.FORMATS`).
+    For an export the native checkpoint is written to the work directory first; the reload check and
+    the task accuracy are measured on it, then it is repacked into `out` and removed.
     """
     out = Path(out)
     recipe = _as_recipe(recipe)
+    from .export import NATIVE, check_plan
+    save = {**({"format": format} if format else recipe.save), **(export_options or {})}
+    fmt = save.pop("format", NATIVE)
+    check_plan(fmt, save, recipe)           # unknown format / option, act-order for gguf, ...: before any work
     work = check_output(out, overwrite, resume)
     for flag, f in (("calibration", calib_data), ("training", train_data), ("evaluation", eval_data)):
         if f is not None and not Path(f).is_file():
@@ -175,6 +186,7 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     t0 = time.perf_counter()
     src = resolve(model_spec)
     model, tok = load_hf(src)
+    check_plan(fmt, save, recipe, getattr(model.config, "model_type", None))
     ctx = ctx or Context()
     ctx.tokenizer, ctx.calib_data, ctx.train_data, ctx.progress = tok, calib_data, train_data, progress
     ctx.work_dir, ctx.resume = work, resume
@@ -201,30 +213,37 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     extra = {"training": ctx.training} if ctx.training else {}
     if ctx.evals:
         extra["perplexity"] = ctx.evals
+    native = out if fmt == NATIVE else work / "checkpoint"      # an export is made from the native checkpoint
     if recipe.artifact == "adapter":
         checkpoint.save_adapter(model, tok, out, recipe=recipe.to_dict(), source=ctx.source,
                                 overwrite=overwrite, extra=extra)
     else:
-        checkpoint.save(model, tok, out, recipe=recipe.to_dict(), layer_stats=ctx.layer_stats, source=ctx.source,
-                        overwrite=overwrite, extra=extra)
-    shutil.rmtree(work, ignore_errors=True)
+        checkpoint.save(model, tok, native, recipe=recipe.to_dict(), layer_stats=ctx.layer_stats, source=ctx.source,
+                        overwrite=overwrite or native != out, extra=extra)
+    if native == out:
+        shutil.rmtree(work, ignore_errors=True)
     if report is not None:
         report.stages = list(ctx.evals.items())
-        _check_reload(report, model, out, recipe, eval_ids, evaluate, ctx.applied)
+        _check_reload(report, model, native, recipe, eval_ids, evaluate, ctx.applied)
     if task_report is not None:
-        saved = checkpoint.load(out) if recipe.artifact == "checkpoint" else model
+        saved = checkpoint.load(native) if recipe.artifact == "checkpoint" else model
         if recipe.artifact == "checkpoint":
             from .nn import prepare_
             prepare_(saved)
         task_report.compressed = _tasks.evaluate_items(saved, tok, task_items, precision=task_precision,
                                                        progress=progress, label="compressed")
         del saved
+    if native != out:
+        from .export import export
+        export(native, fmt, out, overwrite=overwrite, **save)
+        shutil.rmtree(work, ignore_errors=True)
     from . import kernels
     from .nn import QuantLinear
     quantized = any(isinstance(m, QuantLinear) for m in model.modules())
     return CompressResult(out=out, model=model, tokenizer=tok, seconds=time.perf_counter() - t0,
                           source_bytes=dir_bytes(src), out_bytes=dir_bytes(out), ctx=ctx, perplexity=report,
-                          kernels=kernels.backend() if quantized else None, tasks=task_report)
+                          kernels=kernels.backend() if quantized else None, tasks=task_report,
+                          format=fmt)
 
 
 def _check_reload(report: PerplexityReport, model: nn.Module, out: Path, recipe: Recipe, eval_ids, evaluate,

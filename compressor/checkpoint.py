@@ -67,6 +67,12 @@ def versions() -> dict[str, str]:
     return _versions(("compressor", "torch", "transformers", "safetensors", "peft", "bitsandbytes"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `dest`; rename it to `dest` only if the block completes.
@@ -79,6 +85,7 @@ def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"output {str(dest)!r} already exists; pass --overwrite to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())            # mkdtemp makes it 0700; the output gets a normal directory's mode
     try:
         yield tmp
         old = None

@@ -1,8 +1,9 @@
 """`compress`: the command line. It parses arguments and calls the Python API; nothing more.
 
     compress --recipe NAME_OR_PATH MODEL -o OUT [--calib-data FILE] [--train-data FILE]
-             [--eval-data FILE] [--eval-windows N] [--seqlen L] [--overwrite] [--resume]
+             [--eval-data FILE] [--eval-windows N] [--seqlen L] [--format F] [--overwrite] [--resume]
     compress recipes
+    compress export FORMAT CKPT -o OUT [--overwrite] [--pre-tokenizer NAME]   (gptq, gptq-v2, compressed-tensors, gguf)
 
 A recipe that needs calibration or training text and gets none uses `compressor.calib.default_text_file`
 ($COMPRESSOR_DATA/wikitext2-valid.tokens, else ../shared/data/wikitext2-valid.tokens) and says so.
@@ -36,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="matmul precision of task scoring (default auto: bf16 where the CPU has it natively)")
     p.add_argument("--max-acc-drop", type=float, help="exit 3 if a task's acc_norm drops significantly by more (pp); "
                                                       "the checkpoint is written either way")
+    p.add_argument("--format", help="write OUT in this format instead of the recipe's save: {format: ...} or the native "
+                                    "gptq checkpoint: gptq, gptq-v2, compressed-tensors, gguf (see compress export)")
+    p.add_argument("--pre-tokenizer", help="with --format gguf: llama.cpp's pre-tokenizer name, for a tokenizer "
+                                           "compressor does not recognise")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists; discard old training state")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training run from its state in OUT.work/")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -52,6 +57,34 @@ def _list_recipes() -> int:
         t.add_row(name, desc)
     Console().print(t)
     return 0
+
+
+def _export(argv: list[str]) -> int:
+    from .export import FORMATS, export
+    from .export import to_compressed_tensors, to_gguf, to_gptq  # noqa: F401  (register)
+    p = argparse.ArgumentParser(prog="compress export", description="Repack a compressed checkpoint, without "
+                                "re-quantizing, into the format an engine loads.")
+    p.add_argument("format", choices=sorted(FORMATS), help="target format")
+    p.add_argument("checkpoint", help="a directory written by compress")
+    p.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--pre-tokenizer", help="gguf: llama.cpp's pre-tokenizer name, for a tokenizer compressor "
+                                           "does not recognise (e.g. llama-bpe, qwen2, gpt-2)")
+    args = p.parse_args(argv)
+    opts = {"pre_tokenizer": args.pre_tokenizer} if args.pre_tokenizer else {}
+    try:
+        out = export(args.checkpoint, args.format, args.out, overwrite=args.overwrite, **opts)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"compress export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.format}; {FORMATS[args.format].engines})")
+    return 0
+
+
+def _export_options(args) -> dict | None:
+    if args.pre_tokenizer and args.format not in (None, "gguf"):
+        raise ValueError(f"--pre-tokenizer is a gguf option; --format is {args.format!r}")
+    return {"pre_tokenizer": args.pre_tokenizer} if args.pre_tokenizer else None
 
 
 def _mib(n: int) -> str:
@@ -87,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
                    eval_data=args.eval_data, eval_windows=args.eval_windows, seqlen=args.seqlen,
                    eval_tasks=args.eval_tasks, task_data=args.data, task_limit=args.limit,
                    task_precision=args.task_precision,
-                   overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+                   overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+                   format=args.format, export_options=_export_options(args))
     rep = res.perplexity
 
     t = Table(title=f"compress {args.model} --recipe {recipe.source}", show_lines=False)
@@ -101,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         t.add_row(f"perplexity ({args.eval_windows or 'all'} x {args.seqlen} tok)", f"{rep.original:.3f}",
                   f"{rep.final:.3f}", f"{rep.final / rep.original:.4f}x")
         if rep.reload_gap_pct is not None:
-            t.add_row("  in-memory vs reloaded", f"{rep.compressed:.3f}", f"{rep.reloaded:.3f}",
+            t.add_row("  in-memory vs reloaded" + ("" if res.format == "gptq" else " (native, before export)"), f"{rep.compressed:.3f}", f"{rep.reloaded:.3f}",
                       f"{rep.reload_gap_pct:.4f}% apart")
         if rep.reload_max_dlogit is not None:
             t.add_row("  reloaded adapter vs in-memory", "", f"max |dlogit| {rep.reload_max_dlogit:.2e}", "")
@@ -123,7 +157,12 @@ def run(args: argparse.Namespace) -> int:
         for r in rep.stage_rows():
             s.add_row(r.name, f"{r.ppl:.3f}", f"{r.ratio:.4f}x", "" if r.recovered_pct is None else f"{r.recovered_pct:.1f}%")
         con.print(s)
-    con.print(f"wrote {args.out}")
+    if res.format == "gptq":
+        con.print(f"wrote {args.out}")
+    else:
+        from .export import FORMATS
+        con.print(f"wrote {args.out} ({res.format}, for {FORMATS[res.format].engines}; repacked from the native "
+                  f"checkpoint, which was measured above and removed)")
     if res.tasks is not None and args.max_acc_drop is not None:
         fails = res.tasks.failures(args.max_acc_drop)
         for f in fails:
@@ -148,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     if argv[:1] == ["recipes"]:
         return _list_recipes()
+    if argv[:1] == ["export"]:
+        return _export(argv[1:])
     args = _parser().parse_args(argv)
     try:
         return run(args)

@@ -6,6 +6,7 @@
     calibration: {samples: 64, seqlen: 512}   # optional
     passes:
       - rtn: {bits: 4, group_size: 64, sym: false}
+    save: {format: gguf}            # optional: export the result (`compressor.export.FORMATS`)
 
 Each pass entry is built with ``Config(**fields)``, so an unknown key is an error naming it and the
 allowed ones. Recipe-level ``targets``/``ignore`` are defaults that a pass entry may override.
@@ -28,7 +29,7 @@ __all__ = ["Recipe", "RecipeError", "RECIPES_DIR", "START", "load_recipe", "list
 
 # Shipped recipes are package data (compressor/recipes/*.yaml), so a wheel or sdist install has them.
 RECIPES_DIR = importlib.resources.files("compressor") / "recipes"
-_TOP_KEYS = {"description", "targets", "ignore", "calibration", "passes"}
+_TOP_KEYS = {"description", "targets", "ignore", "calibration", "passes", "save"}
 _CALIB_KEYS = {"samples", "seqlen", "seed"}
 
 
@@ -42,6 +43,7 @@ class Recipe:
     description: str = ""
     calibration: dict[str, int] = field(default_factory=dict)
     source: str = "<inline>"
+    save: dict[str, Any] = field(default_factory=dict)   # {format: NAME, **export options}; {} is native
 
     @property
     def needs_calibration(self) -> bool:
@@ -76,11 +78,13 @@ class Recipe:
         """Inverse of `to_dict` (as stored in compression.json)."""
         passes = [{d["pass"]: {k: v for k, v in d.items() if k != "pass"}} for d in data["passes"]]
         return parse_recipe({"description": data.get("description", ""), "calibration": data.get("calibration") or {},
-                             "passes": passes}, source=data.get("source", "<inline>"))
+                             "passes": passes, **({"save": data["save"]} if data.get("save") else {})},
+                            source=data.get("source", "<inline>"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"description": self.description, "calibration": dict(self.calibration),
-                "passes": [p.to_dict() for p in self.passes], "source": self.source}
+        out = {"description": self.description, "calibration": dict(self.calibration),
+               "passes": [p.to_dict() for p in self.passes], "source": self.source}
+        return {**out, "save": dict(self.save)} if self.save else out
 
 
 START = State.FLOAT                      # a recipe starts from the float model
@@ -172,7 +176,26 @@ def parse_recipe(data: Any, source: str = "<inline>") -> Recipe:
     defaults = {k: tuple([data[k]] if isinstance(data[k], str) else data[k]) for k in ("targets", "ignore") if k in data}
     passes = tuple(_build_pass(e, defaults, f"{source}: passes[{i}]") for i, e in enumerate(data["passes"]))
     check_order(passes)
-    return Recipe(passes=passes, description=str(data.get("description", "")), calibration=calib, source=source)
+    recipe = Recipe(passes=passes, description=str(data.get("description", "")), calibration=calib, source=source,
+                    save=_save(data.get("save"), source))
+    if recipe.save:
+        from .export import ExportError, check_plan
+        save = dict(recipe.save)
+        try:
+            check_plan(save.pop("format"), save, recipe)
+        except ExportError as e:
+            raise RecipeError(f"{source}: save: {e}") from None
+    return recipe
+
+
+def _save(save: Any, source: str) -> dict[str, Any]:
+    """The recipe's ``save`` mapping: ``{format: NAME, ...options}``, checked by `check_plan` after the passes."""
+    if save is None:
+        return {}
+    if not isinstance(save, dict) or not isinstance(save.get("format"), str):
+        raise RecipeError(f"{source}: save must be a mapping with a 'format' name, e.g. save: {{format: gguf}}; "
+                          f"got {save!r}")
+    return dict(save)
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:

@@ -95,14 +95,15 @@ class ProcessWorker:
     """``Factory(**init)`` in a child process; `call` runs one of its methods there and returns the answer.
 
     env: variables set in the child on top of this process's environment. label: names the worker
-    in every `WorkerError` (default: the factory's name).
+    in every `WorkerError` (default: the factory's name). python: the interpreter of the child
+    (default this one's), e.g. a venv that holds an engine this one must not (it must import compressor).
     """
 
     def __init__(self, target: str, *, init: dict | None = None, env: dict[str, str] | None = None,
-                 label: str | None = None):
+                 label: str | None = None, python: str | None = None):
         self.label = label or target.rpartition(":")[2]
         self._log = tempfile.TemporaryFile(mode="w+")
-        self._p = subprocess.Popen([sys.executable, "-m", "compressor.worker", target, json.dumps(init or {})],
+        self._p = subprocess.Popen([python or sys.executable, "-m", "compressor.worker", target, json.dumps(init or {})],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                    env=None if env is None else {**os.environ, **env})
 

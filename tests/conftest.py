@@ -29,11 +29,11 @@ def make_tokenizer(path: Path, vocab: int = 256):
 
 
 def make_tiny_llama(path: Path, hidden: int = 64, inter: int = 128, layers: int = 2, seed: int = 0,
-                    tie: bool = True) -> Path:
+                    tie: bool = True, vocab: int = 256) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    tok = make_tokenizer(path)
+    tok = make_tokenizer(path, vocab)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
@@ -46,6 +46,13 @@ def make_tiny_llama(path: Path, hidden: int = 64, inter: int = 128, layers: int 
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer llama (hidden 64, intermediate 128) with a real tokenizer, as an HF directory."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_llama(tmp_path_factory) -> Path:
+    """The tiny llama with a tokenizer that has BPE merges (vocab 320 > its 259 bytes and specials), as
+    every real GPT-2-style tokenizer has and llama.cpp requires."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tinybpe") / "llama", vocab=320)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,189 @@
+"""Exports: a compressed checkpoint repacked, not re-quantized, into the format an engine loads.
+
+    compressor.export("out/gptq-w4g64", "gguf", "out/gptq-w4g64-gguf")
+    compress export gguf out/gptq-w4g64 -o out/gptq-w4g64-gguf
+
+One module per target format registers a writer with `register_export`. Every writer reads the
+checkpoint as stored (`Source`: config, compression.json's module specs and the safetensors tensors),
+unpacks our integer codes, scales and zero points, and writes them in the target's layout. Each
+conversion is exact up to the target's storage dtype (the one inexact value is Q4_1's fp16 offset
+``m = -s*z``; see `to_gguf`).
+
+| format               | engines                                        | needs                                  |
+|----------------------|------------------------------------------------|----------------------------------------|
+| `gptq`               | compressor.load; GPTQ loaders (sym recipes)    | nothing (the checkpoint itself)        |
+| `gptq-v2`            | GPTQModel, transformers (via GPTQModel)        | 2/4/8-bit GPTQ layers                  |
+| `compressed-tensors` | transformers + compressed-tensors, vLLM        | 4/8-bit, no act-order                  |
+| `gguf`               | llama.cpp (llama-cpp-python, ollama, ...)      | llama architecture, 4-bit groups of a multiple of 32, 8-bit sym per channel, no act-order |
+
+The output is a directory written atomically (`compressor.checkpoint.atomic_dir`) with the
+format's files, the tokenizer, and ``export.json``: the format, the options, the source checkpoint
+and its recipe. It holds no ``compression.json``, so `compressor.load` does not mistake it for
+one of ours (except `gptq`, which is a copy of the checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["export", "check_plan", "FORMATS", "NATIVE", "register_export", "ExportError", "Source", "EXPORT_META"]
+
+EXPORT_META = "export.json"
+NATIVE = "gptq"                     # the format `compressor.checkpoint.save` writes; exporting to it is a copy
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be written in the asked format (names the layer and what to change)."""
+
+
+@dataclass(frozen=True)
+class Exporter:
+    name: str
+    write: Callable[["Source", Path, dict[str, Any]], dict[str, Any]]
+    engines: str
+    options: tuple[str, ...] = ()
+    bits: tuple[int, ...] = (2, 3, 4, 8)      # code widths the format has a layout for
+    static_groups: bool = False               # True: act-order (g_idx) cannot be expressed
+    archs: tuple[str, ...] | None = None      # config.json model_type values it writes; None: any
+
+
+FORMATS: dict[str, Exporter] = {}
+
+
+def register_export(name: str, engines: str, **limits: Any):
+    """Register `write(source, tmp_dir, options) -> dict` (what export.json records) as format `name`.
+    `limits` are the `Exporter` fields after `engines` (options, bits, static_groups, archs):
+    `check_plan` checks a recipe against them before any work."""
+    def deco(fn):
+        FORMATS[name] = Exporter(name, fn, engines, **limits)
+        return fn
+    return deco
+
+
+def _exporter(format: str, options: dict[str, Any]) -> Exporter:
+    from . import to_compressed_tensors, to_gguf, to_gptq  # noqa: F401  (register the formats)
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {sorted(FORMATS)}")
+    exp = FORMATS[format]
+    unknown = sorted(set(options) - set(exp.options))
+    if unknown:
+        raise ExportError(f"export {format}: unknown option {unknown[0]!r}; allowed: {list(exp.options) or 'none'}")
+    return exp
+
+
+def check_plan(format: str, options: dict[str, Any], recipe, model_type: str | None = None) -> None:
+    """Refuse, before any work, a recipe whose result `format` cannot hold (`compress --format`,
+    a recipe's ``save: {format: ...}``): the same conditions the writer checks on the checkpoint,
+    read from the passes' configs."""
+    exp = _exporter(format, options)
+    if format == NATIVE:
+        return
+    from ..passes import State
+    if recipe.artifact != "checkpoint" or recipe.final_state != State.INT:
+        raise ExportError(f"format {format!r} holds integer-quantized models; recipe {recipe.source!r} leaves the "
+                          f"model {recipe.final_state.value}. End it with a quantization pass (rtn, gptq, awq)")
+    for p in recipe.passes:
+        if p.changes_shapes:
+            raise ExportError(f"format {format!r} builds every layer from config.json; pass {p.name!r} changes "
+                              f"layer shapes, which it cannot express. Save the native format (gptq) instead")
+        bits = getattr(p, "bits", None)
+        if bits is not None and bits not in exp.bits:
+            raise ExportError(f"format {format!r} has no {bits}-bit layout (pass {p.name!r}); it takes bits "
+                              f"{list(exp.bits)}")
+        if exp.static_groups and getattr(p, "act_order", False):
+            raise ExportError(f"format {format!r} needs static groups; pass {p.name!r} has act_order: true. Set "
+                              f"act_order: false (the recipe gptq-w4g64-noact), or save gptq / gptq-v2")
+    if exp.archs is not None and model_type is not None and model_type not in exp.archs:
+        raise ExportError(f"format {format!r} writes the {'/'.join(exp.archs)} architecture; this model is "
+                          f"{model_type!r}. Use compressed-tensors or gptq-v2 for it")
+
+
+class Source:
+    """A compressed checkpoint as stored: config dict, compression.json, tensors, module specs."""
+
+    def __init__(self, path: str | Path):
+        from safetensors.torch import load_file
+
+        from ..checkpoint import ADAPTER, META, WEIGHTS, CheckpointError, is_checkpoint
+        from ..models import check_safetensors
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        if not is_checkpoint(self.path):
+            raise ExportError(f"{str(path)!r} is not a compressed checkpoint (no {META}); compress it first "
+                              f"(compress --recipe ... -o DIR), then export DIR")
+        try:
+            self.meta = json.loads((self.path / META).read_text())
+            self.config = json.loads((self.path / "config.json").read_text())
+        except (json.JSONDecodeError, FileNotFoundError) as e:
+            raise CheckpointError(f"{self.path}: cannot read its metadata ({e})") from None
+        if self.meta.get("artifact") == ADAPTER:
+            raise ExportError(f"{self.path} is a LoRA adapter; export a merged model (lora: {{save: merged}})")
+        check_safetensors(self.path / WEIGHTS)
+        self.tensors: dict[str, torch.Tensor] = load_file(str(self.path / WEIGHTS))
+        self.specs: dict[str, dict[str, Any]] = self.meta.get("modules", {})
+
+    def quantized(self) -> dict[str, dict[str, Any]]:
+        return {n: s for n, s in self.specs.items() if s["type"] == "gptq"}
+
+    def require(self, fmt: str, types: tuple[str, ...] = ("gptq",)) -> None:
+        """Refuse modules of a type `fmt` cannot express (low-rank factors, pruned shapes, ...)."""
+        bad = {n: s["type"] for n, s in self.specs.items() if s["type"] not in types}
+        if bad:
+            n, t = next(iter(bad.items()))
+            what = "a float Linear whose shape a pass changed" if t == "linear" else f"of type {t!r}"
+            raise ExportError(f"cannot export to {fmt}: {len(bad)} modules have no {fmt} form, e.g. {n} "
+                              f"({what}); {fmt} engines build every layer from config.json. Export a "
+                              f"checkpoint whose recipe only quantizes (rtn, gptq, awq)")
+
+    def codes(self, name: str):
+        """(q (N, K) uint8, scale (N, G) fp32 from fp16, zero (N, G) fp32 integers, g_idx (K,)) of a GPTQ layer."""
+        from ..quant.packing import unpack_gptq
+        t = {k: self.tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        return unpack_gptq(t, self.specs[name]["bits"])
+
+    def desc_act(self, name: str) -> bool:
+        s = self.specs[name]
+        if s.get("desc_act") is not None:
+            return bool(s["desc_act"])
+        g = s["in_features"] if s["group_size"] == -1 else s["group_size"]
+        return not torch.equal(self.tensors[f"{name}.g_idx"].long(), torch.arange(s["in_features"]) // g)
+
+    def refuse_act_order(self, fmt: str) -> None:
+        acts = [n for n in self.quantized() if self.desc_act(n)]
+        if acts:
+            raise ExportError(f"cannot export to {fmt}: {len(acts)} layers were quantized in act-order (e.g. "
+                              f"{acts[0]}), whose groups are not contiguous runs of input channels; {fmt} needs "
+                              f"static groups. Re-run the recipe with act_order: false in its gptq pass (the "
+                              f"recipe gptq-w4g64-noact), or export to gptq / gptq-v2, which carry g_idx")
+
+    def copy_tokenizer(self, dest: Path) -> None:
+        for f in self.path.iterdir():
+            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja",
+                                                            "generation_config.json", "vocab.json", "merges.txt"):
+                shutil.copy2(f, dest / f.name)
+
+
+def export(ckpt: str | Path, format: str, out: str | Path, *, overwrite: bool = False,
+           **options: Any) -> Path:
+    """Write checkpoint `ckpt` in `format` (see `FORMATS`) to the directory `out`, atomically."""
+    from ..checkpoint import atomic_dir, versions
+    exp = _exporter(format, options)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {str(out)!r} already exists; pass --overwrite to replace it")
+    src = Source(ckpt)
+    if Path(ckpt).resolve() == out.resolve():
+        raise ExportError(f"export output {str(out)!r} is the checkpoint itself; choose another directory")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        described = exp.write(src, tmp, dict(options))
+        meta = {"format": format, "engines": exp.engines, "options": options, **described,
+                "source": {"checkpoint": str(Path(ckpt).resolve()), "recipe": src.meta.get("recipe"),
+                           "model": src.meta.get("source")}, "versions": versions(), "producer": "compressor"}
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, default=str))
+    return out

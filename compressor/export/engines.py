@@ -1,0 +1,158 @@
+"""The engines that read each export format, behind one interface: the smoke tests, `benchmarks/engines.py`
+and `compress-bench` ask every engine the same questions.
+
+    r = EngineRunner("llama.cpp", threads=2)
+    r.load("out/gptq-gguf")            # a directory written by compressor.export, or a checkpoint
+    r.nll(ids)                         # summed NLL of ids[1:] given their prefixes: one perplexity window
+    r.greedy(prompt, 32)               # {"tokens": [...], "prefill_s": ..., "decode_s": ...}
+
+One engine per process: `EngineRunner` is a `compressor.worker` factory, so a benchmark holds each
+engine in a child of its own (``ProcessWorker("compressor.export.engines:EngineRunner", ...)``),
+and GPTQModel, whose wheel pins a torch this project does not install, runs under another
+interpreter (``python=``, see ``scripts/install-gptqmodel.sh``).
+
+| engine         | loads                                     | install                                        |
+|----------------|-------------------------------------------|------------------------------------------------|
+| `compressor`   | our checkpoint, `compressor.load`         | (this package)                                 |
+| `transformers` | gptq (with GPTQModel), compressed-tensors | ``pip install '.[engines]'``                   |
+| `gptqmodel`    | gptq (sym), gptq-v2                       | ``scripts/install-gptqmodel.sh VENV``          |
+| `llama.cpp`    | gguf                                      | ``scripts/install-llama-cpp.sh`` (or ``.[llama]``) |
+
+Greedy decoding is the same loop for every engine: one forward over the prompt, then one token at a
+time from the cache, no EOS check, timed in two parts like `compressor.bench.measure.greedy`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ENGINES", "EngineRunner", "missing", "gguf_file"]
+
+
+@dataclass(frozen=True)
+class Engine:
+    module: str          # what must import for the engine to run
+    install: str         # how to get it, for the skip reason and the error
+    dtype: str           # what the engine computes in (the tolerance a check allows depends on it)
+
+
+ENGINES = {
+    "compressor": Engine("compressor", "pip install -e .", "fp32"),
+    "transformers": Engine("transformers", "pip install '.[engines]' (compressed-tensors; GPTQ needs gptqmodel)",
+                           "fp32"),
+    "gptqmodel": Engine("gptqmodel", "scripts/install-gptqmodel.sh VENV, then pass VENV/bin/python", "fp16"),
+    "llama.cpp": Engine("llama_cpp", "scripts/install-llama-cpp.sh (pip install '.[llama]' on CPUs without AMX)",
+                        "fp32 (int8 dot products)"),
+}
+
+
+def missing(engine: str, python: str | None = None) -> str | None:
+    """Why `engine` cannot run under `python` (default this interpreter), or None if it can."""
+    e = ENGINES[engine]
+    # a venv's python is a symlink to its base interpreter: compare the paths as given, not resolved
+    if python is None or os.path.abspath(python) == os.path.abspath(sys.executable):
+        ok = importlib.util.find_spec(e.module) is not None
+    elif not Path(python).is_file():
+        return f"{engine}: the interpreter {python!r} does not exist ({e.install})"
+    else:
+        ok = subprocess.run([python, "-c", f"import {e.module}"], capture_output=True).returncode == 0
+    return None if ok else f"{engine} needs the {e.module!r} module ({e.install})"
+
+
+def gguf_file(path: str | Path) -> Path:
+    """The .gguf file of an export directory (or the file itself)."""
+    p = Path(path)
+    files = [p] if p.suffix == ".gguf" else sorted(p.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"{p}: no .gguf file; export it with compress export gguf CKPT -o DIR")
+    return files[0]
+
+
+class EngineRunner:
+    """One engine holding one model. Each public method is one `compressor.worker` command."""
+
+    def __init__(self, engine: str, threads: int = 2, context: int = 2048):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
+        why = missing(engine)
+        if why:
+            raise RuntimeError(why)
+        import torch
+        torch.set_num_threads(threads)
+        self.engine, self.threads, self.context = engine, threads, context
+        self.model = self.llm = None
+
+    def load(self, path: str) -> dict:
+        t0 = time.perf_counter()
+        import torch
+        if self.engine == "compressor":
+            import compressor
+            from compressor.nn import prepare_
+            self.model = prepare_(compressor.load(path))
+        elif self.engine == "transformers":
+            from transformers import AutoModelForCausalLM
+            self.model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+        elif self.engine == "gptqmodel":
+            from gptqmodel import GPTQModel
+            self.model = GPTQModel.load(path, device="cpu", dtype=torch.float16).model
+        else:
+            from llama_cpp import Llama
+            self.llm = Llama(model_path=str(gguf_file(path)), n_ctx=self.context, n_batch=512, n_threads=self.threads,
+                             n_threads_batch=self.threads, logits_all=True, verbose=False)
+        info = {"engine": self.engine, "load_s": time.perf_counter() - t0, "version": self._version()}
+        if self.model is not None:
+            self.model.eval()
+            kinds = sorted({type(m).__name__ for m in self.model.modules() if "Linear" in type(m).__name__})
+            info["linear_types"] = kinds
+        return info
+
+    def _version(self) -> str:
+        mod = ENGINES[self.engine].module
+        from importlib.metadata import PackageNotFoundError, version
+        for dist in (mod, mod.replace("_", "-"), {"llama_cpp": "llama-cpp-python"}.get(mod, mod)):
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                continue
+        return "?"
+
+    def nll(self, ids: list[int]) -> float:
+        """Summed NLL of ids[1:] given their prefixes (one window, `compressor.eval.perplexity`'s unit)."""
+        import torch
+        import torch.nn.functional as F
+        x = torch.tensor(ids, dtype=torch.int64)
+        if self.llm is not None:
+            self.llm.reset()
+            self.llm.eval(ids)
+            logits = torch.from_numpy(self.llm.scores[:len(ids) - 1].copy())
+            return F.cross_entropy(logits.float(), x[1:], reduction="sum").item()
+        from compressor.eval import _window_nll
+        with torch.inference_mode():
+            return _window_nll(self.model, x.unsqueeze(0))
+
+    def greedy(self, prompt: list[int], n: int) -> dict:
+        """`n` greedy tokens after `prompt`, the prompt's forward and the n - 1 decode steps timed apart."""
+        if self.llm is None:
+            import torch
+
+            from compressor.bench.measure import greedy
+            tokens, pre, dec = greedy(self.model, torch.tensor([prompt], dtype=torch.int64), n)
+            return {"tokens": tokens[0].tolist(), "prefill_s": pre, "decode_s": dec}
+        import numpy as np
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t1 = time.perf_counter()
+        out = [tok]
+        for _ in range(n - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(tok)
+        return {"tokens": out, "prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1}

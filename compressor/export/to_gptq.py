@@ -1,0 +1,80 @@
+"""GPTQ exports: ``gptq`` (auto-gptq v1, the checkpoint as it is) and ``gptq-v2`` (GPTQModel's layout).
+
+The two layouts differ in one thing: v1 stores each zero point minus 1 in ``qzeros`` (auto-gptq's
+historical convention, which loaders add back), v2 stores the zero point itself. GPTQModel refuses
+asymmetric v1 checkpoints that it did not produce (old zero-point bugs), and reads asymmetric
+models in v2, marked by ``checkpoint_format: gptq_v2`` in ``quantization_config`` and in
+``quantize_config.json``. ``qweight``, ``scales`` and ``g_idx`` are the same bytes in both.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..quant.packing import pack_bits, unpack_bits
+from . import ExportError, Source, register_export
+
+__all__ = ["v1_to_v2_qzeros"]
+
+log = logging.getLogger("compressor")
+
+
+@register_export("gptq", engines="compressor.load; transformers/GPTQModel/vLLM for sym recipes")
+def write_v1(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
+    for f in src.path.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    asym = [n for n, s in src.quantized().items() if not s.get("sym", False)]
+    if asym:
+        log.warning("gptq export: %d layers are asymmetric (e.g. %s); GPTQModel (and transformers through it) "
+                    "refuses asymmetric v1 checkpoints it did not write. Export gptq-v2 for those loaders.",
+                    len(asym), asym[0])
+    return {"layers": len(src.quantized()), "asymmetric_layers": len(asym)}
+
+
+def v1_to_v2_qzeros(qzeros, bits: int):
+    """v1 ``qzeros`` (zero - 1, packed along N) -> v2 (the zero point itself), unpacked and repacked
+    so that no field carries into its neighbour (GPTQModel's add-a-constant trick overflows on a
+    stored 2**bits - 1)."""
+    z = unpack_bits(qzeros, bits, dim=1).long() + 1
+    if z.numel() and int(z.max()) >= 2 ** bits:
+        raise ExportError(f"a {bits}-bit zero point of {int(z.max())} does not fit the v2 layout")
+    return pack_bits(z, bits, dim=1)
+
+
+@register_export("gptq-v2", engines="GPTQModel; transformers (through GPTQModel)")
+def write_v2(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    from ..checkpoint import WEIGHTS, _quantization_config
+    src.require("gptq-v2", types=("gptq",))
+    q = src.quantized()
+    if not q:
+        raise ExportError(f"{src.path} has no GPTQ layers; gptq-v2 is a quantized format")
+    tensors = dict(src.tensors)
+    for name, spec in q.items():
+        tensors[f"{name}.qzeros"] = v1_to_v2_qzeros(tensors[f"{name}.qzeros"], spec["bits"]).contiguous()
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    cfg = dict(src.config)
+    qc = _quantization_config(src.specs, _blocks_prefix(q)) or {}
+    from .. import __version__
+    qc.update({"checkpoint_format": "gptq_v2", "format": "gptq_v2", "pack_dtype": "int32",
+               "meta": {"quantizer": [f"compressor:{__version__}"]}})
+    cfg["quantization_config"] = qc
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True))
+    src.copy_tokenizer(tmp)
+    return {"layers": len(q), "quantization_config": qc}
+
+
+def _blocks_prefix(q: dict[str, Any]) -> str | None:
+    """``model.layers`` from names like ``model.layers.3.mlp.up_proj`` (the decoder-block list)."""
+    for n in q:
+        parts = n.split(".")
+        for i, p in enumerate(parts):
+            if p.isdigit():
+                return ".".join(parts[:i])
+    return None
