@@ -123,6 +123,11 @@ setup(
     extras_require={
         "test": ["pytest>=7"],
         "peers": ["hqq"],
+        # engines that read the exports (compressor.export.engines); GPTQModel pins a CUDA torch, so it
+        # has a script of its own (scripts/install-gptqmodel.sh), and on Xeons with AMX llama.cpp must be
+        # built by scripts/install-llama-cpp.sh (its AMX path crashes): a plain [llama] is for other CPUs
+        "engines": ["compressed-tensors==0.20.1"],
+        "llama": ["llama-cpp-python==0.3.36"],
     },
     entry_points={"console_scripts": [
         "compress=compressor.cli:main",

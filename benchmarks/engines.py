@@ -49,7 +49,6 @@ ROWS = [("gptq-w4g64-noact", "native", "compressor"), ("gptq-w4g64-noact", "gptq
         ("gptq-w4g64-noact", "gguf", "llama.cpp"),
         ("rtn-w4g64", "native", "compressor"), ("rtn-w4g64", "gptq-v2", "gptqmodel"),
         ("rtn-w4g64", "compressed-tensors", "transformers"), ("rtn-w4g64", "gguf", "llama.cpp")]
-HALF = ("gptqmodel",)          # engines that compute in fp16/bf16: 2% allowed
 PROMPT, AGREE, GEN = 32, 32, 64
 
 
@@ -68,7 +67,7 @@ def exported(ckpt: Path, fmt: str, work: Path) -> Path:
     if fmt == "native":
         return ckpt
     from compressor.export import export
-    out = work / "exports" / f"{ckpt.name}.{fmt}"
+    out = work / "exports" / f"{ckpt.name}-{fmt}"
     return out if out.exists() else export(ckpt, fmt, out)
 
 
@@ -157,7 +156,7 @@ def _compare(rows: list[dict]) -> bool:
         if not r.get("ppl") or base is None:
             ok = False
             continue
-        r["tol_pct"] = 2.0 if r["engine"] in HALF else 1.0
+        r["tol_pct"] = 2.0 if "16" in engines.ENGINES[r["engine"]].dtype else 1.0     # 2% for fp16/bf16 engines
         r["dppl_pct"] = 100 * (r["ppl"] / base["ppl"] - 1)
         same = next((i for i, (a, b) in enumerate(zip(r["tokens"], base["tokens"])) if a != b), AGREE)
         r["agree"] = same
@@ -173,7 +172,7 @@ def _cells(r: dict) -> list[str]:
         return [r["checkpoint"], r["format"], r["engine"], "yes, then failed: " + r.get("error", "?")[:80], "", "",
                 "", "", ""]
     within = f"{'yes' if r.get('pass') else 'NO'} (±{r.get('tol_pct', 1):g}%)"
-    return [r["checkpoint"], r["format"], r["engine"], f"yes ({r.get('version', '?')})", f"{r['ppl']:.4f}",
+    return [r["checkpoint"], r["format"], r["engine"], f"yes ({r.get('version', '?')}{', ' + r['mode'] if r.get('mode') else ''})", f"{r['ppl']:.4f}",
             f"{r.get('dppl_pct', 0):+.3f}%", within, f"{r.get('agree', 0)}/{AGREE}",
             f"{r.get('decode_tok_s', float('nan')):.1f}"]
 

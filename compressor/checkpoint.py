@@ -4,7 +4,9 @@ A checkpoint directory holds
   * ``model.safetensors``: packed GPTQ tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``)
     for quantized Linears, fp16 for the (tied) embedding, fp32 for the small remaining tensors;
   * ``config.json``: the HF config plus ``quantization_config`` (``quant_method: gptq``, bits,
-    group_size, desc_act, sym), so GPTQ-aware loaders in transformers, optimum and vLLM read it;
+    group_size, desc_act, sym). Symmetric checkpoints load as they are in GPTQModel and in
+    transformers through it (tests/export/test_engines.py); GPTQModel refuses asymmetric v1
+    checkpoints it did not write, so those go through `compressor.export` (gptq-v2, compressed-tensors, gguf);
   * ``compression.json``: format version, resolved recipe, library versions, hash of the input
     weights, per-layer statistics (``layers``), and ``modules``: for every module of a registered
     type (`compressor.nn.formats`: ``gptq`` for `QuantLinear`, ...) its spec as the module writes
@@ -345,7 +347,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
     if unexpected or still_meta:
         raise CheckpointError(f"{path}: weights do not match the model: missing {still_meta[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    model.eval()
+    model.eval().requires_grad_(False)       # for inference; a trainer turns on what it trains
     _report_kernels(model, path)
     if with_tokenizer:
         return model, AutoTokenizer.from_pretrained(path)

@@ -10,7 +10,7 @@ from typing import Sequence
 from .config import BenchConfig, BenchInputError
 from .rows import ModelResult
 
-__all__ = ["parse_model_arg", "resolve_models", "check_positions", "eval_ids"]
+__all__ = ["parse_model_arg", "resolve_models", "check_positions", "check_engines", "eval_ids", "engine_of"]
 
 
 def parse_model_arg(arg: str) -> tuple[str, str]:
@@ -37,6 +37,13 @@ def resolve_models(args: Sequence[str]) -> list[ModelResult]:
         if label in seen:
             raise BenchInputError(f"two models are labelled {label!r}; name them with NAME=PATH")
         seen.add(label)
+        if engine_of(spec) == "llama.cpp":
+            from compressor.export.engines import missing
+            if (why := missing("llama.cpp")):
+                raise BenchInputError(f"{label}: {spec} is a gguf export, run by llama.cpp; {why}")
+            models.append(ModelResult(label=label, spec=spec, path=str(spec), disk_bytes=dir_bytes(spec),
+                                      engine="llama.cpp"))
+            continue
         try:
             path = resolve(spec)
         except ModelError as e:
@@ -45,11 +52,40 @@ def resolve_models(args: Sequence[str]) -> list[ModelResult]:
     return models
 
 
+def engine_of(spec: str) -> str:
+    """"llama.cpp" for a directory `compress export gguf` (or ``compress --format gguf``) wrote, else "torch".
+
+    A bare ``.gguf`` file stays a source model (`compressor.models.resolve` dequantizes it for torch)."""
+    import json
+
+    from compressor.export import EXPORT_META
+    meta = Path(spec) / EXPORT_META
+    try:
+        return "llama.cpp" if meta.is_file() and json.loads(meta.read_text()).get("format") == "gguf" else "torch"
+    except (OSError, ValueError):
+        return "torch"
+
+
+def check_engines(models: list[ModelResult], cfg: BenchConfig) -> None:
+    """llama.cpp rows decode one sequence (llama-cpp-python's API) and score no tasks."""
+    for i, m in enumerate(models):
+        if m.engine != "llama.cpp":
+            continue
+        if i == 0 and cfg.batches != (1,):
+            raise BenchInputError(f"{m.label}: BASE is a gguf export, which llama.cpp runs at batch 1 only; pass "
+                                  f"--batch 1, or make a torch model BASE")
+        if cfg.tasks:
+            raise BenchInputError(f"{m.label}: task accuracy is not measured for llama.cpp rows; drop --tasks or "
+                                  f"the gguf export")
+
+
 def check_positions(models: list[ModelResult], cfg: BenchConfig, with_eval: bool) -> None:
     """Every model must hold a prompt plus its generated tokens, and a perplexity window if measured."""
     from transformers import AutoConfig
     need = max(cfg.prompt_len + cfg.gen_len, cfg.seqlen if with_eval else 0)
     for m in models:
+        if m.engine != "torch":        # llama.cpp's context is sized to `need` when it loads
+            continue
         n = getattr(AutoConfig.from_pretrained(m.path), "max_position_embeddings", None)
         if n is not None and need > n:
             raise BenchInputError(f"{m.label}: needs {need} positions (prompt-len {cfg.prompt_len} + gen-len "

@@ -196,26 +196,42 @@ class Measurer:
         import compressor.eval  # noqa: F401  (import everything before the baseline RSS is read)
         import transformers  # noqa: F401
         torch.set_num_threads(threads)
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self.engine = None
+        self.threads = threads
         gc.collect()
         self.rss_base = rss_bytes()
 
-    def load(self, path: str) -> dict:
+    def load(self, path: str, engine: str = "torch", context: int = 2048) -> dict:
+        """Load the model at `path`: in torch, or (``engine="llama.cpp"``, a gguf export) in llama.cpp with
+        a context of `context` tokens (`compressor.export.engines.EngineRunner`)."""
         t0 = time.perf_counter()
-        self.model, self.tokenizer, kind = load_model(path)
+        if engine == "llama.cpp":
+            from compressor.export.engines import EngineRunner
+            self.engine = EngineRunner("llama.cpp", threads=self.threads, context=context)
+            info = self.engine.load(path)
+            kind, kernels = "gguf", f"llama.cpp (llama-cpp-python {info['version']})"
+        else:
+            self.model, self.tokenizer, kind = load_model(path)
+            kernels = kernels_used(self.model)
         load_s = time.perf_counter() - t0
         gc.collect()
         return {"kind": kind, "load_s": load_s, "rss_base": self.rss_base, "rss_load": rss_bytes(),
-                "peak_rss_method": "VmHWM" if _reset_peak() else "psutil-sampler",
-                "kernels": kernels_used(self.model)}
+                "peak_rss_method": "VmHWM" if _reset_peak() else "psutil-sampler", "kernels": kernels}
 
     def generate(self, batch: int, prompt_len: int, gen_len: int, seed: int, prefill_reps: int = 1) -> dict:
         """One greedy run on seeded random prompts: time the prefill (TTFT) and the decode steps apart."""
         import torch
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, self.model.config.vocab_size, (batch, prompt_len), generator=g)  # (batch, prompt_len)
+        vocab = self.engine.llm.n_vocab() if self.engine is not None else self.model.config.vocab_size
+        ids = torch.randint(0, vocab, (batch, prompt_len), generator=g)  # (batch, prompt_len)
         with PeakRSS() as mem:
-            _, prefill_s, decode_s = greedy(self.model, ids, gen_len, prefill_reps)
+            if self.engine is not None:        # llama.cpp: one sequence, one prefill (`check_engines`)
+                if batch != 1:
+                    raise ValueError(f"llama.cpp rows run batch 1 only, asked for {batch}")
+                r = self.engine.greedy(ids[0].tolist(), gen_len)
+                prefill_s, decode_s = r["prefill_s"], r["decode_s"]
+            else:
+                _, prefill_s, decode_s = greedy(self.model, ids, gen_len, prefill_reps)
         return asdict(RunSample(batch=batch, prefill_s=prefill_s, decode_s=decode_s, peak_rss=mem.peak))
 
     def tasks(self, tasks: list[str], data: str | None, limit: int | None, precision: str) -> dict:
@@ -229,7 +245,13 @@ class Measurer:
 
         from compressor.eval import perplexity
         t0 = time.perf_counter()
-        ppl = perplexity(self.model, None, torch.tensor(ids, dtype=torch.int64), seqlen=seqlen, progress=False)
+        if self.engine is not None:            # the same windows and sum as compressor.eval.perplexity
+            import math
+            n = len(ids) // seqlen
+            nll = sum(self.engine.nll(ids[i * seqlen:(i + 1) * seqlen]) for i in range(n))
+            ppl = math.exp(nll / (n * (seqlen - 1)))
+        else:
+            ppl = perplexity(self.model, None, torch.tensor(ids, dtype=torch.int64), seqlen=seqlen, progress=False)
         return {"ppl": ppl, "seconds": time.perf_counter() - t0, "windows": len(ids) // seqlen}
 
 

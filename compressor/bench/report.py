@@ -127,6 +127,9 @@ def header_lines(result: BenchResult) -> list[str]:
     kernels = _kernels_line(result)
     if kernels:
         lines.append(kernels)
+    others = [f"{m.label} on {m.kernels}" for m in result.models if m.engine != "torch"]
+    if others:
+        lines.append("other engines: " + "; ".join(others) + " (batch 1 only: llama-cpp-python decodes one sequence)")
     if result.eval_data:
         w = result.models[0].ppl_windows
         lines.append(f"perplexity: {result.eval_data}, {w} window{'s' if w != 1 else ''} of {c.seqlen} tokens")
@@ -152,6 +155,8 @@ def _kernels_line(result: BenchResult) -> str:
     "" when no model has any."""
     by_backend: dict[str, list[str]] = {}
     for mr in result.models:
+        if mr.engine != "torch":
+            continue
         if mr.kernels:
             by_backend.setdefault(mr.kernels, []).append(mr.label)
     return ("compressor kernels: " + "; ".join(f"{', '.join(labels)} on {k}" for k, labels in by_backend.items())

@@ -18,7 +18,8 @@ class ModelResult:
     label: str
     spec: str
     path: str
-    kind: str = ""                    # "hf" or "checkpoint"
+    kind: str = ""                    # "hf", "checkpoint" or "gguf"
+    engine: str = "torch"             # "torch", or "llama.cpp" for a gguf export (batch 1 only)
     disk_bytes: int = 0
     load_s: float = 0.0
     rss_base: int = 0                 # worker RSS before the load (runtime only)
@@ -101,6 +102,8 @@ def build_rows(models: list[ModelResult], cfg: BenchConfig) -> list[Row]:
         inc = (stats.ppl_increase_pct(m.ppl, base.ppl) if m.ppl is not None and base.ppl is not None else None)
         for b in cfg.batches:
             s, bs = m.samples(b), base.samples(b)
+            if not s:                  # a batch size this model's engine does not run (llama.cpp: 1 only)
+                continue
             pre = [x.prefill_tok_s(cfg.prompt_len) for x in s]
             dec = [x.decode_tok_s(cfg.gen_len) for x in s]
             dec_speedup = stats.paired_speedup(dec, [x.decode_tok_s(cfg.gen_len) for x in bs])

@@ -14,7 +14,7 @@ from compressor.machine import machine_info
 
 from . import stats
 from .config import BenchConfig, BenchInputError
-from .inputs import check_positions, eval_ids, resolve_models
+from .inputs import check_engines, check_positions, eval_ids, resolve_models
 from .measure import LocalWorker, ProcessWorker, RunSample
 from .rows import ModelResult, Row, build_rows
 
@@ -82,6 +82,7 @@ def run(base: str, candidates: Sequence[str] = (), eval_data: str | os.PathLike 
     if cfg.max_ppl_increase is not None and eval_data is None:
         raise BenchInputError("--max-ppl-increase needs --eval-data (perplexity is not measured without it)")
     check_positions(models, cfg, eval_data is not None)
+    check_engines(models, cfg)
     ids = eval_ids(models, str(eval_data), cfg) if eval_data is not None else None
     if cfg.tasks:                     # unreadable task files fail here, before any model is loaded
         from compressor.tasks import TaskDataError, load_tasks, resolve_precision
@@ -95,7 +96,11 @@ def run(base: str, candidates: Sequence[str] = (), eval_data: str | os.PathLike 
 
     labels = [m.label for m in models]
     by_label = {m.label: m for m in models}
-    steps = (len(models) + len(stats.schedule(labels, cfg.batches, cfg.warmup + cfg.runs))
+    # llama.cpp rows run batch 1 only (`check_engines`)
+    runs = [(b, r, label) for b, r, label in stats.schedule(labels, cfg.batches, cfg.warmup + cfg.runs)
+            if b == 1 or by_label[label].engine == "torch"]
+    context = max(cfg.prompt_len + cfg.gen_len, cfg.seqlen if ids else 0)
+    steps = (len(models) + len(runs)
              + (len(models) if ids else 0) + len(models) * len(cfg.tasks))
     workers = {}
     with _progress(progress) as bar, contextlib.ExitStack() as stack:
@@ -105,11 +110,11 @@ def run(base: str, candidates: Sequence[str] = (), eval_data: str | os.PathLike 
             w = ProcessWorker(cfg.threads, m.label) if isolate else LocalWorker(cfg.threads, m.label)
             stack.callback(w.close)
             workers[m.label] = w
-            info = w.call("load", path=m.path)
+            info = w.call("load", path=m.path, engine=m.engine, context=context)
             m.kind, m.load_s, m.rss_base, m.rss_load = info["kind"], info["load_s"], info["rss_base"], info["rss_load"]
             m.peak_rss_method, m.kernels = info["peak_rss_method"], info["kernels"]
             bar.update(task, advance=1)
-        for b, r, label in stats.schedule(labels, cfg.batches, cfg.warmup + cfg.runs):
+        for b, r, label in runs:
             warm = r < cfg.warmup
             what = "warm-up" if warm else f"run {r - cfg.warmup + 1}/{cfg.runs}"
             bar.update(task, description=f"batch {b} {what}: {label}")

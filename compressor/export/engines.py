@@ -45,7 +45,7 @@ ENGINES = {
     "compressor": Engine("compressor", "pip install -e .", "fp32"),
     "transformers": Engine("transformers", "pip install '.[engines]' (compressed-tensors; GPTQ needs gptqmodel)",
                            "fp32"),
-    "gptqmodel": Engine("gptqmodel", "scripts/install-gptqmodel.sh VENV, then pass VENV/bin/python", "fp16"),
+    "gptqmodel": Engine("gptqmodel", "scripts/install-gptqmodel.sh VENV, then pass VENV/bin/python", "bf16"),
     "llama.cpp": Engine("llama_cpp", "scripts/install-llama-cpp.sh (pip install '.[llama]' on CPUs without AMX)",
                         "fp32 (int8 dot products)"),
 }
@@ -67,10 +67,39 @@ def missing(engine: str, python: str | None = None) -> str | None:
 def gguf_file(path: str | Path) -> Path:
     """The .gguf file of an export directory (or the file itself)."""
     p = Path(path)
-    files = [p] if p.suffix == ".gguf" else sorted(p.glob("*.gguf"))
+    files = [p] if p.is_file() else sorted(p.glob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"{p}: no .gguf file; export it with compress export gguf CKPT -o DIR")
     return files[0]
+
+
+def _transformers_options(path: Path) -> dict:
+    """from_pretrained options for an export. An asymmetric compressed-tensors model loads only
+    decompressed (``dequantize=True``): in transformers 5.25 with compressed-tensors 0.20 the
+    compressed modules are built with unpacked (N, G) zero points while the format, as
+    compressed-tensors itself writes and reads it, packs them to (N*bits/32, G)
+    (vllm-project/llm-compressor#1618). The weights are then those compressed-tensors' own
+    decompressor computes from our file."""
+    import json
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return {}
+    groups = (qc.get("config_groups") or {}).values() if qc.get("quant_method") == "compressed-tensors" else ()
+    if any(not (g.get("weights") or {}).get("symmetric", True) for g in groups):
+        from transformers.utils.quantization_config import CompressedTensorsConfig
+        return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    return {}
+
+
+def _dense_linears(model) -> int:
+    """Linear layers of the decoder (not the head) holding a float weight matrix: 0 when the engine runs
+    every quantized layer on its own packed weights, all of them when it decompressed at load."""
+    import torch
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sum(1 for m in model.modules() if "Linear" in type(m).__name__ and m is not head
+               and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.is_floating_point()
+               and m.weight.dim() == 2)
 
 
 class EngineRunner:
@@ -86,6 +115,7 @@ class EngineRunner:
         torch.set_num_threads(threads)
         self.engine, self.threads, self.context = engine, threads, context
         self.model = self.llm = None
+        self.mode = ""                  # how the engine was asked to load, when not its default
 
     def load(self, path: str) -> dict:
         t0 = time.perf_counter()
@@ -96,19 +126,25 @@ class EngineRunner:
             self.model = prepare_(compressor.load(path))
         elif self.engine == "transformers":
             from transformers import AutoModelForCausalLM
-            self.model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+            kw = _transformers_options(Path(path))
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+            self.mode = "dequantize=True" if kw else ""
         elif self.engine == "gptqmodel":
-            from gptqmodel import GPTQModel
-            self.model = GPTQModel.load(path, device="cpu", dtype=torch.float16).model
+            from gptqmodel import BACKEND, GPTQModel
+            # The backend is named: on CPU in fp32 GPTQModel 7.7 picks TorchFusedLinear, whose CPU transform
+            # replaces every zero point by 8 (asymmetric models come out garbage: ppl 1e8 on SmolLM2), and
+            # TorchAtenLinear in fp16 is 15x slower than in bf16 on a CPU without fp16 arithmetic.
+            self.model = GPTQModel.load(path, device="cpu", dtype=torch.bfloat16, backend=BACKEND.GPTQ_TORCH_ATEN).model
         else:
             from llama_cpp import Llama
             self.llm = Llama(model_path=str(gguf_file(path)), n_ctx=self.context, n_batch=512, n_threads=self.threads,
                              n_threads_batch=self.threads, logits_all=True, verbose=False)
-        info = {"engine": self.engine, "load_s": time.perf_counter() - t0, "version": self._version()}
+        info = {"engine": self.engine, "load_s": time.perf_counter() - t0, "version": self._version(),
+                "mode": self.mode}
         if self.model is not None:
             self.model.eval()
-            kinds = sorted({type(m).__name__ for m in self.model.modules() if "Linear" in type(m).__name__})
-            info["linear_types"] = kinds
+            info["linear_types"] = sorted({type(m).__name__ for m in self.model.modules() if "Linear" in type(m).__name__})
+            info["dense_linears"] = _dense_linears(self.model)
         return info
 
     def _version(self) -> str:
@@ -131,9 +167,23 @@ class EngineRunner:
             self.llm.eval(ids)
             logits = torch.from_numpy(self.llm.scores[:len(ids) - 1].copy())
             return F.cross_entropy(logits.float(), x[1:], reduction="sum").item()
-        from compressor.eval import _window_nll
         with torch.inference_mode():
-            return _window_nll(self.model, x.unsqueeze(0))
+            if self.engine == "compressor":
+                from compressor.eval import _window_nll     # the head in chunks, as compressor.eval does
+                return _window_nll(self.model, x.unsqueeze(0))
+            # the whole model's forward: engines hook it (compressed-tensors onloads its weights there)
+            logits = self.model(input_ids=x.unsqueeze(0), use_cache=False).logits[0, :-1]
+            return F.cross_entropy(logits.float(), x[1:], reduction="sum").item()
+
+    def logits(self, ids: list[int]) -> list[list[float]]:
+        """fp32 logits at every position of `ids` (small inputs: tests)."""
+        import torch
+        if self.llm is not None:
+            self.llm.reset()
+            self.llm.eval(ids)
+            return self.llm.scores[:len(ids)].tolist()
+        with torch.inference_mode():
+            return self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().tolist()
 
     def greedy(self, prompt: list[int], n: int) -> dict:
         """`n` greedy tokens after `prompt`, the prompt's forward and the n - 1 decode steps timed apart."""

@@ -133,6 +133,7 @@ def write(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
     w.close()
+    src.copy_tokenizer(tmp)         # the GGUF carries its own; these serve HF-side tools (compress-bench)
     return {"file": GGUF_FILE, "tensor_types": dict(kinds), "pre_tokenizer": pre}
 
 

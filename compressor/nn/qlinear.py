@@ -158,6 +158,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):      # as nn.Linear does: x in the autocast dtype
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        # the kernels have no backward: training through this layer (lora, peqa) takes the reference
+        if torch.is_grad_enabled() and (x.requires_grad or self.scales.requires_grad):
+            return self.reference_forward(x)
         packed = self.packed()
         # the layout in `_last` is for the device type it was built on; x must be there too
         if packed is None or x.dtype not in kernels.DTYPES or x.device.type != self._last.device:

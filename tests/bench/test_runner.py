@@ -43,3 +43,37 @@ def test_tasks_in_process(tiny_llama, tiny_w8, task_data):
     assert all(c.diff_pp == 0 and c.verdict == "no significant drop" for c in s.tasks)  # same model, same items
     assert same.tasks["piqa"]["loglikelihoods"] == base.tasks["piqa"]["loglikelihoods"]
     assert not s.failures                       # 4 items cannot make any drop significant
+
+
+def test_gguf_export_row_runs_in_llama_cpp(tiny_bpe_llama, eval_text, tmp_path):
+    """A gguf export is measured by llama.cpp in the same table, at batch 1 only, on the same ids."""
+    import pytest
+    pytest.importorskip("llama_cpp", reason="llama.cpp rows need llama-cpp-python (scripts/install-llama-cpp.sh)")
+    import compressor
+    from compressor.export import export
+    ck = tmp_path / "q4"
+    compressor.compress(str(tiny_bpe_llama), compressor.recipe.parse_recipe(
+        {"passes": [{"rtn": {"bits": 4, "group_size": 32, "sym": True}}]}), ck, progress=False)
+    gg = export(ck, "gguf", tmp_path / "q4-gguf", pre_tokenizer="gpt-2")
+    cfg = BenchConfig(batches=(1, 2), prompt_len=8, gen_len=4, runs=2, threads=1, seqlen=64, eval_windows=2)
+    res = run(str(ck), [f"gguf={gg}"], eval_data=str(eval_text), config=cfg, progress=False, isolate=False)
+    base, g = res.models
+    assert (g.engine, g.kind) == ("llama.cpp", "gguf") and g.kernels.startswith("llama.cpp")
+    assert g.disk_bytes == (gg / "model.gguf").stat().st_size
+    assert [(r.label, r.batch) for r in res.rows] == [("q4", 1), ("q4", 2), ("gguf", 1)]
+    assert abs(g.ppl / base.ppl - 1) < 0.02                 # Q4_0 with llama.cpp's q8 activations
+    assert res.rows[-1].decode_tok_s > 0
+
+
+def test_gguf_export_as_base_needs_batch_one(tiny_bpe_llama, tmp_path):
+    import pytest
+    pytest.importorskip("llama_cpp", reason="llama.cpp rows need llama-cpp-python (scripts/install-llama-cpp.sh)")
+    import compressor
+    from compressor.bench import BenchInputError
+    from compressor.export import export
+    ck = tmp_path / "q4"
+    compressor.compress(str(tiny_bpe_llama), compressor.recipe.parse_recipe(
+        {"passes": [{"rtn": {"bits": 4, "group_size": 32, "sym": True}}]}), ck, progress=False)
+    gg = export(ck, "gguf", tmp_path / "q4-gguf", pre_tokenizer="gpt-2")
+    with pytest.raises(BenchInputError, match="--batch 1"):
+        run(str(gg), [str(ck)], config=BenchConfig(batches=(1, 8)), progress=False, isolate=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from compressor.export import export
 from compressor.export.engines import ENGINES, EngineRunner, missing
@@ -25,27 +26,40 @@ def _gptqmodel_python() -> str | None:
     return GPTQMODEL_PYTHON
 
 
-def _ask(engine: str, path, ids, python=None):
-    with ProcessWorker(RUNNER, init={"engine": engine, "threads": 1, "context": 64}, label=engine,
-                       python=python) as w:
-        info = w.call("load", path=str(path))
-        return info, w.call("nll", ids=ids), w.call("greedy", prompt=ids[:8], n=8)["tokens"]
+@pytest.fixture(scope="module")
+def gptqmodel_worker():
+    """engine -> one worker process under GPTQModel's interpreter (it imports slowly: one per engine)."""
+    workers = {}
+
+    def get(engine: str) -> ProcessWorker:
+        if engine not in workers:
+            workers[engine] = ProcessWorker(RUNNER, init={"engine": engine, "threads": 1, "context": 64},
+                                            label=engine, python=_gptqmodel_python())
+        return workers[engine]
+    yield get
+    for w in workers.values():
+        w.close()
 
 
-@pytest.mark.parametrize("setting,fmt", [("sym4g32", "gptq"), ("asym4g64", "gptq-v2"), ("asym4g32", "gptq-v2")])
 @pytest.mark.parametrize("engine", ["gptqmodel", "transformers"])
-def test_gptq_exports_load_in_gptqmodel_and_transformers(quantized, tmp_path, setting, fmt, engine):
-    python = _gptqmodel_python()
+@pytest.mark.parametrize("setting,fmt", [("sym4g32", "gptq"), ("asym4g64", "gptq-v2")])
+def test_gptq_exports_load_in_gptqmodel_and_transformers(quantized, tmp_path, setting, fmt, engine,
+                                                        gptqmodel_worker):
+    _gptqmodel_python()
     ck = quantized(setting)
     out = export(ck, fmt, tmp_path / fmt)
     ids = list(range(3, 3 + 48))
     ref = EngineRunner("compressor", threads=1)
     ref.load(str(ck))
-    nll_ref, tok_ref = ref.nll(ids), ref.greedy(ids[:8], 8)["tokens"]
-    info, nll, tok = _ask(engine, out, ids, python)
-    assert any("Quant" in t or "Linear" in t and t != "Linear" for t in info["linear_types"]), info
-    assert abs(nll / nll_ref - 1) < 0.01, (nll, nll_ref)                # fp16 activations in GPTQModel's kernel
-    assert tok == tok_ref
+    want = torch.tensor(ref.logits(ids))
+    w = gptqmodel_worker(engine)
+    info = w.call("load", path=str(out))
+    got = torch.tensor(w.call("logits", ids=ids))
+    assert info["dense_linears"] == 0, info                            # its quantized Linear, not a float copy
+    # A random model's NLL hardly depends on its weights: compare the logits. GPTQModel runs bf16 here
+    # (`EngineRunner`); its auto choice, which drops the zero points, is 10x further off than this bound.
+    tol = 2e-2 if engine == "gptqmodel" else 1e-4
+    assert float((got - want).abs().max()) <= tol * float(want.abs().max()), (got - want).abs().max()
 
 
 def test_engine_table_names_an_install_for_every_engine():

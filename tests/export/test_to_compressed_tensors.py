@@ -60,3 +60,20 @@ def test_transformers_loads_the_symmetric_export(quantized, tmp_path):
     with torch.no_grad():
         got, ref = m(x).logits, compressor.load(ck)(x).logits
     assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max()) + 1e-5
+
+
+@pytest.mark.parametrize("setting,mode", [("sym4g32", ""), ("asym4g64", "dequantize=True"), ("sym8", "")])
+def test_transformers_engine_runs_the_export(quantized, tmp_path, setting, mode):
+    """Through `compressor.export.engines` (what benchmarks/engines.py runs): sym exports in transformers'
+    compressed modules, asym ones decompressed (llm-compressor#1618); NLL and greedy tokens as ours."""
+    from compressor.export.engines import EngineRunner
+    ck = quantized(setting)
+    out = export(ck, "compressed-tensors", tmp_path / "ct")
+    ids = list(range(3, 51))
+    ref, eng = EngineRunner("compressor", threads=1), EngineRunner("transformers", threads=1)
+    ref.load(str(ck))
+    info = eng.load(str(out))
+    assert info["mode"] == mode
+    assert info["dense_linears"] == (14 if mode else 0), info                # 2 blocks x 7 Linears
+    assert eng.nll(ids) == pytest.approx(ref.nll(ids), rel=1e-4)           # weights in fp16 once decompressed
+    assert eng.greedy(ids[:8], 8)["tokens"] == ref.greedy(ids[:8], 8)["tokens"]

@@ -27,3 +27,18 @@ def test_refuses_bad_shapes():
         QuantLinear(96, 64, 4, 64)
     with pytest.raises(ValueError, match="divisible by 32"):
         QuantLinear(64, 40, 3, 32)
+
+
+def test_forward_with_grad_enabled_takes_the_differentiable_reference():
+    """model(x) outside no_grad (x requiring grad, e.g. from a trainable embedding) must not crash in
+    the kernel, which has no backward, and must give gradients."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    s, z = choose_qparams(w, 4, 64, False)
+    q = QuantLinear.from_codes(quantize(w, s, z, 4, 64), s, z, 4, 64)
+    x = torch.randn(3, 128, requires_grad=True)
+    y = q(x)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        assert torch.allclose(q(x), y, rtol=1e-4, atol=1e-4)
