@@ -67,8 +67,7 @@ def exported(ckpt: Path, fmt: str, work: Path) -> Path:
     if fmt == "native":
         return ckpt
     from compressor.export import export
-    out = work / "exports" / f"{ckpt.name}-{fmt}"
-    return out if out.exists() else export(ckpt, fmt, out)
+    return export(ckpt, fmt, work / "exports" / f"{ckpt.name}-{fmt}", overwrite=True)    # fresh: this tree's code
 
 
 def main() -> int:

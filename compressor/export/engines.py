@@ -163,8 +163,7 @@ class EngineRunner:
         import torch.nn.functional as F
         x = torch.tensor(ids, dtype=torch.int64)
         if self.llm is not None:
-            self.llm.reset()
-            self.llm.eval(ids)
+            self._eval(ids, all_logits=True)
             logits = torch.from_numpy(self.llm.scores[:len(ids) - 1].copy())
             return F.cross_entropy(logits.float(), x[1:], reduction="sum").item()
         with torch.inference_mode():
@@ -179,8 +178,7 @@ class EngineRunner:
         """fp32 logits at every position of `ids` (small inputs: tests)."""
         import torch
         if self.llm is not None:
-            self.llm.reset()
-            self.llm.eval(ids)
+            self._eval(ids, all_logits=True)
             return self.llm.scores[:len(ids)].tolist()
         with torch.inference_mode():
             return self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().tolist()
@@ -193,16 +191,27 @@ class EngineRunner:
             from compressor.bench.measure import greedy
             tokens, pre, dec = greedy(self.model, torch.tensor([prompt], dtype=torch.int64), n)
             return {"tokens": tokens[0].tolist(), "prefill_s": pre, "decode_s": dec}
-        import numpy as np
-        llm = self.llm
-        llm.reset()
         t0 = time.perf_counter()
-        llm.eval(prompt)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = self._eval(prompt, all_logits=False)
         t1 = time.perf_counter()
         out = [tok]
         for _ in range(n - 1):
-            llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = self._eval([tok], all_logits=False, reset=False)
             out.append(tok)
         return {"tokens": out, "prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1}
+
+    def _eval(self, ids: list[int], all_logits: bool, reset: bool = True) -> int:
+        """llama.cpp forward over `ids` (after the cache unless `reset`); the argmax of the last logits.
+
+        `all_logits` fills ``llm.scores`` for every position (perplexity); otherwise llama.cpp computes
+        the head for the last position only, as the torch rows do (``logits_to_keep=1``). This flips
+        llama-cpp-python 0.3.36's ``_logits_all``, which `eval` reads on every call (the extra pins it)."""
+        import numpy as np
+        llm = self.llm
+        if reset:
+            llm.reset()
+        llm._logits_all = all_logits
+        llm.eval(ids)
+        if all_logits:
+            return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))

@@ -124,3 +124,18 @@ def test_llama_cpp_gives_our_logits(quantized, tmp_path):
         err = float((got - ref).norm() / ref.norm())
         assert err < 2e-2, (setting, err)             # llama.cpp quantizes activations to 8 bits
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_llama_cpp_runner_greedy_reads_the_last_logits(quantized, tmp_path):
+    """`EngineRunner` decodes with the head on the last position only; its tokens must be the argmax
+    of the all-position logits of the same sequence (teacher forced)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (extra 'llama')")
+    from compressor.export.engines import EngineRunner
+    out = export(quantized("asym4g32"), "gguf", tmp_path / "g", pre_tokenizer="gpt-2")
+    r = EngineRunner("llama.cpp", threads=1, context=64)
+    r.load(str(out))
+    prompt = list(range(5, 17))
+    toks = r.greedy(prompt, 8)["tokens"]
+    full = torch.tensor(r.logits(prompt + toks[:-1]))
+    assert full[len(prompt) - 1:].argmax(-1).tolist() == toks
+    assert r.greedy(prompt, 8)["tokens"] == toks                 # the cache is reset between runs
