@@ -2,8 +2,9 @@
 
 SmolLM2-135M quantized by ``gptq-w4g64-noact`` (GPTQ 4-bit g64 asymmetric, act-order off) and by
 ``rtn-w4g64``, repacked by `compressor.export` into gptq-v2, compressed-tensors and gguf, and loaded by
-GPTQModel, transformers and llama.cpp (`compressor.export.engines`). One row per (checkpoint, format,
-engine):
+GPTQModel, transformers and llama.cpp (`compressor.export.engines`); and a symmetric RTN 4-bit g32
+checkpoint, whose v1 layout GPTQ loaders read as it is (``gptq``), in compressed-tensors' compressed
+modules and as gguf Q4_0. One row per (checkpoint, format, engine):
 
   * loaded: whether the engine read the export (else why not);
   * ppl over ``--windows`` windows of ``--seqlen`` tokens of the eval text, and its difference from
@@ -48,17 +49,24 @@ ROWS = [("gptq-w4g64-noact", "native", "compressor"), ("gptq-w4g64-noact", "gptq
         ("gptq-w4g64-noact", "gptq-v2", "transformers"), ("gptq-w4g64-noact", "compressed-tensors", "transformers"),
         ("gptq-w4g64-noact", "gguf", "llama.cpp"),
         ("rtn-w4g64", "native", "compressor"), ("rtn-w4g64", "gptq-v2", "gptqmodel"),
-        ("rtn-w4g64", "compressed-tensors", "transformers"), ("rtn-w4g64", "gguf", "llama.cpp")]
+        ("rtn-w4g64", "compressed-tensors", "transformers"), ("rtn-w4g64", "gguf", "llama.cpp"),
+        # symmetric: the v1 checkpoint itself in GPTQ loaders, compressed-tensors unpacked, gguf Q4_0
+        ("rtn-w4g32-sym", "native", "compressor"), ("rtn-w4g32-sym", "gptq", "gptqmodel"),
+        ("rtn-w4g32-sym", "gptq", "transformers"), ("rtn-w4g32-sym", "compressed-tensors", "transformers"),
+        ("rtn-w4g32-sym", "gguf", "llama.cpp")]
+SYM = {"description": "RTN 4-bit g32 symmetric", "passes": [{"rtn": {"bits": 4, "group_size": 32, "sym": True}}]}
 PROMPT, AGREE, GEN = 32, 32, 64
 
 
-def build(recipe: str, given: str | None, work: Path, calib: str) -> Path:
+def build(name: str, given: str | None, work: Path, calib: str) -> Path:
     if given:
         return Path(given)
-    out = work / recipe
+    out = work / name
     if not out.exists():
         import compressor
-        print(f"building {out} (compress --recipe {recipe})", flush=True)
+        from compressor.recipe import parse_recipe
+        print(f"building {out} (compress --recipe {name})", flush=True)
+        recipe = parse_recipe(SYM, source=name) if name == "rtn-w4g32-sym" else name
         compressor.compress("smollm2-135m", recipe, out, calib_data=calib)
     return out
 
@@ -74,6 +82,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gptq", help="a gptq-w4g64-noact checkpoint (default: built into out/engines/)")
     ap.add_argument("--rtn", help="an rtn-w4g64 checkpoint (default: built into out/engines/)")
+    ap.add_argument("--sym", help="a symmetric 4-bit g32 checkpoint (default: RTN, built into out/engines/)")
     ap.add_argument("--calib-data", default=str(DATA / "wikitext2-valid.tokens"))
     ap.add_argument("--eval-data", default=str(DATA / "wikitext2-test.txt"))
     ap.add_argument("--windows", type=int, default=4)
@@ -87,7 +96,8 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(args.work)
     ckpts = {"gptq-w4g64-noact": build("gptq-w4g64-noact", args.gptq, work, args.calib_data),
-             "rtn-w4g64": build("rtn-w4g64", args.rtn, work, args.calib_data)}
+             "rtn-w4g64": build("rtn-w4g64", args.rtn, work, args.calib_data),
+             "rtn-w4g32-sym": build("rtn-w4g32-sym", args.sym, work, args.calib_data)}
 
     from transformers import AutoTokenizer
 
@@ -102,7 +112,7 @@ def main() -> int:
     for ck, fmt, eng in ROWS:
         row = {"checkpoint": ck, "format": fmt, "engine": eng, "loaded": False}
         rows.append(row)
-        python = args.gptqmodel_python if eng == "gptqmodel" or (eng, fmt) == ("transformers", "gptq-v2") else None
+        python = args.gptqmodel_python if eng == "gptqmodel" or (eng == "transformers" and fmt.startswith("gptq")) else None
         need = "gptqmodel" if python is not None or eng == "gptqmodel" else eng
         why = "no --gptqmodel-python given" if need == "gptqmodel" and not python else engines.missing(need, python)
         if why:
