@@ -93,20 +93,47 @@ def main() -> int:
                     help="interpreter with gptqmodel (scripts/install-gptqmodel.sh VENV -> VENV/bin/python)")
     ap.add_argument("--work", default=str(ROOT / "out" / "engines"))
     ap.add_argument("--out", default=str(ROOT / "out" / "engines.json"))
-    args = ap.parse_args()
+    return 0 if formats_table(ap.parse_args()) else 1
+
+
+def _eval_ids(args, ckpt: Path) -> tuple[list[list[int]], list[int]]:
+    from transformers import AutoTokenizer
+
+    from compressor.calib import tokenize_file
+    ids = tokenize_file(args.eval_data, AutoTokenizer.from_pretrained(ckpt)).tolist()
+    windows = [ids[i * args.seqlen:(i + 1) * args.seqlen] for i in range(args.windows)]
+    if len(windows[-1]) < args.seqlen:
+        sys.exit(f"{args.eval_data}: fewer than {args.windows} windows of {args.seqlen} tokens")
+    return windows, ids[:PROMPT]
+
+
+def _worker(args, engine: str, label: str, python: str | None = None) -> ProcessWorker:
+    return ProcessWorker(RUNNER, init={"engine": engine, "threads": args.threads, "context": args.seqlen},
+                         env={"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"},
+                         label=label, python=python)
+
+
+def _ppl(w: ProcessWorker, windows: list[list[int]], seqlen: int) -> float:
+    return math.exp(sum(w.call("nll", ids=win) for win in windows) / (len(windows) * (seqlen - 1)))
+
+
+def _decode_rounds(workers: list[tuple[dict, ProcessWorker]], prompt: list[int], runs: int) -> None:
+    """Warm-up, then `runs` rounds in which every worker decodes once (A B C A B C ...)."""
+    for row, w in workers:
+        w.call("greedy", prompt=prompt, n=8)
+    for _ in range(runs):
+        for row, w in workers:
+            r = w.call("greedy", prompt=prompt, n=GEN)
+            row.setdefault("decode_tok_s_runs", []).append((GEN - 1) / r["decode_s"])
+
+
+def formats_table(args) -> bool:
     work = Path(args.work)
     ckpts = {"gptq-w4g64-noact": build("gptq-w4g64-noact", args.gptq, work, args.calib_data),
              "rtn-w4g64": build("rtn-w4g64", args.rtn, work, args.calib_data),
              "rtn-w4g32-sym": build("rtn-w4g32-sym", args.sym, work, args.calib_data)}
 
-    from transformers import AutoTokenizer
-
-    from compressor.calib import tokenize_file
-    ids = tokenize_file(args.eval_data, AutoTokenizer.from_pretrained(ckpts["rtn-w4g64"])).tolist()
-    windows = [ids[i * args.seqlen:(i + 1) * args.seqlen] for i in range(args.windows)]
-    if len(windows[-1]) < args.seqlen:
-        sys.exit(f"{args.eval_data}: fewer than {args.windows} windows of {args.seqlen} tokens")
-    prompt = ids[:PROMPT]
+    windows, prompt = _eval_ids(args, ckpts["rtn-w4g64"])
 
     rows, workers = [], []
     for ck, fmt, eng in ROWS:
@@ -121,12 +148,9 @@ def main() -> int:
             continue
         try:
             path = exported(ckpts[ck], fmt, work)
-            w = ProcessWorker(RUNNER, init={"engine": eng, "threads": args.threads, "context": args.seqlen},
-                              env={"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"},
-                              label=f"{ck} {fmt} {eng}", python=python)
+            w = _worker(args, eng, f"{ck} {fmt} {eng}", python)
             row.update(w.call("load", path=str(path)), loaded=True)
-            nll = sum(w.call("nll", ids=win) for win in windows)
-            row["ppl"] = math.exp(nll / (args.windows * (args.seqlen - 1)))
+            row["ppl"] = _ppl(w, windows, args.seqlen)
             row["tokens"] = w.call("greedy", prompt=prompt, n=AGREE)["tokens"]
             workers.append((row, w))
             print(f"{ck} {fmt} {eng}: loaded, ppl {row['ppl']:.4f}", flush=True)
@@ -134,12 +158,7 @@ def main() -> int:
             row["error"] = str(e)[:300]
             print(f"{ck} {fmt} {eng}: failed: {row['error']}", flush=True)
 
-    for row, w in workers:                                       # warm-up, then the engines take turns
-        w.call("greedy", prompt=prompt, n=8)
-    for _ in range(args.runs):
-        for row, w in workers:
-            r = w.call("greedy", prompt=prompt, n=GEN)
-            row.setdefault("decode_tok_s_runs", []).append((GEN - 1) / r["decode_s"])
+    _decode_rounds(workers, prompt, args.runs)
     for row, w in workers:
         w.close()
 
@@ -152,7 +171,7 @@ def main() -> int:
             "decode tok/s"]
     harness.print_table([dict(zip(cols, _cells(r))) for r in rows], [(c, c, "") for c in cols])
     harness.write_json(args.out, info, rows, args=vars(args))
-    return 0 if ok else 1
+    return ok
 
 
 def _compare(rows: list[dict]) -> bool:

@@ -128,6 +128,22 @@ class Source:
         self.tensors: dict[str, torch.Tensor] = load_file(str(self.path / WEIGHTS))
         self.specs: dict[str, dict[str, Any]] = self.meta.get("modules", {})
 
+    @classmethod
+    def float_model(cls, path: str | Path) -> "Source":
+        """An uncompressed HF model directory (config.json + one model.safetensors) read as a Source
+        with no compressed modules: what a float reference in another engine is written from (a
+        gguf F16 file for llama.cpp's own quantizer, benchmarks/engines.py)."""
+        from safetensors.torch import load_file
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.config = json.loads((self.path / "config.json").read_text())
+        self.meta, self.specs = {}, {}
+        files = sorted(self.path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise ExportError(f"{self.path}: expected one *.safetensors file, found {len(files)}")
+        self.tensors = load_file(str(files[0]))
+        return self
+
     def quantized(self) -> dict[str, dict[str, Any]]:
         return {n: s for n, s in self.specs.items() if s["type"] == "gptq"}
 

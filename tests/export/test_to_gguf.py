@@ -139,3 +139,20 @@ def test_llama_cpp_runner_greedy_reads_the_last_logits(quantized, tmp_path):
     full = torch.tensor(r.logits(prompt + toks[:-1]))
     assert full[len(prompt) - 1:].argmax(-1).tolist() == toks
     assert r.greedy(prompt, 8)["tokens"] == toks                 # the cache is reset between runs
+
+
+def test_float_model_writes_an_f16_gguf(tiny_bpe_llama, tmp_path):
+    """`Source.float_model`: the uncompressed model as F16 GGUF (the input of llama.cpp's own quantizer in
+    benchmarks/llama_equal_bits.py); every Linear is its fp16 weight, q/k rows in llama.cpp's order."""
+    from safetensors.torch import load_file
+
+    from compressor.export import Source
+    from compressor.export.to_gguf import write
+    write(Source.float_model(tiny_bpe_llama), tmp_path, {"pre_tokenizer": "gpt-2"})
+    r, t = _read(tmp_path)
+    w = load_file(str(next(tiny_bpe_llama.glob("*.safetensors"))))
+    cfg = json.loads((tiny_bpe_llama / "config.json").read_text())
+    assert t["blk.0.ffn_up.weight"].tensor_type.name == "F16"
+    got = torch.from_numpy(np.array(t["blk.1.attn_q.weight"].data)).float()
+    want = w["model.layers.1.self_attn.q_proj.weight"][rope_rows(cfg["hidden_size"], cfg["num_attention_heads"])]
+    assert torch.equal(got, want.half().float())
