@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -114,7 +113,7 @@ def _worker(args, engine: str, label: str, python: str | None = None) -> Process
 
 
 def _ppl(w: ProcessWorker, windows: list[list[int]], seqlen: int) -> float:
-    return math.exp(sum(w.call("nll", ids=win) for win in windows) / (len(windows) * (seqlen - 1)))
+    return w.call("perplexity", ids=[t for win in windows for t in win], seqlen=seqlen)
 
 
 def _decode_rounds(workers: list[tuple[dict, ProcessWorker]], prompt: list[int], runs: int) -> None:
@@ -139,8 +138,9 @@ def formats_table(args) -> bool:
     for ck, fmt, eng in ROWS:
         row = {"checkpoint": ck, "format": fmt, "engine": eng, "loaded": False}
         rows.append(row)
-        python = args.gptqmodel_python if eng == "gptqmodel" or (eng == "transformers" and fmt.startswith("gptq")) else None
-        need = "gptqmodel" if python is not None or eng == "gptqmodel" else eng
+        via_gptqmodel = eng == "gptqmodel" or (eng == "transformers" and fmt.startswith("gptq"))
+        python = args.gptqmodel_python if via_gptqmodel else None
+        need = "gptqmodel" if via_gptqmodel else eng
         why = "no --gptqmodel-python given" if need == "gptqmodel" and not python else engines.missing(need, python)
         if why:
             row["error"] = why

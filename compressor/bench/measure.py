@@ -246,10 +246,7 @@ class Measurer:
         from compressor.eval import perplexity
         t0 = time.perf_counter()
         if self.engine is not None:            # the same windows and sum as compressor.eval.perplexity
-            import math
-            n = len(ids) // seqlen
-            nll = sum(self.engine.nll(ids[i * seqlen:(i + 1) * seqlen]) for i in range(n))
-            ppl = math.exp(nll / (n * (seqlen - 1)))
+            ppl = self.engine.perplexity(ids, seqlen)
         else:
             ppl = perplexity(self.model, None, torch.tensor(ids, dtype=torch.int64), seqlen=seqlen, progress=False)
         return {"ppl": ppl, "seconds": time.perf_counter() - t0, "windows": len(ids) // seqlen}

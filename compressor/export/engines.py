@@ -121,9 +121,8 @@ class EngineRunner:
         t0 = time.perf_counter()
         import torch
         if self.engine == "compressor":
-            import compressor
-            from compressor.nn import prepare_
-            self.model = prepare_(compressor.load(path))
+            from compressor.bench.measure import load_model      # compressor.load + prepare_, as compress-bench
+            self.model = load_model(path)[0]
         elif self.engine == "transformers":
             from transformers import AutoModelForCausalLM
             kw = _transformers_options(Path(path))
@@ -173,6 +172,14 @@ class EngineRunner:
             # the whole model's forward: engines hook it (compressed-tensors onloads its weights there)
             logits = self.model(input_ids=x.unsqueeze(0), use_cache=False).logits[0, :-1]
             return F.cross_entropy(logits.float(), x[1:], reduction="sum").item()
+
+    def perplexity(self, ids: list[int], seqlen: int) -> float:
+        """exp of the mean NLL over the whole `seqlen` windows of `ids`, as `compressor.eval.perplexity` counts."""
+        import math
+        n = len(ids) // seqlen
+        if n < 1:
+            raise ValueError(f"{len(ids)} tokens are fewer than one window of {seqlen}")
+        return math.exp(sum(self.nll(ids[i * seqlen:(i + 1) * seqlen]) for i in range(n)) / (n * (seqlen - 1)))
 
     def logits(self, ids: list[int]) -> list[list[float]]:
         """fp32 logits at every position of `ids` (small inputs: tests)."""
