@@ -128,6 +128,10 @@ setup(
         # built by scripts/install-llama-cpp.sh (its AMX path crashes): a plain [llama] is for other CPUs
         "engines": ["compressed-tensors==0.20.1"],
         "llama": ["llama-cpp-python==0.3.36"],
+        # compress export onnx and the ort engine (CPU); onnx-ir is what ONNX Runtime's own quantizer imports
+        # (benchmarks/ort_peer.py). onnx-gpu instead of onnx on a CUDA machine: the two runtimes are one module.
+        "onnx": ["onnx>=1.18", "onnxruntime>=1.32", "onnx-ir"],
+        "onnx-gpu": ["onnx>=1.18", "onnxruntime-gpu>=1.31", "onnx-ir"],
     },
     entry_points={"console_scripts": [
         "compress=compressor.cli:main",

@@ -107,8 +107,9 @@ class CompressResult:
 
 
 def dir_bytes(path: Path) -> int:
-    """Bytes of the weight files (safetensors, gguf) in a model directory."""
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in (".safetensors", ".gguf"))
+    """Bytes of the weight files (safetensors, gguf, onnx and its external data) in a model directory."""
+    return sum(f.stat().st_size for f in Path(path).iterdir()
+               if f.suffix in (".safetensors", ".gguf", ".onnx", ".onnx_data"))
 
 
 def work_dir_for(out: str | Path) -> Path:

@@ -316,6 +316,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
         meta = json.loads((path / META).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / META}: corrupt JSON ({e})") from None
+    if meta.get("artifact") == "onnx-export":
+        raise CheckpointError(f"{path} is an ONNX export, run by ONNX Runtime (compress-bench --engine ort {path}, or "
+                              f"optimum's ORTModelForCausalLM); compressor.load reads the checkpoint it came from")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {meta.get('format_version')!r}, this compressor reads {FORMAT_VERSION}")
     if meta.get("artifact") == ADAPTER:

@@ -3,7 +3,8 @@
     compress --recipe NAME_OR_PATH MODEL -o OUT [--calib-data FILE] [--train-data FILE]
              [--eval-data FILE] [--eval-windows N] [--seqlen L] [--format F] [--overwrite] [--resume]
     compress recipes
-    compress export FORMAT CKPT -o OUT [--overwrite] [--pre-tokenizer NAME]   (gptq, gptq-v2, compressed-tensors, gguf)
+    compress export FORMAT CKPT -o OUT [--overwrite] [--pre-tokenizer NAME] [--accuracy-level N] [--head H]
+                                           (gptq, gptq-v2, compressed-tensors, gguf, onnx)
 
 A recipe that needs calibration or training text and gets none uses `compressor.calib.default_text_file`
 ($COMPRESSOR_DATA/wikitext2-valid.tokens, else ../shared/data/wikitext2-valid.tokens) and says so.
@@ -61,7 +62,7 @@ def _list_recipes() -> int:
 
 def _export(argv: list[str]) -> int:
     from .export import FORMATS, export
-    from .export import to_compressed_tensors, to_gguf, to_gptq  # noqa: F401  (register)
+    from .export import to_compressed_tensors, to_gguf, to_gptq, to_onnx  # noqa: F401  (register)
     p = argparse.ArgumentParser(prog="compress export", description="Repack a compressed checkpoint, without "
                                 "re-quantizing, into the format an engine loads.")
     p.add_argument("format", choices=sorted(FORMATS), help="target format")
@@ -70,11 +71,16 @@ def _export(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--pre-tokenizer", help="gguf: llama.cpp's pre-tokenizer name, for a tokenizer compressor "
                                            "does not recognise (e.g. llama-bpe, qwen2, gpt-2)")
+    p.add_argument("--accuracy-level", type=int, help="onnx: MatMulNBits accuracy_level, 0 exact fp32 (default), "
+                                                      "4 int8 activations (fastest on CPU)")
+    p.add_argument("--head", choices=("fp16", "int8"), help="onnx: the tied embedding and head in fp16 (default, "
+                                                           "exact) or as 8-bit MatMulNBits")
     args = p.parse_args(argv)
-    opts = {"pre_tokenizer": args.pre_tokenizer} if args.pre_tokenizer else {}
+    given = {"pre_tokenizer": args.pre_tokenizer, "accuracy_level": args.accuracy_level, "head": args.head}
+    opts = {k: v for k, v in given.items() if v is not None}
     try:
         out = export(args.checkpoint, args.format, args.out, overwrite=args.overwrite, **opts)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
         print(f"compress export: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.format}; {FORMATS[args.format].engines})")

@@ -5,6 +5,7 @@
                    [--price-per-hour USD] [--json OUT.json] [--markdown OUT.md] [--plot OUT.png]
                    [--max-ppl-increase PCT] [--min-speedup X]
                    [--tasks hellaswag,piqa] [--limit N] [--data DIR] [--max-acc-drop PP]
+                   [--engine torch,ort,ort:4]
 
 Exit status: 0 ok; 2 bad input (one line on stderr, before any model is loaded); 3 a candidate
 failed the gate (the failing rows are named on stderr); 1 a worker failed mid-run.
@@ -69,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="matmul precision of task scoring (default auto: bf16 where the CPU has it natively)")
     p.add_argument("--max-acc-drop", type=float,
                    help="gate: fail a candidate whose acc_norm drop on a task is significant and larger (pp)")
+    p.add_argument("--engine", default="torch",
+                   help="runtimes to measure each model in, comma-separated: torch (default), ort (ONNX Runtime on "
+                        "an onnx export made for the run, MatMulNBits accuracy_level 0), ort:4 (int8 activations); "
+                        "an export directory given as a model runs on its own engine")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
 
@@ -92,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                           eval_windows=args.eval_windows or None, price_per_hour=args.price_per_hour,
                           max_ppl_increase=args.max_ppl_increase, min_speedup=args.min_speedup, seed=args.seed,
                           tasks=tuple(args.tasks.split(",")) if args.tasks else (), task_limit=args.limit,
-                          task_data=args.data, task_precision=args.task_precision, max_acc_drop=args.max_acc_drop)
+                          task_data=args.data, task_precision=args.task_precision, max_acc_drop=args.max_acc_drop,
+                          engines=tuple(e.strip() for e in args.engine.split(",") if e.strip()))
         result = run(args.base, args.candidates, eval_data=args.eval_data, config=cfg, progress=not args.quiet)
     except BenchInputError as e:
         print(f"compress-bench: error: {e}", file=sys.stderr)

@@ -41,9 +41,17 @@ class BenchConfig:
     task_data: str | None = None           # directory of the task files; None: compressor.tasks.default_data_dir()
     task_precision: str = "auto"           # scoring precision: auto (bf16 where native), fp32, bf16
     max_acc_drop: float | None = None      # gate, percentage points of acc_norm, when the drop is significant
+    engines: tuple[str, ...] = ("torch",)  # runtimes each model runs in: torch, ort, ort:LEVEL (onnx export)
 
     def __post_init__(self):
         object.__setattr__(self, "batches", tuple(self.batches))
+        object.__setattr__(self, "engines", tuple(self.engines))
+        for e in self.engines:
+            if e != "torch" and not (e == "ort" or (e.startswith("ort:") and e[4:] in ("0", "1", "2", "3", "4"))):
+                raise BenchInputError(f"engine {e!r}: expected torch, ort, or ort:LEVEL with LEVEL the MatMulNBits "
+                                      f"accuracy_level 0-4 (ort:4 = int8 activations), e.g. --engine torch,ort")
+        if not self.engines or len(set(self.engines)) != len(self.engines):
+            raise BenchInputError(f"engines={self.engines!r}: one or more distinct engines, e.g. torch,ort")
         positive = {"prompt_len": self.prompt_len, "runs": self.runs, "prefill_reps": self.prefill_reps,
                     "threads": self.threads, "seqlen": self.seqlen}
         for name, v in positive.items():

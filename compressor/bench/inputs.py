@@ -10,7 +10,8 @@ from typing import Sequence
 from .config import BenchConfig, BenchInputError
 from .rows import ModelResult
 
-__all__ = ["parse_model_arg", "resolve_models", "check_positions", "check_engines", "eval_ids", "engine_of"]
+__all__ = ["parse_model_arg", "resolve_models", "check_positions", "check_engines", "eval_ids", "engine_of",
+           "make_exports"]
 
 
 def parse_model_arg(arg: str) -> tuple[str, str]:
@@ -26,49 +27,91 @@ def parse_model_arg(arg: str) -> tuple[str, str]:
     return (Path(arg).name or arg), arg
 
 
-def resolve_models(args: Sequence[str]) -> list[ModelResult]:
-    """One `ModelResult` per argument, its path resolved and its size on disk read; labels are unique."""
+def resolve_models(args: Sequence[str], engines: Sequence[str] = ("torch",)) -> list[ModelResult]:
+    """One `ModelResult` per argument and engine, its path resolved and its size on disk read; labels are unique.
+
+    An export directory runs on its own engine (gguf: llama.cpp, onnx: ort), once. Any other model gets a
+    row per engine in `engines`: "torch", and "ort" / "ort:LEVEL", an onnx export of it made by
+    `make_exports` (accuracy_level LEVEL, default 0) and labelled ``NAME [ort]`` / ``NAME [ort:LEVEL]``."""
     from compressor.api import dir_bytes
     from compressor.models import ModelError, resolve
 
     models, seen = [], set()
+
+    def add(m: ModelResult) -> None:
+        if m.label in seen:
+            raise BenchInputError(f"two models are labelled {m.label!r}; name them with NAME=PATH")
+        seen.add(m.label)
+        models.append(m)
+
     for arg in args:
         label, spec = parse_model_arg(str(arg))
-        if label in seen:
-            raise BenchInputError(f"two models are labelled {label!r}; name them with NAME=PATH")
-        seen.add(label)
-        if engine_of(spec) == "llama.cpp":
-            from compressor.export.engines import missing
-            if (why := missing("llama.cpp")):
-                raise BenchInputError(f"{label}: {spec} is a gguf export, run by llama.cpp; {why}")
-            models.append(ModelResult(label=label, spec=spec, path=str(spec), disk_bytes=dir_bytes(spec),
-                                      engine="llama.cpp"))
+        engine = engine_of(spec)
+        if engine != "torch":
+            _check_installed(engine, label, spec)
+            add(ModelResult(label=label, spec=spec, path=str(spec), disk_bytes=dir_bytes(spec), engine=engine))
             continue
         try:
             path = resolve(spec)
         except ModelError as e:
             raise BenchInputError(f"{label}: {e}") from None
-        models.append(ModelResult(label=label, spec=spec, path=str(path), disk_bytes=dir_bytes(path)))
+        for e in engines:
+            if e == "torch":
+                add(ModelResult(label=label, spec=spec, path=str(path), disk_bytes=dir_bytes(path)))
+                continue
+            _check_installed("ort", label, spec)
+            level = int(e.partition(":")[2] or 0)
+            add(ModelResult(label=f"{label} [{e}]", spec=spec, path=str(path), engine="ort", export_from=str(path),
+                            engine_note=f"accuracy_level {level}"))
     return models
 
 
+def _check_installed(engine: str, label: str, spec: str) -> None:
+    from compressor.export.engines import missing
+    if (why := missing(engine)):
+        raise BenchInputError(f"{label}: {spec} runs on {engine}; {why}")
+
+
 def engine_of(spec: str) -> str:
-    """"llama.cpp" for a directory `compress export gguf` (or ``compress --format gguf``) wrote, else "torch".
+    """"llama.cpp" for a directory `compress export gguf` wrote, "ort" for one `compress export onnx` wrote
+    (its compression.json says ``artifact: onnx-export``), else "torch".
 
     A bare ``.gguf`` file stays a source model (`compressor.models.resolve` dequantizes it for torch)."""
-    import json
+    from compressor.export import export_meta
+    meta = export_meta(spec) if Path(spec).is_dir() else None
+    return {"gguf": "llama.cpp", "onnx": "ort"}.get((meta or {}).get("format"), "torch")
 
-    from compressor.export import EXPORT_META
-    meta = Path(spec) / EXPORT_META
-    try:
-        return "llama.cpp" if meta.is_file() and json.loads(meta.read_text()).get("format") == "gguf" else "torch"
-    except (OSError, ValueError):
-        return "torch"
+
+def make_exports(models: list[ModelResult], workdir: str, progress=None) -> None:
+    """Write the onnx export of every pending ort row (`resolve_models`) under `workdir`, and point the row at it.
+    A checkpoint goes through `compressor.export_onnx`, an HF model through `to_onnx.export_float`."""
+    from compressor.api import dir_bytes
+    from compressor.checkpoint import is_checkpoint
+    from compressor.export import ExportError, export_onnx
+    from compressor.export.to_onnx import export_float
+    for i, m in enumerate(models):
+        if m.engine != "ort" or not m.export_from:
+            continue
+        if progress is not None:
+            progress(f"exporting {m.label} to onnx")
+        level = int(m.engine_note.rsplit(" ", 1)[1])
+        out = Path(workdir) / f"{i}"
+        try:
+            if is_checkpoint(m.export_from):
+                export_onnx(m.export_from, out, accuracy_level=level)
+            else:
+                export_float(m.export_from, out, accuracy_level=level)
+        except (ExportError, OSError) as e:
+            raise BenchInputError(f"{m.label}: cannot run on ONNX Runtime: {e}") from None
+        m.path, m.disk_bytes = str(out), dir_bytes(out)
 
 
 def check_engines(models: list[ModelResult], cfg: BenchConfig) -> None:
-    """llama.cpp rows decode one sequence (llama-cpp-python's API) and score no tasks."""
+    """llama.cpp rows decode one sequence (llama-cpp-python's API); llama.cpp and ort rows score no tasks."""
     for i, m in enumerate(models):
+        if m.engine == "ort" and cfg.tasks:
+            raise BenchInputError(f"{m.label}: task accuracy is not measured for ONNX Runtime rows; drop --tasks or "
+                                  f"the ort engine")
         if m.engine != "llama.cpp":
             continue
         if i == 0 and cfg.batches != (1,):
@@ -84,7 +127,7 @@ def check_positions(models: list[ModelResult], cfg: BenchConfig, with_eval: bool
     from transformers import AutoConfig
     need = max(cfg.prompt_len + cfg.gen_len, cfg.seqlen if with_eval else 0)
     for m in models:
-        if m.engine != "torch":        # llama.cpp's context is sized to `need` when it loads
+        if m.engine == "llama.cpp":    # llama.cpp's context is sized to `need` when it loads
             continue
         n = getattr(AutoConfig.from_pretrained(m.path), "max_position_embeddings", None)
         if n is not None and need > n:

@@ -202,30 +202,44 @@ class Measurer:
         self.rss_base = rss_bytes()
 
     def load(self, path: str, engine: str = "torch", context: int = 2048) -> dict:
-        """Load the model at `path`: in torch, or (``engine="llama.cpp"``, a gguf export) in llama.cpp with
-        a context of `context` tokens (`compressor.export.engines.EngineRunner`)."""
+        """Load the model at `path`: in torch, or in another engine (`compressor.export.engines.EngineRunner`):
+        ``"llama.cpp"`` (a gguf export, with a context of `context` tokens) or ``"ort"`` (an onnx export)."""
         t0 = time.perf_counter()
-        if engine == "llama.cpp":
+        note = ""
+        if engine in ("llama.cpp", "ort"):
             from compressor.export.engines import EngineRunner
-            self.engine = EngineRunner("llama.cpp", threads=self.threads, context=context)
+            self.engine = EngineRunner(engine, threads=self.threads, context=context)
             info = self.engine.load(path)
-            kind, kernels = "gguf", f"llama.cpp (llama-cpp-python {info['version']})"
+            if engine == "ort":
+                from compressor.export import export_meta
+                level = (export_meta(path) or {}).get("accuracy_level", "?")
+                note = f"accuracy_level {level}, {info['mode']}"
+                kind, kernels = "onnx", f"onnxruntime {info['version']} ({note})"
+            else:
+                kind, kernels = "gguf", f"llama.cpp (llama-cpp-python {info['version']})"
         else:
             self.model, self.tokenizer, kind = load_model(path)
             kernels = kernels_used(self.model)
         load_s = time.perf_counter() - t0
         gc.collect()
         return {"kind": kind, "load_s": load_s, "rss_base": self.rss_base, "rss_load": rss_bytes(),
-                "peak_rss_method": "VmHWM" if _reset_peak() else "psutil-sampler", "kernels": kernels}
+                "peak_rss_method": "VmHWM" if _reset_peak() else "psutil-sampler", "kernels": kernels,
+                "engine_note": note}
 
     def generate(self, batch: int, prompt_len: int, gen_len: int, seed: int, prefill_reps: int = 1) -> dict:
         """One greedy run on seeded random prompts: time the prefill (TTFT) and the decode steps apart."""
         import torch
         g = torch.Generator().manual_seed(seed)
-        vocab = self.engine.llm.n_vocab() if self.engine is not None else self.model.config.vocab_size
+        ort = self.engine.ort if self.engine is not None else None
+        if ort is not None:
+            vocab = ort.vocab
+        else:
+            vocab = self.engine.llm.n_vocab() if self.engine is not None else self.model.config.vocab_size
         ids = torch.randint(0, vocab, (batch, prompt_len), generator=g)  # (batch, prompt_len)
         with PeakRSS() as mem:
-            if self.engine is not None:        # llama.cpp: one sequence, one prefill (`check_engines`)
+            if ort is not None:                # ONNX Runtime: any batch, one prefill
+                _, prefill_s, decode_s = ort.greedy(ids.numpy(), gen_len, prefill_reps)
+            elif self.engine is not None:      # llama.cpp: one sequence, one prefill (`check_engines`)
                 if batch != 1:
                     raise ValueError(f"llama.cpp rows run batch 1 only, asked for {batch}")
                 r = self.engine.greedy(ids[0].tolist(), gen_len)

@@ -43,6 +43,7 @@ def _cost(v: float | None) -> str:
 
 COLUMNS = [
     Column("model", lambda r, first: r.label if first else ""),
+    Column("engine", lambda r, first: r.engine if first else "", True),
     Column("batch", lambda r, first: str(r.batch)),
     Column("disk MiB", lambda r, first: f"{r.disk_bytes / MIB:,.1f}", True),
     Column("RSS load MiB", lambda r, first: f"{r.rss_load / MIB:,.0f}", True),
@@ -129,7 +130,9 @@ def header_lines(result: BenchResult) -> list[str]:
         lines.append(kernels)
     others = [f"{m.label} on {m.kernels}" for m in result.models if m.engine != "torch"]
     if others:
-        lines.append("other engines: " + "; ".join(others) + " (batch 1 only: llama-cpp-python decodes one sequence)")
+        llama = any(m.engine == "llama.cpp" for m in result.models)
+        lines.append("other engines: " + "; ".join(others)
+                     + (" (llama.cpp rows batch 1 only: llama-cpp-python decodes one sequence)" if llama else ""))
     if result.eval_data:
         w = result.models[0].ppl_windows
         lines.append(f"perplexity: {result.eval_data}, {w} window{'s' if w != 1 else ''} of {c.seqlen} tokens")
@@ -167,19 +170,20 @@ def print_table(result: BenchResult, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rich.markup import escape
     console = console or Console()
-    for line in header_lines(result):
-        console.print(f"# {line}", style="dim", highlight=False)
+    for line in header_lines(result):            # labels such as "gptq [ort:4]" are text, not rich markup
+        console.print(escape(f"# {line}"), style="dim", highlight=False)
     t = Table(show_lines=False, header_style="bold")
     for i, c in enumerate(columns(result)):
         t.add_column(c.title, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for r, cells in zip(result.rows, table_cells(result)):
-        t.add_row(*cells, style="red" if r.failures else None)
+        t.add_row(*map(escape, cells), style="red" if r.failures else None)
     console.print(t)
     for line in task_lines(result):
-        console.print(line, highlight=False)
+        console.print(escape(line), highlight=False)
     for f in result.failures:
-        console.print(f"[red]gate failed[/red]: {f}", highlight=False)
+        console.print(f"[red]gate failed[/red]: {escape(f)}", highlight=False)
 
 
 def write_json(result: BenchResult, path: str | Path) -> Path:

@@ -19,7 +19,9 @@ class ModelResult:
     spec: str
     path: str
     kind: str = ""                    # "hf", "checkpoint" or "gguf"
-    engine: str = "torch"             # "torch", or "llama.cpp" for a gguf export (batch 1 only)
+    engine: str = "torch"             # "torch", "ort" (an onnx export) or "llama.cpp" (a gguf export, batch 1 only)
+    engine_note: str = ""             # ort: accuracy_level and execution provider
+    export_from: str = ""             # ort row of a torch-loadable model: exported from this path before loading
     disk_bytes: int = 0
     load_s: float = 0.0
     rss_base: int = 0                 # worker RSS before the load (runtime only)
@@ -71,6 +73,7 @@ class Row:
     label: str
     batch: int
     is_base: bool
+    engine: str
     disk_bytes: int
     rss_load: int
     peak_rss: int
@@ -112,7 +115,7 @@ def build_rows(models: list[ModelResult], cfg: BenchConfig) -> list[Row]:
             fails = () if m is base else tuple(stats.gate(inc, dec_speedup, cfg.max_ppl_increase, cfg.min_speedup)
                                                + task_fails)
             rows.append(Row(
-                label=m.label, batch=b, is_base=m is base, disk_bytes=m.disk_bytes, rss_load=m.rss_load,
+                label=m.label, batch=b, is_base=m is base, engine=m.engine, disk_bytes=m.disk_bytes, rss_load=m.rss_load,
                 peak_rss=max(x.peak_rss for x in s), ppl=m.ppl, ppl_increase_pct=inc,
                 ttft_s=stats.median([x.prefill_s for x in s]),
                 prefill_tok_s=stats.median(pre), prefill_spread_pct=stats.spread_pct(pre),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -14,7 +15,7 @@ from compressor.machine import machine_info
 
 from . import stats
 from .config import BenchConfig, BenchInputError
-from .inputs import check_engines, check_positions, eval_ids, resolve_models
+from .inputs import check_engines, check_positions, eval_ids, make_exports, resolve_models
 from .measure import LocalWorker, ProcessWorker, RunSample
 from .rows import ModelResult, Row, build_rows
 
@@ -78,7 +79,7 @@ def run(base: str, candidates: Sequence[str] = (), eval_data: str | os.PathLike 
         BenchInputError: before any model is loaded, for an input that cannot work.
     """
     cfg = config or BenchConfig()
-    models = resolve_models([base, *candidates])
+    models = resolve_models([base, *candidates], cfg.engines)
     if cfg.max_ppl_increase is not None and eval_data is None:
         raise BenchInputError("--max-ppl-increase needs --eval-data (perplexity is not measured without it)")
     check_positions(models, cfg, eval_data is not None)
@@ -98,13 +99,16 @@ def run(base: str, candidates: Sequence[str] = (), eval_data: str | os.PathLike 
     by_label = {m.label: m for m in models}
     # llama.cpp rows run batch 1 only (`check_engines`)
     runs = [(b, r, label) for b, r, label in stats.schedule(labels, cfg.batches, cfg.warmup + cfg.runs)
-            if b == 1 or by_label[label].engine == "torch"]
+            if b == 1 or by_label[label].engine != "llama.cpp"]
     context = max(cfg.prompt_len + cfg.gen_len, cfg.seqlen if ids else 0)
     steps = (len(models) + len(runs)
              + (len(models) if ids else 0) + len(models) * len(cfg.tasks))
     workers = {}
     with _progress(progress) as bar, contextlib.ExitStack() as stack:
         task = bar.add_task("starting", total=steps)
+        if any(m.export_from for m in models):          # ort rows of torch models: their onnx exports, removed after
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="compress-bench-onnx-"))
+            make_exports(models, work, lambda what: bar.update(task, description=what))
         for m in models:
             bar.update(task, description=f"loading {m.label}")
             w = ProcessWorker(cfg.threads, m.label) if isolate else LocalWorker(cfg.threads, m.label)
@@ -113,6 +117,7 @@ def run(base: str, candidates: Sequence[str] = (), eval_data: str | os.PathLike 
             info = w.call("load", path=m.path, engine=m.engine, context=context)
             m.kind, m.load_s, m.rss_base, m.rss_load = info["kind"], info["load_s"], info["rss_base"], info["rss_load"]
             m.peak_rss_method, m.kernels = info["peak_rss_method"], info["kernels"]
+            m.engine_note = info.get("engine_note") or m.engine_note
             bar.update(task, advance=1)
         for b, r, label in runs:
             warm = r < cfg.warmup

@@ -31,9 +31,10 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["export", "check_plan", "FORMATS", "NATIVE", "register_export", "ExportError", "Source", "EXPORT_META"]
+__all__ = ["export", "export_onnx", "export_meta", "check_plan", "FORMATS", "NATIVE", "register_export", "ExportError", "Source", "EXPORT_META"]
 
 EXPORT_META = "export.json"
+ONNX_ARTIFACT = "onnx-export"       # compression.json's artifact in an onnx export directory
 NATIVE = "gptq"                     # the format `compressor.checkpoint.save` writes; exporting to it is a copy
 
 
@@ -50,6 +51,8 @@ class Exporter:
     bits: tuple[int, ...] = (2, 3, 4, 8)      # code widths the format has a layout for
     static_groups: bool = False               # True: act-order (g_idx) cannot be expressed
     archs: tuple[str, ...] | None = None      # config.json model_type values it writes; None: any
+    meta_file: str = EXPORT_META              # the file describing the export (onnx: compression.json)
+    requires: tuple[str, str] | None = None   # (module, extra) the writer imports, checked before any work
 
 
 FORMATS: dict[str, Exporter] = {}
@@ -57,7 +60,7 @@ FORMATS: dict[str, Exporter] = {}
 
 def register_export(name: str, engines: str, **limits: Any):
     """Register `write(source, tmp_dir, options) -> dict` (what export.json records) as format `name`.
-    `limits` are the `Exporter` fields after `engines` (options, bits, static_groups, archs):
+    `limits` are the `Exporter` fields after `engines` (options, bits, static_groups, archs, meta_file, requires):
     `check_plan` checks a recipe against them before any work."""
     def deco(fn):
         FORMATS[name] = Exporter(name, fn, engines, **limits)
@@ -66,10 +69,17 @@ def register_export(name: str, engines: str, **limits: Any):
 
 
 def _exporter(format: str, options: dict[str, Any]) -> Exporter:
-    from . import to_compressed_tensors, to_gguf, to_gptq  # noqa: F401  (register the formats)
+    from . import to_compressed_tensors, to_gguf, to_gptq, to_onnx  # noqa: F401  (register the formats)
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {sorted(FORMATS)}")
     exp = FORMATS[format]
+    if exp.requires:
+        module, extra = exp.requires
+        try:
+            __import__(module)
+        except ImportError:
+            raise ExportError(f"export {format} needs the {extra} extra: pip install 'compressor[{extra}]' (from a "
+                              f"checkout: pip install -e '.[{extra}]')") from None
     unknown = sorted(set(options) - set(exp.options))
     if unknown:
         raise ExportError(f"export {format}: unknown option {unknown[0]!r}; allowed: {list(exp.options) or 'none'}")
@@ -119,11 +129,18 @@ class Source:
                               f"(compress --recipe ... -o DIR), then export DIR")
         try:
             self.meta = json.loads((self.path / META).read_text())
-            self.config = json.loads((self.path / "config.json").read_text())
-        except (json.JSONDecodeError, FileNotFoundError) as e:
+        except (json.JSONDecodeError, OSError) as e:
             raise CheckpointError(f"{self.path}: cannot read its metadata ({e})") from None
         if self.meta.get("artifact") == ADAPTER:
-            raise ExportError(f"{self.path} is a LoRA adapter; export a merged model (lora: {{save: merged}})")
+            raise ExportError(f"{self.path} is a LoRA adapter; merge it first (a recipe whose lora pass has "
+                              f"save: merged), then export the merged checkpoint")
+        if self.meta.get("artifact") == ONNX_ARTIFACT:
+            raise ExportError(f"{self.path} is an ONNX export, not a checkpoint; export the checkpoint it was made "
+                              f"from ({self.meta.get('source', {}).get('checkpoint')})")
+        try:
+            self.config = json.loads((self.path / "config.json").read_text())
+        except (json.JSONDecodeError, OSError) as e:
+            raise CheckpointError(f"{self.path}: cannot read its config.json ({e})") from None
         check_safetensors(self.path / WEIGHTS)
         self.tensors: dict[str, torch.Tensor] = load_file(str(self.path / WEIGHTS))
         self.specs: dict[str, dict[str, Any]] = self.meta.get("modules", {})
@@ -201,5 +218,24 @@ def export(ckpt: str | Path, format: str, out: str | Path, *, overwrite: bool = 
         meta = {"format": format, "engines": exp.engines, "options": options, **described,
                 "source": {"checkpoint": str(Path(ckpt).resolve()), "recipe": src.meta.get("recipe"),
                            "model": src.meta.get("source")}, "versions": versions(), "producer": "compressor"}
-        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / exp.meta_file).write_text(json.dumps(meta, indent=2, default=str))
     return out
+
+
+def export_onnx(ckpt: str | Path, out: str | Path, *, overwrite: bool = False, **options: Any) -> Path:
+    """`export` to ``onnx`` (`to_onnx`): options ``accuracy_level`` (0 exact, 4 int8 activations) and
+    ``head`` (fp16, int8)."""
+    return export(ckpt, "onnx", out, overwrite=overwrite, **options)
+
+
+def export_meta(path: str | Path) -> dict[str, Any] | None:
+    """What an export directory says it holds (export.json, or an onnx export's compression.json), or None."""
+    from ..checkpoint import META
+    for name in (EXPORT_META, META):
+        try:
+            meta = json.loads((Path(path) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if name == EXPORT_META or meta.get("artifact") == ONNX_ARTIFACT:
+            return meta
+    return None

@@ -17,6 +17,7 @@ interpreter (``python=``, see ``scripts/install-gptqmodel.sh``).
 | `transformers` | gptq (with GPTQModel), compressed-tensors | ``pip install '.[engines]'``                   |
 | `gptqmodel`    | gptq (sym), gptq-v2                       | ``scripts/install-gptqmodel.sh VENV``          |
 | `llama.cpp`    | gguf                                      | ``scripts/install-llama-cpp.sh`` (or ``.[llama]``) |
+| `ort`          | onnx (`compressor.export.ort.OrtDecoder`) | ``pip install '.[onnx]'`` (``.[onnx-gpu]``: CUDA) |
 
 Greedy decoding is the same loop for every engine: one forward over the prompt, then one token at a
 time from the cache, no EOS check, timed in two parts like `compressor.bench.measure.greedy`.
@@ -48,6 +49,7 @@ ENGINES = {
     "gptqmodel": Engine("gptqmodel", "scripts/install-gptqmodel.sh VENV, then pass VENV/bin/python", "bf16"),
     "llama.cpp": Engine("llama_cpp", "scripts/install-llama-cpp.sh (pip install '.[llama]' on CPUs without AMX)",
                         "fp32 (int8 dot products)"),
+    "ort": Engine("onnxruntime", "pip install '.[onnx]'", "fp32 (accuracy_level 4: int8 activations)"),
 }
 
 
@@ -114,7 +116,7 @@ class EngineRunner:
         import torch
         torch.set_num_threads(threads)
         self.engine, self.threads, self.context = engine, threads, context
-        self.model = self.llm = None
+        self.model = self.llm = self.ort = None
         self.mode = ""                  # how the engine was asked to load, when not its default
 
     def load(self, path: str) -> dict:
@@ -134,6 +136,10 @@ class EngineRunner:
             # replaces every zero point by 8 (asymmetric models come out garbage: ppl 1e8 on SmolLM2), and
             # TorchAtenLinear in fp16 is 15x slower than in bf16 on a CPU without fp16 arithmetic.
             self.model = GPTQModel.load(path, device="cpu", dtype=torch.bfloat16, backend=BACKEND.GPTQ_TORCH_ATEN).model
+        elif self.engine == "ort":
+            from .ort import OrtDecoder
+            self.ort = OrtDecoder(path, self.threads)
+            self.mode = self.ort.provider
         else:
             from llama_cpp import Llama
             self.llm = Llama(model_path=str(gguf_file(path)), n_ctx=self.context, n_batch=512, n_threads=self.threads,
@@ -149,7 +155,7 @@ class EngineRunner:
     def _version(self) -> str:
         mod = ENGINES[self.engine].module
         from importlib.metadata import PackageNotFoundError, version
-        for dist in (mod, mod.replace("_", "-"), {"llama_cpp": "llama-cpp-python"}.get(mod, mod)):
+        for dist in (mod, mod.replace("_", "-"), {"llama_cpp": "llama-cpp-python"}.get(mod, mod), f"{mod}-gpu"):
             try:
                 return version(dist)
             except PackageNotFoundError:
@@ -161,6 +167,8 @@ class EngineRunner:
         import torch
         import torch.nn.functional as F
         x = torch.tensor(ids, dtype=torch.int64)
+        if self.ort is not None:
+            return self.ort.nll(ids)
         if self.llm is not None:
             self._eval(ids, all_logits=True)
             logits = torch.from_numpy(self.llm.scores[:len(ids) - 1].copy())
@@ -184,6 +192,8 @@ class EngineRunner:
     def logits(self, ids: list[int]) -> list[list[float]]:
         """fp32 logits at every position of `ids` (small inputs: tests)."""
         import torch
+        if self.ort is not None:
+            return self.ort.logits(ids).tolist()
         if self.llm is not None:
             self._eval(ids, all_logits=True)
             return self.llm.scores[:len(ids)].tolist()
@@ -192,6 +202,10 @@ class EngineRunner:
 
     def greedy(self, prompt: list[int], n: int) -> dict:
         """`n` greedy tokens after `prompt`, the prompt's forward and the n - 1 decode steps timed apart."""
+        if self.ort is not None:
+            import numpy as np
+            tokens, pre, dec = self.ort.greedy(np.asarray([prompt], np.int64), n)
+            return {"tokens": tokens[0].tolist(), "prefill_s": pre, "decode_s": dec}
         if self.llm is None:
             import torch
 

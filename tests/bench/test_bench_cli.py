@@ -88,7 +88,7 @@ def test_cli_end_to_end_gate_and_outputs(capsys, tiny_llama, tiny_w8, eval_text,
     assert data["models"][1]["rss_load"] > data["models"][1]["rss_base"] > 0
     assert len(data["failures"]) == 2
     md = (out / "b.md").read_text()
-    assert "| model | batch |" in md and "**Gate failed:**" in md
+    assert "| model | engine | batch |" in md and "**Gate failed:**" in md
     assert (out / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -77,3 +77,35 @@ def test_gguf_export_as_base_needs_batch_one(tiny_bpe_llama, tmp_path):
     gg = export(ck, "gguf", tmp_path / "q4-gguf", pre_tokenizer="gpt-2")
     with pytest.raises(BenchInputError, match="--batch 1"):
         run(str(gg), [str(ck)], config=BenchConfig(batches=(1, 8)), progress=False, isolate=False)
+
+
+def test_engines_torch_and_ort_measure_the_same_checkpoint(tiny_llama, tiny_w8, eval_text):
+    """--engine torch,ort,ort:4: each model once per engine, the ort rows on onnx exports made for the run
+    (the float BASE too) and removed after it; same windows, so the ort:0 ppl equals the torch one."""
+    import pytest
+    pytest.importorskip("onnxruntime", reason="ort rows need the onnx extra: pip install '.[onnx]'")
+    from pathlib import Path
+    cfg = BenchConfig(batches=(1, 2), prompt_len=8, gen_len=4, runs=1, threads=1, seqlen=64, eval_windows=2,
+                      engines=("torch", "ort", "ort:4"))
+    res = run(str(tiny_llama), [f"w8={tiny_w8}"], eval_data=str(eval_text), config=cfg, progress=False,
+              isolate=False)
+    by = {m.label: m for m in res.models}
+    assert list(by) == ["llama", "llama [ort]", "llama [ort:4]", "w8", "w8 [ort]", "w8 [ort:4]"]
+    assert [m.engine for m in res.models] == ["torch", "ort", "ort"] * 2
+    assert by["w8 [ort]"].kind == "onnx" and "accuracy_level 0" in by["w8 [ort]"].kernels
+    assert "accuracy_level 4" in by["w8 [ort:4]"].engine_note
+    assert not Path(by["w8 [ort]"].path).exists()                     # the run's exports are gone
+    for name in ("llama", "w8"):
+        assert abs(by[f"{name} [ort]"].ppl / by[name].ppl - 1) < 1e-4
+        assert abs(by[f"{name} [ort:4]"].ppl / by[name].ppl - 1) < 0.05
+    assert [(r.label, r.batch, r.engine) for r in res.rows][:3] == [("llama", 1, "torch"), ("llama", 2, "torch"),
+                                                                    ("llama [ort]", 1, "ort")]
+    assert all(r.decode_tok_s > 0 for r in res.rows)
+
+
+def test_unknown_engine_is_refused():
+    import pytest
+
+    from compressor.bench.config import BenchInputError
+    with pytest.raises(BenchInputError, match="engine 'ort:9'"):
+        BenchConfig(engines=("torch", "ort:9"))
