@@ -53,6 +53,7 @@ class Exporter:
     archs: tuple[str, ...] | None = None      # config.json model_type values it writes; None: any
     meta_file: str = EXPORT_META              # the file describing the export (onnx: compression.json)
     requires: tuple[str, str] | None = None   # (module, extra) the writer imports, checked before any work
+    check: Callable[[dict[str, Any]], None] | None = None   # raises ExportError for a bad option value
 
 
 FORMATS: dict[str, Exporter] = {}
@@ -60,7 +61,7 @@ FORMATS: dict[str, Exporter] = {}
 
 def register_export(name: str, engines: str, **limits: Any):
     """Register `write(source, tmp_dir, options) -> dict` (what export.json records) as format `name`.
-    `limits` are the `Exporter` fields after `engines` (options, bits, static_groups, archs, meta_file, requires):
+    `limits` are the `Exporter` fields after `engines` (options, bits, static_groups, archs, meta_file, requires, check):
     `check_plan` checks a recipe against them before any work."""
     def deco(fn):
         FORMATS[name] = Exporter(name, fn, engines, **limits)
@@ -83,6 +84,8 @@ def _exporter(format: str, options: dict[str, Any]) -> Exporter:
     unknown = sorted(set(options) - set(exp.options))
     if unknown:
         raise ExportError(f"export {format}: unknown option {unknown[0]!r}; allowed: {list(exp.options) or 'none'}")
+    if exp.check is not None:
+        exp.check(options)
     return exp
 
 

@@ -323,9 +323,19 @@ def write_graph(src: Source, tmp: Path, accuracy_level: int = 0, head: str = "fp
             "act_order_gathers": len(layers.gathers)}
 
 
+def check_options(options: dict[str, Any]) -> None:
+    """accuracy_level and head, checked when a recipe or command names them (before any work)."""
+    level, head = options.get("accuracy_level", 0), options.get("head", "fp16")
+    if str(level) not in tuple(map(str, _LEVELS)):
+        raise ExportError(f"accuracy_level={level!r}: MatMulNBits takes one of {list(_LEVELS)} "
+                          f"(0 exact fp32, 4 int8 activations)")
+    if head not in _HEADS:
+        raise ExportError(f"head={head!r}: choose one of {list(_HEADS)}")
+
+
 @register_export("onnx", engines="ONNX Runtime (onnxruntime, onnxruntime-gpu; optimum's ORTModelForCausalLM)",
                  options=("accuracy_level", "head"), bits=(4, 8), archs=_ARCHS, meta_file="compression.json",
-                 requires=("onnx", "onnx"))
+                 requires=("onnx", "onnx"), check=check_options)
 def write(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
     described = write_graph(src, tmp, int(options.get("accuracy_level", 0)), str(options.get("head", "fp16")))
     write_dir_files(src, tmp)

@@ -319,5 +319,7 @@ def test_compress_with_format_onnx_writes_the_export(tiny_bpe_llama, tmp_path):
                                                 "save": {"format": "onnx", "accuracy_level": 4}}), out, progress=False)
     assert export_meta(out)["accuracy_level"] == 4 and (out / "model.onnx_data").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]          # the native checkpoint is removed
+    with pytest.raises(ValueError, match="accuracy_level=5"):                # option values: when the recipe is read
+        parse_recipe({"passes": [{"rtn": {"bits": 4, "group_size": 32}}], "save": {"format": "onnx", "accuracy_level": 5}})
     with pytest.raises(ValueError, match="no 3-bit layout"):
         parse_recipe({"passes": [{"rtn": {"bits": 3, "group_size": 32}}], "save": {"format": "onnx"}})
