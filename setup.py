@@ -132,6 +132,9 @@ setup(
         # (benchmarks/ort_peer.py). onnx-gpu instead of onnx on a CUDA machine: the two runtimes are one module.
         "onnx": ["onnx>=1.18", "onnxruntime>=1.32", "onnx-ir"],
         "onnx-gpu": ["onnx>=1.18", "onnxruntime-gpu>=1.31", "onnx-ir"],
+        # the Triton dequant-matmul (compressor/kernels/triton_gptq.py): run under TRITON_INTERPRET=1 and compiled
+        # ahead of time for sm_80/sm_90 in the tests, on a CPU-only machine too
+        "triton": ["triton>=3.4"],
     },
     entry_points={"console_scripts": [
         "compress=compressor.cli:main",
