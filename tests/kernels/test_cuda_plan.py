@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compressor.kernels.cuda_plan import K_CHUNK, emulate, plan
-from compressor.quant.packing import pack_gptq
+from gptq_layers import gptq_layer
 
 CU = Path(__file__).resolve().parents[2] / "cuda" / "gptq_gemv.cu"
 MAX_REGISTERS = 168          # 3 blocks of 128 threads per SM on sm_80/sm_90 (65536 registers)
@@ -51,26 +51,14 @@ def test_plan_tiles_rows_and_splits_k():
         plan(1, 576, 196, 4, 64, False)
 
 
-def _layer(n, k, bits, group, sym, act, seed):
-    g = torch.Generator().manual_seed(seed)
-    gs = k if group == -1 else group
-    q = torch.randint(0, 2 ** bits, (n, k), generator=g).to(torch.uint8)
-    scale = (torch.rand(n, k // gs, generator=g) * 0.02 + 0.001).half().float()
-    zero = torch.full((n, k // gs), 2.0 ** (bits - 1)) if sym else torch.randint(1, 2 ** bits, (n, k // gs),
-                                                                              generator=g).float()
-    g_idx = (torch.randperm(k, generator=g) // gs if act else torch.arange(k) // gs).to(torch.int32)
-    t = pack_gptq(q, scale, zero, bits, g_idx)
-    w = (q.float() - zero[:, g_idx.long()]) * scale[:, g_idx.long()]       # (N, K) reference weight
-    return t, w, g_idx
-
-
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("n", [192, 576, 1536])
 @pytest.mark.parametrize("bits,group,sym,act", [(4, 32, False, False), (4, 64, True, False), (4, 128, False, True),
                                                 (4, 64, False, True), (8, -1, True, False)])
 def test_emulation_matches_reference(m, n, bits, group, sym, act):
     k = 576 if group in (-1, 32, 64) else 640
-    t, w, g_idx = _layer(n, k, bits, group, sym, act, seed=m + n)
+    t, w = gptq_layer(n, k, bits, group, sym, act, seed=m + n)
+    g_idx = t["g_idx"]
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).half()
     got = emulate(x, t["qweight"], t["qzeros"], t["scales"], g_idx if act else None, group, bits)
     want = (x.double() @ w.double().t())

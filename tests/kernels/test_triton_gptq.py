@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from compressor.quant.packing import pack_gptq
+from gptq_layers import gptq_layer
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
 
@@ -34,19 +34,6 @@ def interpreted():
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _layer(n, k, bits, group, sym, act, seed):
-    g = torch.Generator().manual_seed(seed)
-    gs = k if group == -1 else group
-    q = torch.randint(0, 2 ** bits, (n, k), generator=g).to(torch.uint8)
-    scale = (torch.rand(n, k // gs, generator=g) * 0.02 + 0.001).half().float()
-    zero = (torch.full((n, k // gs), 2.0 ** (bits - 1)) if sym
-            else torch.randint(1, 2 ** bits, (n, k // gs), generator=g).float())
-    g_idx = (torch.randperm(k, generator=g) // gs if act else torch.arange(k) // gs).to(torch.int32)
-    t = pack_gptq(q, scale, zero, bits, g_idx)
-    w = (q.float() - zero[:, g_idx.long()]) * scale[:, g_idx.long()]
-    return t, w
-
-
 QUANT = [(4, 32, False, False), (4, 64, True, False), (4, 128, False, True), (4, 64, False, True),
          (8, -1, True, False)]
 
@@ -60,7 +47,7 @@ def _check(m, n, quant, config):
     from compressor.kernels.triton_gptq import gptq_matmul
     bits, group, sym, act = quant
     k = 640 if group == 128 else 576
-    t, w = _layer(n, k, bits, group, sym, act, seed=m * 7 + n)
+    t, w = gptq_layer(n, k, bits, group, sym, act, seed=m * 7 + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).half()
     y = gptq_matmul(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"] if act else None, group, bits, config)
     want = x.float() @ w.half().float().t()          # the reference: weight rounded to fp16, fp32 sums
@@ -77,7 +64,7 @@ def test_kernel_in_the_interpreter_matches_the_reference(interpreted, case):
 def test_bad_arguments_are_named():
     from compressor.kernels.triton_gptq import gptq_matmul
     x = torch.zeros(1, 64).half()
-    t, _ = _layer(64, 128, 4, 64, False, False, 0)
+    t, _ = gptq_layer(64, 128, 4, 64, False, False, 0)
     with pytest.raises(ValueError, match="K=64"):
         gptq_matmul(x, t["qweight"], t["qzeros"], t["scales"], None, 64, 4)
     with pytest.raises(ValueError, match="config='big'"):
