@@ -62,7 +62,7 @@ def resolve_models(args: Sequence[str], engines: Sequence[str] = ("torch",)) -> 
             _check_installed("ort", label, spec)
             level = int(e.partition(":")[2] or 0)
             add(ModelResult(label=f"{label} [{e}]", spec=spec, path=str(path), engine="ort", export_from=str(path),
-                            engine_note=f"accuracy_level {level}"))
+                            ort_level=level))
     return models
 
 
@@ -94,7 +94,7 @@ def make_exports(models: list[ModelResult], workdir: str, progress=None) -> None
             continue
         if progress is not None:
             progress(f"exporting {m.label} to onnx")
-        level = int(m.engine_note.rsplit(" ", 1)[1])
+        level = m.ort_level or 0
         out = Path(workdir) / f"{i}"
         try:
             if is_checkpoint(m.export_from):

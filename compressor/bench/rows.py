@@ -22,6 +22,7 @@ class ModelResult:
     engine: str = "torch"             # "torch", "ort" (an onnx export) or "llama.cpp" (a gguf export, batch 1 only)
     engine_note: str = ""             # ort: accuracy_level and execution provider
     export_from: str = ""             # ort row of a torch-loadable model: exported from this path before loading
+    ort_level: int | None = None      # that export's MatMulNBits accuracy_level
     disk_bytes: int = 0
     load_s: float = 0.0
     rss_base: int = 0                 # worker RSS before the load (runtime only)

@@ -117,7 +117,7 @@ def run(base: str, candidates: Sequence[str] = (), eval_data: str | os.PathLike 
             info = w.call("load", path=m.path, engine=m.engine, context=context)
             m.kind, m.load_s, m.rss_base, m.rss_load = info["kind"], info["load_s"], info["rss_base"], info["rss_load"]
             m.peak_rss_method, m.kernels = info["peak_rss_method"], info["kernels"]
-            m.engine_note = info.get("engine_note") or m.engine_note
+            m.engine_note = info.get("engine_note", "")
             bar.update(task, advance=1)
         for b, r, label in runs:
             warm = r < cfg.warmup

@@ -56,19 +56,21 @@ _LEVELS = (0, 1, 2, 3, 4)
 _HEADS = ("fp16", "int8")
 
 
-def matmul_nbits_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, block: int):
+def matmul_nbits_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, block: int):
     """(N, K) codes and (N, K / block) scale, zero -> MatMulNBits' (B, scales, zero_points) as numpy.
 
     B (N, K/block, block*bits/8) uint8, scales (N, K/block) float32, zero_points
-    (N, ceil(K/block * bits/8)) uint8; codes and zero points packed low bits first."""
+    (N, ceil(K/block * bits/8)) uint8 (None for `zero` None: ORT's default 2**(bits-1)); codes and
+    zero points packed low bits first."""
     n, k = q.shape
     per = 8 // bits
     nb = k // block
     if k % block or block % per:
         raise ExportError(f"K={k} is not a whole number of blocks of {block}")
-    qi = q.to(torch.int32).reshape(n, nb, block // per, per)
     shifts = torch.arange(per, dtype=torch.int32) * bits
-    packed = (qi << shifts).sum(-1).to(torch.uint8)                       # (N, nb, blob)
+    packed = (q.to(torch.int32).reshape(n, nb, block // per, per) << shifts).sum(-1).to(torch.uint8)
+    if zero is None:
+        return packed.numpy(), scale.to(torch.float32).numpy(), None
     z = zero.round().to(torch.int32)
     if z.numel() and (int(z.min()) < 0 or int(z.max()) > 2 ** bits - 1):
         raise ExportError(f"a zero point of {int(z.max())} does not fit {bits} bits")
@@ -100,10 +102,17 @@ class _Layers:
         self.perm_of: dict[str, str] = {}          # a Gather's output -> the permutation initializer it reads
         self.folded: set[str] = set()              # act-order layers whose input arrives permuted (no Gather)
         self.shapes: dict[int, str] = {}           # width -> the (batch, seq, width) shape value
+        self._perms: dict[str, torch.Tensor | None] = {}
         self.described: list[dict[str, Any]] = []
 
     def perm(self, name: str) -> torch.Tensor | None:
-        """argsort(g_idx) of an act-order layer (its input channels in contiguous-group order), else None."""
+        """argsort(g_idx) of an act-order layer (its input channels in contiguous-group order), else None;
+        once per layer (down_proj's is asked for by gate/up, then by itself)."""
+        if name not in self._perms:
+            self._perms[name] = self._argsort_groups(name)
+        return self._perms[name]
+
+    def _argsort_groups(self, name: str) -> torch.Tensor | None:
         spec = self.src.specs.get(name)
         if spec is None or spec["type"] != "gptq" or not self.src.desc_act(name):
             return None
@@ -172,7 +181,7 @@ class _Layers:
     def _gather(self, b: Builder, x: str, perm: torch.Tensor | None) -> str:
         """x[..., perm], once per (input, permutation). GatherElements on indices expanded to x's shape:
         ONNX Runtime 1.32's Gather on the last axis copies element by element (5.4 us for one 576-wide
-        row, 322 us for 128 rows); this is 1.6 us / 120 us (benchmarks in the README)."""
+        row, 315 us for 128 rows); this is 1.6 us / 72 us (benchmarks/ort_gather.py)."""
         if perm is None:
             return x
         key = (x, perm.numpy().tobytes())
@@ -194,8 +203,7 @@ class _Layers:
 
     def _nbits(self, b: Builder, x: str, run: list[str], fs: list[dict]) -> str:
         f0 = fs[0]
-        parts = [matmul_nbits_layout(f["q"], f["scale"], f["zero"] if f["zero"] is not None else f["scale"] * 0,
-                                     f["bits"], f["block"]) for f in fs]
+        parts = [matmul_nbits_layout(f["q"], f["scale"], f["zero"], f["bits"], f["block"]) for f in fs]
         sizes = [f["q"].shape[0] for f in fs]
         name = run[0] if len(run) == 1 else run[0].rsplit(".", 1)[0] + "." + "_".join(r.rsplit(".", 1)[1] for r in run)
         B = b.const(f"{name}.MatMulNBits.B", np.concatenate([p[0] for p in parts]))

@@ -74,6 +74,7 @@ def gptq_matmul(x, qweight, qzeros, scales, g_idx, group: int, bits: int, config
     act = g_idx is not None
     y = torch.empty(m, n, dtype=torch.float16, device=x.device)
     grid = (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(m, c["BLOCK_M"]))
+    # without act-order the kernel never reads g_ptr (ACT is a constexpr); any tensor fills the slot
     _gptq_matmul[grid](x, qweight, qzeros, scales, g_idx if act else qweight, y, m, n, k,
                        k if group == -1 else group, BITS=bits, ACT=act, BLOCK_M=c["BLOCK_M"],
                        BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"],
