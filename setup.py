@@ -10,7 +10,9 @@ The C++ CPU kernels reach every install path one of two ways:
   whose ABI need not match the runtime torch. So `build_py` copies ``csrc/`` and ``cuda/`` into
   ``compressor/_sources/`` of every wheel.
 
-CUDA kernels (``cuda/``) do not exist yet; see ``cuda/README.md``.
+The CUDA kernels (``cuda/``) are built as `compressor._C_cuda` only when torch has CUDA and ``nvcc`` is found
+(`_cuda_extension`); the CPU install never needs CUDA. Without them a GPU runs the Triton kernels (the
+``triton`` extra) or the PyTorch reference; see ``cuda/README.md``.
 """
 import os
 import shutil
@@ -83,6 +85,7 @@ def _extensions():
                       "the kernels will be compiled on first use, or the PyTorch references used")
 
     sources = sorted(os.path.join(CPU_SOURCES, f) for f in os.listdir(CPU_SOURCES) if f.endswith(".cpp"))
+    cuda = _cuda_extension()
     ext = CppExtension(
         "compressor._C", sources,
         # Keep in step with compressor/kernels/build.py (CFLAGS, LDFLAGS). -fopenmp makes
@@ -90,7 +93,24 @@ def _extensions():
         extra_compile_args=["-O3", "-fopenmp", "-std=c++20"],
         extra_link_args=["-fopenmp"],
     )
-    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
+    return [ext] + ([cuda] if cuda else []), {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
+
+
+def _cuda_extension():
+    """The `compressor._C_cuda` extension (cuda/ops.cu, cuda/dq_gemm.cu) when torch has CUDA and nvcc is found,
+    else None. The kernels need sm_80 or newer (bf16 tensor cores); TORCH_CUDA_ARCH_LIST, when unset, is
+    A100, A10/RTX 30, L4/RTX 40 and H100, plus PTX for newer GPUs."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if torch.version.cuda is None or not nvcc or not os.path.exists(nvcc):
+        print(f"compressor: not building the CUDA kernels (torch {torch.__version__}, CUDA "
+              f"{torch.version.cuda}, nvcc {nvcc or 'not found'})")
+        return None
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
+    return CUDAExtension(
+        "compressor._C_cuda", [os.path.join("cuda", "ops.cu"), os.path.join("cuda", "dq_gemm.cu")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20"]})
 
 
 ext_modules, cmdclass = _extensions()

@@ -23,16 +23,29 @@ from typing import Callable
 
 import torch
 
-from .ops import OPS, extension, reference
+from .dispatch import BACKENDS, current_backend, unavailable, use_backend
+from .ops import OPS, cuda_extension, extension, reference
 from .repack import PackedWeight, pack
 
-__all__ = ["pack_for", "pack", "PackedWeight", "LAYOUTS", "DTYPES", "OPS", "reference", "extension", "backend"]
+__all__ = ["pack_for", "pack", "PackedWeight", "LAYOUTS", "DTYPES", "OPS", "reference", "extension", "backend",
+           "cuda_extension", "BACKENDS", "current_backend", "use_backend", "unavailable"]
 
-# Activation dtypes the ops take (others go to the caller's reference path).
-DTYPES = (torch.float32, torch.bfloat16)
+# device type -> activation dtypes its kernels take (others go to the caller's reference path).
+DTYPES: dict[str, tuple[torch.dtype, ...]] = {"cpu": (torch.float32, torch.bfloat16),
+                                              "cuda": (torch.float16, torch.bfloat16)}
+
+
+def _pack_cuda(q, scale, zero, bits, group_size, g_idx=None) -> PackedWeight:
+    """The CPU tile layout, built on the CPU and moved: the CUDA and Triton kernels read the same one."""
+    device = q.device
+    if q.shape[1] % 8:
+        raise ValueError(f"in_features={q.shape[1]}: the CUDA kernels read x in runs of 8")
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return pack(cpu(q), cpu(scale), cpu(zero), bits, group_size, cpu(g_idx)).to(device)
+
 
 # device type -> function packing codes into the layout that device's kernels read.
-LAYOUTS: dict[str, Callable[..., PackedWeight]] = {"cpu": pack}
+LAYOUTS: dict[str, Callable[..., PackedWeight]] = {"cpu": pack, "cuda": _pack_cuda}
 
 
 def pack_for(device: str | torch.device, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,

@@ -35,11 +35,13 @@ The pure-PyTorch `reference` below is registered for every device; the compiled 
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TILE_N", "OPS", "reference", "f16_reference", "extension", "extension_source", "unpack_weight"]
+__all__ = ["TILE_N", "OPS", "reference", "f16_reference", "extension", "extension_source", "cuda_extension",
+           "cuda_extension_source", "unpack_weight"]
 
 TILE_N = 32  # output columns per tile; must match kTileN in csrc/cpu/kernels.h
 
@@ -55,7 +57,7 @@ def unpack_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     per = 32 // bits
     k = kw * per
     n = out_features
-    shifts = (torch.arange(per, dtype=torch.int32) * bits).view(1, 1, per, 1)
+    shifts = (torch.arange(per, dtype=torch.int32, device=qweight.device) * bits).view(1, 1, per, 1)
     q = (qweight.unsqueeze(2) >> shifts) & (2 ** bits - 1)                  # (Nt, K/P, P, T)
     q = q.reshape(nt, k, t).permute(0, 2, 1).reshape(nt * t, k)[:n]        # (N, K)
     g = 1 if group_size == -1 else k // group_size
@@ -119,5 +121,29 @@ for _name, _bits in _BITS.items():
 _lib.impl("f16_linear", f16_reference, "CompositeExplicitAutograd")
 
 extension, extension_source = _load_extension()
+
+
+def _triton_impl(x, qweight, scales, zeros, perm, bias, group_size, out_features, *, bits):
+    """The CUDA kernel of the ops when the CUDA extension is not built: the Triton kernels."""
+    from .repack import PackedWeight
+    from .triton_gptq import triton_linear
+    packed = PackedWeight(bits, qweight, scales, zeros, perm, group_size, x.shape[-1], out_features)
+    return triton_linear(x, packed, bias)
+
+
+def _register_cuda():
+    """(extension, where it came from) or (None, why not) for the CUDA dispatch key: the CUDA extension
+    (`compressor.kernels.cuda_build`), else the Triton kernels when triton is installed, else nothing (the
+    reference serves CUDA tensors)."""
+    from .cuda_build import load_cuda_extension
+    ext, source = load_cuda_extension()
+    if ext is None and torch.version.cuda is not None and importlib.util.find_spec("triton") is not None:
+        for name, bits in _BITS.items():
+            _lib.impl(name, functools.partial(_triton_impl, bits=bits), "CUDA")
+        source += "; CUDA tensors run the Triton kernels"
+    return ext, source
+
+
+cuda_extension, cuda_extension_source = _register_cuda()
 
 OPS = {4: torch.ops.compressor.int4_linear.default, 8: torch.ops.compressor.int8_linear.default}

@@ -33,9 +33,18 @@ class PackedWeight:
     in_features: int
     out_features: int
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return OPS[self.bits](x, self.qweight, self.scales, self.zeros, self.perm, bias,
-                              self.group_size, self.out_features)
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+        """``x @ W.T + bias``. `backend` (None: `compressor.kernels.current_backend()`, by default ``auto``):
+        ``auto`` the registered op (the fastest kernel of x's device), ``cuda``/``triton`` that kernel
+        (ValueError if it is not there), ``reference`` the pure-PyTorch oracle."""
+        from .dispatch import run
+        return run(self, x, bias, backend)
+
+    def to(self, device: str | torch.device) -> "PackedWeight":
+        """The same layout on `device` (the layout is one for every device)."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PackedWeight(self.bits, mv(self.qweight), mv(self.scales), mv(self.zeros), mv(self.perm),
+                            self.group_size, self.in_features, self.out_features)
 
     def args(self, bias: torch.Tensor | None = None) -> tuple:
         """The op's arguments after ``x``."""

@@ -163,7 +163,7 @@ class QuantLinear(nn.Module):
             return self.reference_forward(x)
         packed = self.packed()
         # the layout in `_last` is for the device type it was built on; x must be there too
-        if packed is None or x.dtype not in kernels.DTYPES or x.device.type != self._last.device:
+        if packed is None or x.dtype not in kernels.DTYPES.get(x.device.type, ()) or x.device.type != self._last.device:
             return self.reference_forward(x)
         return packed(x, self.bias)
 
