@@ -6,8 +6,10 @@ Checks: `preflight` runs before any work (data the recipe needs; the first pass 
 every later pass that no shape-changing pass precedes against the Linear shapes), and each pass's
 `check` runs again just before it, on the model it will see.
 
-Passes that train (lora) keep their state in a work directory beside the output, ``OUT.work/``, which
-survives a crash and is removed after a successful save; ``resume=True`` continues from it.
+A run keeps its progress in a work directory beside the output, ``OUT.work/`` (`compressor.workdir`):
+training state, each finished block of a calibrated pass, the model after each finished pass, under a
+fingerprint of the source, data, recipe, versions and threads. It survives a crash and is removed after a
+successful save; ``resume=True`` continues from it (bit-identical weights), and refuses a different run's.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from . import checkpoint
+from . import checkpoint, workdir
 from .eval import PerplexityReport, perplexity
 from .machine import release_memory
 from .models import load_hf, resolve, weights_hash
@@ -75,20 +77,65 @@ def compress_(model: nn.Module, recipe: Recipe | str | Path, ctx: Context | None
     """
     recipe = _as_recipe(recipe)
     ctx = ctx or Context()
-    for k, v in recipe.calibration.items():
-        setattr(ctx, {"samples": "calib_samples", "seqlen": "calib_seqlen", "seed": "seed"}[k], v)
+    _set_calibration(recipe, ctx)
     if recipe.needs_original and ctx.original is None:
         snapshot = copy.deepcopy(model)            # the teacher, taken before any pass changes the model
         ctx.original = lambda: snapshot
     preflight(model, recipe, ctx)
-    for p in recipe.passes:
+    start = _resume_passes(model, ctx) if ctx.work_dir is not None and ctx.resume else 0
+    known = {type(m) for m in model.modules()}     # what a fresh load rebuilds; other types need a format
+    for i, p in enumerate(recipe.passes):
+        if i < start:
+            continue
         p.check(model, ctx)
         t0 = time.perf_counter()
+        ctx.pass_index, ctx.pass_name = i, p.name
+        before = type(model)
         model = p.apply(model, ctx)
+        ctx.pass_index = None
         ctx.applied.append(p.name)
         ctx.record(f"pass:{p.name}", seconds=round(time.perf_counter() - t0, 3))
+        if ctx.work_dir is not None and i < len(recipe.passes) - 1 and type(model) is before \
+                and workdir.committable(model, known):
+            _commit_pass(model, ctx, i)            # a later crash resumes after this pass
         release_memory()                           # the next pass starts from what this one freed
     return model
+
+
+def _set_calibration(recipe: Recipe, ctx: Context) -> None:
+    """The recipe's ``calibration:`` settings into `ctx` (dropping windows drawn under other settings)."""
+    names = {"samples": "calib_samples", "seqlen": "calib_seqlen", "seed": "seed"}
+    for k, v in recipe.calibration.items():
+        if getattr(ctx, names[k]) != v:
+            setattr(ctx, names[k], v)
+            ctx._calib = None
+
+
+_CTX_STATE = ("applied", "evals", "training", "layer_stats")
+
+
+def _commit_pass(model: nn.Module, ctx: Context, index: int) -> None:
+    """The model after pass `index`, whole, and the context the later passes read: `OUT.work/pass-NN.done`.
+    The pass's block commits are dropped after (the whole model supersedes them)."""
+    tensors, meta = workdir.save_modules(model)
+    meta["context"] = {k: getattr(ctx, k) for k in _CTX_STATE}
+    workdir.commit(workdir.done_dir(ctx.work_dir, index), tensors, meta)
+    shutil.rmtree(workdir.pass_dir(ctx.work_dir, index, ctx.applied[-1]), ignore_errors=True)
+    if index:
+        shutil.rmtree(workdir.done_dir(ctx.work_dir, index - 1), ignore_errors=True)
+
+
+def _resume_passes(model: nn.Module, ctx: Context) -> int:
+    """Restore the last committed pass into `model` and `ctx`; the index of the first pass still to run."""
+    done = sorted(int(d.name[5:7]) for d in ctx.work_dir.glob("pass-??.done") if d.is_dir())
+    if not done:
+        return 0
+    tensors, meta = workdir.read_commit(workdir.done_dir(ctx.work_dir, done[-1]))
+    workdir.restore_modules(model, tensors, meta)
+    for k in _CTX_STATE:
+        setattr(ctx, k, meta["context"][k])
+    log.info("resuming after pass %d (%s)", done[-1], ctx.applied[-1] if ctx.applied else "?")
+    return done[-1] + 1
 
 
 @dataclass
@@ -128,11 +175,11 @@ def check_output(out: str | Path, overwrite: bool = False, resume: bool = False)
         raise FileExistsError(f"output {str(out)!r} already exists; pass --overwrite to replace it")
     work = work_dir_for(out)
     if resume:
-        if not any(work.glob("*.pt")):
-            raise FileNotFoundError(f"--resume: no training state in {str(work)!r} to continue from "
+        if not workdir.has_progress(work):
+            raise FileNotFoundError(f"--resume: no progress in {str(work)!r} to continue from "
                                     f"(run without --resume to start)")
-    elif work.exists() and not overwrite:
-        raise FileExistsError(f"{str(work)!r} holds the training state of an interrupted run; pass --resume to "
+    elif workdir.has_progress(work) and not overwrite:
+        raise FileExistsError(f"{str(work)!r} holds the progress of an interrupted run; pass --resume to "
                               f"continue it or --overwrite to start over")
     return work
 
@@ -208,9 +255,22 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
         task_report = _tasks.TaskReport(_tasks.evaluate_items(model, tok, task_items, precision=task_precision,
                                                               progress=progress, label="original"))
     ctx.source = {"spec": str(model_spec), "path": str(src), "sha256": weights_hash(src)}
-    if work.exists() and not resume:        # --overwrite: the old training state is discarded
+    if work.exists() and not resume:        # --overwrite: the old progress is discarded
         shutil.rmtree(work)
-    model = compress_(model, recipe, ctx)
+    _set_calibration(recipe, ctx)           # the windows the fingerprint hashes are those the passes use
+    fp = workdir.fingerprint(source_sha256=ctx.source["sha256"], recipe=recipe.to_dict(),
+                             calibration=ctx.calibration() if recipe.needs_calibration else None,
+                             calib_data=calib_data, train_data=train_data)
+    if resume:
+        workdir.check_fingerprint(work, fp)     # a different run's progress is refused, field by field
+    else:
+        workdir.write_fingerprint(work, fp)
+    try:
+        model = compress_(model, recipe, ctx)
+    except BaseException:
+        if not workdir.has_progress(work):      # nothing committed yet: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     extra = {"training": ctx.training} if ctx.training else {}
     if ctx.evals:
         extra["perplexity"] = ctx.evals

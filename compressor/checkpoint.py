@@ -35,12 +35,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import glob
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,6 +50,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from .errors import InputError
 from .machine import versions as _versions
 from .nn.formats import MODULE_TYPES, build_module, format_of, format_of_class, module_spec
 
@@ -60,7 +63,7 @@ META = "compression.json"
 ADAPTER = "peft-adapter"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A compressed checkpoint that cannot be read."""
 
 
@@ -75,18 +78,58 @@ def _umask() -> int:
     return mask
 
 
+def _trace(event: str, path: Path) -> None:
+    """With ``COMPRESSOR_TRACE_WRITES=FILE``, append ``event path time`` to FILE, unbuffered: how
+    benchmarks/soak_kill.py knows whether a kill landed inside a write."""
+    trace = os.environ.get("COMPRESSOR_TRACE_WRITES")
+    if trace:
+        fd = os.open(trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{event} {path} {time.time():.6f}\n".encode())
+        finally:
+            os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep(dest: Path) -> None:
+    """Remove what a killed process left beside `dest`: ``.NAME.tmp-PID-*`` and ``.NAME.old-PID`` of dead PIDs.
+    (An ``.old`` directory is only ever a complete previous `dest` being replaced; if `dest` itself is
+    missing, the kill landed between the two renames and the old one is put back.)"""
+    for p in dest.parent.glob(f".{glob.escape(dest.name)}.*-*"):
+        kind, _, rest = p.name[len(dest.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not dest.exists():
+            p.rename(dest)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `dest`; rename it to `dest` only if the block completes.
 
     An existing `dest` is refused unless `overwrite`; then it is replaced only after the new one is
-    complete (moved aside, new renamed in, old removed).
+    complete (moved aside, new renamed in, old removed). A kill at any moment leaves `dest` as it was or
+    complete; what it leaves beside `dest` is swept by the next write to `dest`.
     """
     dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(dest)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"output {str(dest)!r} already exists; pass --overwrite to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    _trace("begin", dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())            # mkdtemp makes it 0700; the output gets a normal directory's mode
     try:
         yield tmp
@@ -95,6 +138,7 @@ def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
             old = dest.parent / f".{dest.name}.old-{os.getpid()}"
             dest.rename(old)
         tmp.rename(dest)
+        _trace("end", dest)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pre-tokenizer", help="with --format gguf: llama.cpp's pre-tokenizer name, for a tokenizer "
                                            "compressor does not recognise")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists; discard old training state")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted training run from its state in OUT.work/")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its progress in OUT.work/ (refused if the run differs)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return p
 
@@ -200,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except KeyboardInterrupt:
         from .api import work_dir_for
+        from .workdir import has_progress
         work = work_dir_for(args.out)
-        kept = f"; training state kept in {work}: rerun with --resume to continue" if any(work.glob("*.pt")) else ""
+        kept = f"; progress kept in {work}: rerun with --resume to continue" if has_progress(work) else ""
         print(f"compress: interrupted; no output was written{kept}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:

@@ -237,7 +237,8 @@ class LayerwiseBlock:
 
 
 def layerwise(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Module], ctx: Any, desc: str,
-              reference: int | None = None) -> Iterator[LayerwiseBlock]:
+              reference: int | None = None, commit: bool = False,
+              generator: torch.Generator | None = None) -> Iterator[LayerwiseBlock]:
     """Yield each decoder block of `model` with its targeted Linears, on calibration windows `ids`.
 
     Args:
@@ -246,6 +247,12 @@ def layerwise(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Module]
         ctx: the pass `Context` (``device``, ``progress``).
         reference: None, or carry the *float* model's stream too, on the first batches holding
             `reference` windows (0: all): each block's float inputs feed `Hessian.reference_terms`.
+        commit: the pass's main loop, whose every effect is on the block and on ``ctx.layer_stats``. When
+            ``ctx.work_dir`` is set, each finished block is committed there (`compressor.workdir.LoopStore`),
+            and with ``ctx.resume`` the loop restores the committed blocks and their inputs and starts after
+            them: the result is bit-identical to an uninterrupted run. One such loop per pass.
+        generator: a random generator the loop body draws from; its state is committed with each block
+            and restored on resume.
     """
     prefix, blocks = find_blocks(model)
     device = torch.device(getattr(ctx, "device", "cpu"))
@@ -259,8 +266,13 @@ def layerwise(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Module]
             keep.append(x)
             seen += x.shape[0]
         ref_inp = BlockInputs(keep, inp.kwargs)
-    bar = tqdm(blocks, desc=desc, unit="block", disable=not getattr(ctx, "progress", True))
-    for b, block in enumerate(bar):
+    store = _store(ctx) if commit else None
+    done = store.blocks_done() if store is not None and getattr(ctx, "resume", False) else 0
+    if done:
+        inp, ref_inp = _restore(store, done, blocks, prefix, ctx, inp, ref_inp, generator, device)
+    bar = tqdm(range(len(blocks)), desc=desc, unit="block", initial=done, disable=not getattr(ctx, "progress", True))
+    for b in range(done, len(blocks)):
+        block = blocks[b]
         pre = f"{prefix}.{b}."
         home = next(block.parameters()).device
         if home != device:
@@ -276,3 +288,34 @@ def layerwise(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Module]
         del blk
         if home != device:
             block.to(home)
+        if store is not None:
+            stats = {n: v for n, v in ctx.layer_stats.items() if n.startswith(pre)}
+            store.commit_block(b, block, stats, inp.hidden, None if ref_inp is None else ref_inp.hidden,
+                               None if generator is None else generator.get_state())
+        bar.update(1)
+    bar.close()
+
+
+def _store(ctx: Any):
+    """The `LoopStore` of the pass `ctx` is running, or None when the run keeps no work directory."""
+    from .workdir import LoopStore, pass_dir
+    work, index = getattr(ctx, "work_dir", None), getattr(ctx, "pass_index", None)
+    if work is None or index is None:
+        return None
+    return LoopStore(pass_dir(work, index, ctx.pass_name) / "layerwise")
+
+
+def _restore(store, done: int, blocks, prefix: str, ctx: Any, inp: BlockInputs, ref_inp: BlockInputs | None,
+             generator: torch.Generator | None, device: torch.device):
+    """Blocks ``0 .. done-1`` as committed, their layer stats into ``ctx``; the inputs of block `done`."""
+    for b in range(done):
+        stats, rng = store.restore_block(b, blocks[b])
+        for name, v in stats.items():
+            ctx.layer_stats.setdefault(name, {}).update(v)
+    if generator is not None and rng is not None:
+        generator.set_state(rng)
+    hidden, ref = store.inputs(done - 1)
+    inp = BlockInputs([h.to(device) for h in hidden], inp.kwargs)
+    if ref_inp is not None:
+        ref_inp = BlockInputs([h.to(device) for h in ref], ref_inp.kwargs)
+    return inp, ref_inp

@@ -25,10 +25,12 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError
+
 __all__ = ["ModelError", "NAMED_MODELS", "resolve", "cache_dir", "check_safetensors", "load_hf", "weights_hash"]
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model spec that cannot be resolved or a checkpoint that cannot be read."""
 
 

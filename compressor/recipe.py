@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from .errors import InputError
 from .passes import PASSES, PassConfig, State
 
 __all__ = ["Recipe", "RecipeError", "RECIPES_DIR", "START", "load_recipe", "list_recipes", "check_order"]
@@ -33,7 +34,7 @@ _TOP_KEYS = {"description", "targets", "ignore", "calibration", "passes", "save"
 _CALIB_KEYS = {"samples", "seqlen", "seed"}
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe that cannot be found, parsed or validated."""
 
 

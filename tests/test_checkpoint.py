@@ -60,6 +60,40 @@ def test_atomic_dir_overwrite_keeps_old_until_done(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_atomic_dir_sweeps_what_a_killed_writer_left(tmp_path):
+    """A SIGKILL inside a write leaves ``.out.tmp-PID-*`` (swept by the next write) or, between the two renames
+    of an overwrite, ``.out.old-PID`` with no ``out`` (put back: it is the complete previous output)."""
+    import os
+    dest, dead = tmp_path / "out", _dead_pid()
+    (tmp_path / f".out.tmp-{dead}-abc").mkdir()
+    (tmp_path / f".out.tmp-{os.getpid()}-live").mkdir()        # a live writer's: left alone
+    (tmp_path / f".out.old-{dead}").mkdir()
+    (tmp_path / f".out.old-{dead}" / "w").write_text("previous")
+    with pytest.raises(FileExistsError):                        # the old output is back, so it exists
+        with atomic_dir(dest):
+            pass
+    assert (dest / "w").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.tmp-{os.getpid()}-live", "out"]
+
+
+def test_atomic_dir_traces_its_writes(tmp_path, monkeypatch):
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("COMPRESSOR_TRACE_WRITES", str(trace))
+    with atomic_dir(tmp_path / "a") as tmp:
+        assert [line.split()[0] for line in trace.read_text().splitlines()] == ["begin"]
+        (tmp / "x").write_text("1")
+    lines = [line.split() for line in trace.read_text().splitlines()]
+    assert [(k, p) for k, p, _ in lines] == [("begin", str(tmp_path / "a")), ("end", str(tmp_path / "a"))]
+
+
 def test_load_refuses_non_checkpoint(tiny_llama, tmp_path):
     with pytest.raises(CheckpointError, match="not a compressed checkpoint"):
         compressor.load(tiny_llama)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ..errors import InputError
+
 __all__ = ["BenchConfig", "BenchInputError"]
 
 
-class BenchInputError(ValueError):
+class BenchInputError(InputError):
     """An input that cannot be benchmarked; raised before any long work starts."""
 
 

@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import InputError
+
 __all__ = ["export", "export_onnx", "export_meta", "check_plan", "FORMATS", "NATIVE", "register_export", "ExportError", "Source", "EXPORT_META"]
 
 EXPORT_META = "export.json"
@@ -38,7 +40,7 @@ ONNX_ARTIFACT = "onnx-export"       # compression.json's artifact in an onnx exp
 NATIVE = "gptq"                     # the format `compressor.checkpoint.save` writes; exporting to it is a copy
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A checkpoint that cannot be written in the asked format (names the layer and what to change)."""
 
 

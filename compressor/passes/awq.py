@@ -195,7 +195,8 @@ class AWQConfig(PassConfig):
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         gen = torch.Generator().manual_seed(ctx.seed)
-        for blk in layerwise(model, ctx.calibration(), self.modules(model), ctx, f"awq w{self.bits}g{self.group_size}"):
+        for blk in layerwise(model, ctx.calibration(), self.modules(model), ctx, f"awq w{self.bits}g{self.group_size}",
+                             commit=True, generator=gen):
             groups, names = blk.groups, blk.linears
             producers = _producers(blk.module, blk.inputs, groups, names)
             # The same random max_tokens token positions for every group, kept as the block runs

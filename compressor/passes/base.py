@@ -182,8 +182,9 @@ class Context:
     sets it to reload the source, `compress_` falls back to a deep copy taken before the first pass.
     `measure(model, stage)` records the perplexity of the model as it stands, if the caller set
     `evaluate` (the CLI does when given --eval-data); passes call it at the stages worth reporting.
-    `work_dir` (beside the output) holds training state that survives a crash; `resume` says
-    whether to continue from it.
+    `work_dir` (beside the output) holds the progress that survives a crash (`compressor.workdir`):
+    training state, the committed blocks of the running pass's layer-wise loop (`pass_index`,
+    `pass_name`), the model after each finished pass; `resume` says whether to continue from it.
     """
     tokenizer: Any = None
     calib_data: str | None = None
@@ -197,6 +198,8 @@ class Context:
     evaluate: Callable[[nn.Module], float] | None = None
     work_dir: Path | None = None
     resume: bool = False
+    pass_index: int | None = None                              # the recipe pass running now, and its name
+    pass_name: str = ""
     source: dict[str, Any] = field(default_factory=dict)       # spec, path, sha256 of the input model
     applied: list[str] = field(default_factory=list)           # names of the passes applied so far
     evals: dict[str, float] = field(default_factory=dict)      # stage label -> perplexity, in order

@@ -211,7 +211,8 @@ class GPTQConfig(WeightQuantConfig, FPTarget):
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         targets = self.modules(model)
         ref = self.reference_windows              # float stream on the first windows
-        for blk in layerwise(model, ctx.calibration(), targets, ctx, f"gptq w{self.bits}g{self.group_size}", ref):
+        for blk in layerwise(model, ctx.calibration(), targets, ctx, f"gptq w{self.bits}g{self.group_size}", ref,
+                              commit=True):
             results = {}
             for grp in blk.groups:
                 t0 = time.perf_counter()

@@ -184,7 +184,7 @@ class SparseGPTConfig(PruneConfig, FPTarget):
                                          with_inputs=True)
         quant = None if self.bits is None else (self.bits, self.group_size, self.sym, self.clip_search)
         desc = f"sparsegpt {self.pattern or self.sparsity}" + (f" w{self.bits}g{self.group_size}" if quant else "")
-        for blk in layerwise(model, ctx.calibration(), targets, ctx, desc, self.reference_windows):
+        for blk in layerwise(model, ctx.calibration(), targets, ctx, desc, self.reference_windows, commit=True):
             results = {}
             for grp in blk.groups:
                 t0 = time.perf_counter()

@@ -44,7 +44,8 @@ class WandaConfig(PruneConfig):
         targets = self.modules(model)
         score = lambda lin, norm: wanda_score(lin.weight.data, norm)  # noqa: E731
         sparsity = self.block_sparsities(model, ctx, targets, score, with_inputs=True)
-        for blk in layerwise(model, ctx.calibration(), targets, ctx, f"wanda {self.pattern or self.sparsity}"):
+        for blk in layerwise(model, ctx.calibration(), targets, ctx, f"wanda {self.pattern or self.sparsity}",
+                             commit=True):
             masks = {}
             for grp in blk.groups:
                 t0 = time.perf_counter()

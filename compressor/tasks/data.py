@@ -17,10 +17,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
+
 __all__ = ["Item", "TASKS", "TaskDataError", "load_task", "task_files", "parse_tasks"]
 
 
-class TaskDataError(ValueError):
+class TaskDataError(InputError):
     """A task name or data file that cannot be read; raised before any model work."""
 
 
