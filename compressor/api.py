@@ -16,17 +16,20 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from . import checkpoint, workdir
 from .eval import PerplexityReport, perplexity
 from .machine import release_memory
 from .models import load_hf, resolve, weights_hash
+from .preflight import check_fits, estimate, peak_rss_mib
 from .passes import Context
 from .recipe import Recipe, load_recipe
 
@@ -55,6 +58,11 @@ def preflight(model: nn.Module, recipe: Recipe | str | Path, ctx: Context | None
     if recipe.needs_train_data and ctx.train_data is None:
         raise ValueError(f"recipe {recipe.source!r} needs training text: pass --train-data FILE "
                          f"(for example ../shared/data/wikitext2-valid.tokens)")
+    for name, t in model.named_parameters():     # NaN/Inf in the source is named now, not after hours
+        if t.device.type != "meta" and t.is_floating_point() and not torch.isfinite(t).all():
+            from .passes.weight_quant import NumericError
+            raise NumericError(f"{name}: {int((~torch.isfinite(t)).sum())} NaN/Inf values in the source model's "
+                               f"weights; nothing can be compressed from them")
     shapes = linear_shapes(model)
     for i, p in enumerate(recipe.passes):
         if i == 0:
@@ -151,6 +159,7 @@ class CompressResult:
     kernels: str | None = None                     # what the checkpoint's quantized layers run on
     tasks: Any = None                              # compressor.tasks.TaskReport, with eval_tasks
     format: str = "gptq"                           # what `out` holds (`compressor.export.FORMATS`)
+    preflight: Any = None                          # compressor.preflight.Estimate, made before any work
 
 
 def dir_bytes(path: Path) -> int:
@@ -240,6 +249,12 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     ctx.work_dir, ctx.resume = work, resume
     ctx.original = lambda: load_hf(src, private=False)[0]  # re-read from disk (mapped) only when a pass asks
     preflight(model, recipe, ctx)           # refuse bad group sizes etc. before the hash and the work
+    _set_calibration(recipe, ctx)
+    est = estimate(model, recipe, ctx)      # RAM, disk, time: printed, and refused when it cannot fit
+    log.info("%s", est.describe())
+    if progress:
+        print(est.describe(), file=sys.stderr, flush=True)
+    check_fits(est, out)
     report = None
     if eval_data is not None:
         from .calib import tokenize_file
@@ -272,6 +287,8 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
             shutil.rmtree(work, ignore_errors=True)
         raise
     extra = {"training": ctx.training} if ctx.training else {}
+    extra["preflight"] = {**est.to_dict(), "measured": {"peak_rss_mib": round(peak_rss_mib(), 1),
+                                                        "seconds": round(time.perf_counter() - t0, 1)}}
     if ctx.evals:
         extra["perplexity"] = ctx.evals
     native = out if fmt == NATIVE else work / "checkpoint"      # an export is made from the native checkpoint
@@ -301,7 +318,7 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     from . import kernels
     from .nn import QuantLinear
     quantized = any(isinstance(m, QuantLinear) for m in model.modules())
-    return CompressResult(out=out, model=model, tokenizer=tok, seconds=time.perf_counter() - t0,
+    return CompressResult(out=out, model=model, tokenizer=tok, seconds=time.perf_counter() - t0, preflight=est,
                           source_bytes=dir_bytes(src), out_bytes=dir_bytes(out), ctx=ctx, perplexity=report,
                           kernels=kernels.backend() if quantized else None, tasks=task_report,
                           format=fmt)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import DataError
+
 __all__ = ["tokenize_file", "calibration_windows", "default_text_file", "data_dirs", "DEFAULT_TEXT"]
 
 DEFAULT_TEXT = "wikitext2-valid.tokens"
@@ -40,7 +42,8 @@ def calibration_windows(path: str | Path, tokenizer, n: int, seqlen: int, seed: 
     """(n, seqlen) int64: windows starting at seeded random offsets of the tokenized file."""
     ids = tokenize_file(path, tokenizer)
     if ids.numel() <= seqlen:
-        raise ValueError(f"calibration file {str(path)!r} has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise DataError(f"calibration file {str(path)!r} has {ids.numel()} tokens, fewer than one window of {seqlen}; "
+                        f"give a longer file or a smaller calibration seqlen")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

@@ -347,19 +347,16 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
     An adapter directory comes back as a peft model on its base, re-made from `base` (default: the
     source recorded in compression.json) by the recipe's passes before lora.
     """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .models import ModelError, check_safetensors
+    from .errors import read_json
+    from .models import read_config, read_safetensors
 
     path = Path(path)
     if not is_checkpoint(path):
         raise CheckpointError(f"{str(path)!r} is not a compressed checkpoint (no {META}); "
                               f"for an uncompressed model use compressor.models.resolve")
-    try:
-        meta = json.loads((path / META).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / META}: corrupt JSON ({e})") from None
+    meta = read_json(path / META, CheckpointError, META)
     if meta.get("artifact") == "onnx-export":
         raise CheckpointError(f"{path} is an ONNX export, run by ONNX Runtime (compress-bench --engine ort {path}, or "
                               f"optimum's ORTModelForCausalLM); compressor.load reads the checkpoint it came from")
@@ -368,28 +365,35 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
     if meta.get("artifact") == ADAPTER:
         model = _load_adapter(path, meta, base, dtype)
         return (model, AutoTokenizer.from_pretrained(path)) if with_tokenizer else model
+    specs = meta.get("modules", {})
+    if not (isinstance(specs, dict) and all(isinstance(v, dict) and isinstance(v.get("type"), str)
+                                            for v in specs.values())):
+        raise CheckpointError(f"{path / META}: 'modules' must map module names to specs with a 'type'; the file "
+                              f"is corrupt")
     wfile = path / WEIGHTS
     if not wfile.is_file():
         raise CheckpointError(f"{path}: missing {WEIGHTS}")
-    check_safetensors(wfile)
-
-    config = AutoConfig.from_pretrained(path)
+    sd = read_safetensors(wfile)
+    config = read_config(path, CheckpointError)
     if hasattr(config, "quantization_config"):
         del config.quantization_config       # ours to handle; keeps transformers' GPTQ quantizer out
     try:
-        model = _skeleton(config, meta["modules"], dtype)
+        model = _skeleton(config, specs, dtype)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    try:
-        sd = load_file(str(wfile))
-    except Exception as e:
-        raise ModelError(f"{wfile}: cannot read safetensors ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: config.json and {META} do not describe a model that can be built "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     expected = model.state_dict()
     for k, t in sd.items():
         if k in expected and t.is_floating_point() and expected[k].is_floating_point():
             sd[k] = t.to(dtype)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    model.tie_weights()
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+        model.tie_weights()
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: {WEIGHTS} does not match the model config.json and {META} describe "
+                              f"({str(e).splitlines()[1].strip()[:200] if len(str(e).splitlines()) > 1 else e})") from None
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if unexpected or still_meta:
         raise CheckpointError(f"{path}: weights do not match the model: missing {still_meta[:3]}, "

@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["export"]:
         return _export(argv[1:])
     args = _parser().parse_args(argv)
+    from .passes.weight_quant import NumericError
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"compress: error: {e}", file=sys.stderr)
         return 2
+    except NumericError as e:                   # the self-check: nothing was written
+        print(f"compress: numeric check failed: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

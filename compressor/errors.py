@@ -8,7 +8,7 @@ benchmarks/fuzz_loaders.py can tell "this input is bad" from "this program is br
 """
 from __future__ import annotations
 
-__all__ = ["InputError", "DataError"]
+__all__ = ["InputError", "DataError", "read_json"]
 
 
 class InputError(ValueError):
@@ -17,3 +17,20 @@ class InputError(ValueError):
 
 class DataError(InputError):
     """A calibration, training or evaluation text file that cannot be used."""
+
+
+def read_json(path, error: type[InputError] = InputError, what: str = "JSON") -> dict:
+    """The JSON object in `path`; `error` naming the file when it is missing, unreadable, not UTF-8, not
+    JSON, or not an object."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise error(f"{path}: not a valid {what} file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: not a valid {what} file (a {type(data).__name__}, expected an object)")
+    return data

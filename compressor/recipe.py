@@ -143,9 +143,12 @@ def _build_pass(entry: Any, defaults: dict[str, Any], where: str) -> PassConfig:
     if not (isinstance(entry, dict) and len(entry) == 1):
         raise RecipeError(f"{where}: each pass is a one-key mapping like '- rtn: {{bits: 4}}', got {entry!r}")
     (name, fields), = entry.items()
-    if name not in PASSES:
+    if not isinstance(name, str) or name not in PASSES:
         raise RecipeError(f"{where}: unknown pass {name!r}; allowed: {sorted(PASSES)}")
     cls = PASSES[name]
+    if not isinstance(fields, (dict, type(None))) or any(not isinstance(k, str) for k in (fields or {})):
+        raise RecipeError(f"{where}: the settings of pass {name!r} must be a mapping of names to values, "
+                          f"like '- {name}: {{bits: 4}}', got {fields!r}"[:300])
     fields = dict(fields or {})
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in fields if k not in allowed]
@@ -162,18 +165,27 @@ def _build_pass(entry: Any, defaults: dict[str, Any], where: str) -> PassConfig:
 def parse_recipe(data: Any, source: str = "<inline>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with a 'passes' list, got {type(data).__name__}")
+    if any(not isinstance(k, str) for k in data):
+        raise RecipeError(f"{source}: every top-level key must be a name; got {sorted(map(repr, data))}"[:300])
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise RecipeError(f"{source}: unknown key {unknown[0]!r}; allowed: {sorted(_TOP_KEYS)}")
     if not isinstance(data.get("passes"), list):
         raise RecipeError(f"{source}: 'passes' must be a list of passes")
-    calib = dict(data.get("calibration") or {})
+    calib = data.get("calibration") or {}
+    if not isinstance(calib, dict) or any(not isinstance(k, str) for k in calib):
+        raise RecipeError(f"{source}: calibration must be a mapping like '{{samples: 64, seqlen: 512}}', got {calib!r}"[:300])
+    calib = dict(calib)
     bad = sorted(set(calib) - _CALIB_KEYS)
     if bad:
         raise RecipeError(f"{source}: unknown key {bad[0]!r} in calibration; allowed: {sorted(_CALIB_KEYS)}")
     for k, v in calib.items():
-        if not isinstance(v, int) or v < (0 if k == "seed" else 1):
+        if type(v) is not int or v < (0 if k == "seed" else 1):
             raise RecipeError(f"{source}: calibration.{k}={v!r} must be a positive integer")
+    for k in ("targets", "ignore"):
+        if k in data and not (isinstance(data[k], str) or
+                              isinstance(data[k], list) and all(isinstance(x, str) for x in data[k])):
+            raise RecipeError(f"{source}: {k} must be a name pattern or a list of them, got {data[k]!r}"[:300])
     defaults = {k: tuple([data[k]] if isinstance(data[k], str) else data[k]) for k in ("targets", "ignore") if k in data}
     passes = tuple(_build_pass(e, defaults, f"{source}: passes[{i}]") for i, e in enumerate(data["passes"]))
     check_order(passes)
@@ -213,9 +225,11 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not p.is_file():
         raise RecipeError(f"recipe file {s!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{source}: invalid YAML ({str(e).splitlines()[0]})") from None
+        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start}); a recipe is a YAML file") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise RecipeError(f"{source}: invalid YAML ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     return parse_recipe(data, source=source)
 
 

@@ -49,6 +49,15 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _sha_file(path: Path) -> str:
+    """sha256 of a file, read in 16 MiB pieces (never the whole file in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def fingerprint(*, source_sha256: str, recipe: dict[str, Any], calibration: torch.Tensor | None,
                 calib_data: str | None, train_data: str | None) -> dict[str, Any]:
     """What a resumed run must share with the one that wrote the work directory."""
@@ -56,7 +65,7 @@ def fingerprint(*, source_sha256: str, recipe: dict[str, Any], calibration: torc
     files = {}
     for key, f in (("calib_file", calib_data), ("train_file", train_data)):
         if f is not None:
-            files[key] = _sha(Path(f).read_bytes())
+            files[key] = _sha_file(Path(f))
     return {"source_weights": source_sha256,
             "recipe": _sha(json.dumps(recipe, sort_keys=True, default=str).encode()),
             "calibration": None if calibration is None else _sha(calibration.numpy().tobytes()),
@@ -105,7 +114,7 @@ def commit(dest: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -
     from .checkpoint import atomic_dir
     with atomic_dir(dest, overwrite=True) as tmp:
         save_file(_unshared(tensors), str(tmp / TENSORS), metadata={"format": "pt"})
-        meta = {**meta, "sha256": _sha((tmp / TENSORS).read_bytes())}
+        meta = {**meta, "sha256": _sha_file(tmp / TENSORS)}
         (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
 
 

@@ -229,3 +229,33 @@ def test_weight_file_bytes_are_deterministic(tiny_llama, tmp_path):
                    env={**__import__("os").environ, "COMPRESSOR_NO_EXT": "1"})
     a, b = (tmp_path / "a" / "model.safetensors").read_bytes(), (tmp_path / "b" / "model.safetensors").read_bytes()
     assert a == b
+
+
+@pytest.mark.parametrize("damage", ["not-utf8", "modules-not-specs", "config-layers", "unknown-module"])
+def test_load_refuses_a_damaged_checkpoint_with_a_typed_error(tiny_llama, tmp_path, damage):
+    """Every way the fuzzer (benchmarks/fuzz_loaders.py) once broke `load` is a CheckpointError naming the path."""
+    import json
+    import shutil
+    from compressor import compress, load
+    ck = tmp_path / "ck"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - rtn: {bits: 4, group_size: 32}\n")
+    compress(str(tiny_llama), recipe, ck, progress=False)
+    bad = tmp_path / "bad"
+    shutil.copytree(ck, bad)
+    meta = json.loads((bad / "compression.json").read_text())
+    if damage == "not-utf8":
+        (bad / "compression.json").write_bytes(b"{\"format_version\": 1, \xbe}")
+    elif damage == "modules-not-specs":
+        meta["modules"] = {"model.layers.0.mlp.up_proj": 3}
+        (bad / "compression.json").write_text(json.dumps(meta))
+    elif damage == "unknown-module":
+        name = next(iter(meta["modules"]))
+        meta["modules"][name.replace("layers.0", "layers.65")] = meta["modules"][name]
+        (bad / "compression.json").write_text(json.dumps(meta))
+    else:
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg["num_hidden_layers"] = 1
+        (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=str(bad)):
+        load(bad)

@@ -124,3 +124,14 @@ def test_check_in_blocks(tiny_llama):
     with pytest.raises(ValueError, match=r"x works on Linears inside the decoder blocks \(model.layers.\*\); "
                                          r"\['lm_head'\] lie outside"):
         check_in_blocks(model, ["lm_head"], "x")
+
+
+def test_a_non_finite_calibration_stream_is_named_by_block():
+    import torch
+    from compressor.layerwise import _check_finite
+    from compressor.passes.weight_quant import NumericError
+    ok = [torch.randn(2, 8, 16), torch.randn(2, 8, 16)]
+    _check_finite(ok, "model.layers.4")
+    ok[1][0, 3, 5] = float("-inf")
+    with pytest.raises(NumericError, match=r"model\.layers\.4: its output on calibration batch 1 has 1 NaN/Inf"):
+        _check_finite(ok, "model.layers.4")

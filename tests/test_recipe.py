@@ -109,3 +109,11 @@ def test_a_new_pass_declares_its_states(sparsify_pass):
     with pytest.raises(RecipeError, match="'awq' cannot follow 'test-sparsify': after 'test-sparsify' the model is "
                                           "float-sparse, and 'awq' takes float"):
         parse_recipe({"passes": [{"test-sparsify": {}}, {"awq": {}}, {"rtn": {}}]})
+
+
+def test_a_recipe_that_is_not_utf8_is_refused_by_name(tmp_path):
+    from compressor.recipe import RecipeError, load_recipe
+    f = tmp_path / "r.yaml"
+    f.write_bytes(b"passes:\n  - rtn: {bits: \xa4}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: not UTF-8 text"):
+        load_recipe(f)

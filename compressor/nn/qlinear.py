@@ -55,6 +55,8 @@ class QuantLinear(nn.Module):
         super().__init__()
         if bits not in (2, 3, 4, 8):
             raise ValueError(f"bits={bits}: QuantLinear supports 2, 3, 4 and 8")
+        if type(group_size) is not int or not (group_size == -1 or group_size > 0):
+            raise ValueError(f"group_size={group_size!r}: must be -1 (per channel) or a positive integer")
         g = in_features if group_size == -1 else group_size
         if in_features % g:
             raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")

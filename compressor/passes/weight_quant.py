@@ -17,7 +17,7 @@ from ..nn.qlinear import QuantLinear
 from ..quant.primitives import sqnr_db
 from .base import FLOATS, Context, PassConfig, State
 
-__all__ = ["WeightQuantConfig", "swap_in_quantized", "GROUP_SIZES", "BITS"]
+__all__ = ["WeightQuantConfig", "swap_in_quantized", "self_check", "NumericError", "GROUP_SIZES", "BITS"]
 
 BITS = (3, 4, 8)
 GROUP_SIZES = (-1, 32, 64, 128)
@@ -66,15 +66,42 @@ class WeightQuantConfig(PassConfig):
                              f"{len(bad)} layers: {shown}{more}; group sizes that work here: {ok}")
 
 
+class NumericError(RuntimeError):
+    """A layer whose numbers are wrong (NaN, Inf, or packed weights that are not the pass's): the run stops
+    before anything is written."""
+
+
+def self_check(name: str, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               group_size: int, g_idx: torch.Tensor | None, deq: torch.Tensor) -> None:
+    """The packed layer, dequantized (`deq`), must be exactly the pass's own fake-quantized weight,
+    ``(q - zero) * scale`` with the scales at their stored fp16, and every number must be finite."""
+    for what, t in (("float weight", w), ("scales", scale), ("zero points", zero)):
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise NumericError(f"{name}: {bad} non-finite values in its {what}; the source model or an earlier "
+                               f"pass produced NaN/Inf, so nothing was written")
+    k = q.shape[1]
+    g = (torch.arange(k) // (k if group_size == -1 else group_size)) if g_idx is None else g_idx.long()
+    fake = (q.float() - zero.float()[:, g]) * scale.half().float()[:, g]
+    if not torch.equal(deq, fake):
+        diff = (deq - fake).abs()
+        row, col = divmod(int(diff.argmax()), k)
+        raise NumericError(f"{name}: packed weights do not dequantize to the pass's own (max difference "
+                           f"{float(diff.max()):.3g} at row {row}, column {col}); a packing bug, so nothing was "
+                           f"written: please report it")
+
+
 def swap_in_quantized(model: nn.Module, name: str, linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor,
                       zero: torch.Tensor, cfg: WeightQuantConfig, ctx: Context, g_idx: torch.Tensor | None = None,
                       **stats) -> QuantLinear:
-    """Replace `linear` (at `name`) by a packed QuantLinear and record its SQNR."""
+    """Replace `linear` (at `name`) by a packed QuantLinear and record its SQNR, after `self_check`."""
     qlin = QuantLinear.from_codes(q, scale, zero, cfg.bits, cfg.group_size, g_idx=g_idx,
                                   bias=None if linear.bias is None else linear.bias.data, sym=cfg.sym,
                                   desc_act=g_idx is not None)
     w = linear.weight.data
-    stats["sqnr_db"] = round(sqnr_db(w, qlin.dequantized_weight()), 3)
+    deq = qlin.dequantized_weight()
+    self_check(name, w, q, scale, zero, cfg.group_size, g_idx, deq)
+    stats["sqnr_db"] = round(sqnr_db(w, deq), 3)
     model.set_submodule(name, qlin)
     ctx.record(name, **stats)
     return qlin
