@@ -28,6 +28,7 @@ import torch.nn as nn
 from . import checkpoint, workdir
 from .eval import PerplexityReport, perplexity
 from .machine import release_memory
+from .errors import NumericError
 from .models import load_hf, resolve, weights_hash
 from .preflight import check_fits, estimate, peak_rss_mib
 from .passes import Context
@@ -60,7 +61,6 @@ def preflight(model: nn.Module, recipe: Recipe | str | Path, ctx: Context | None
                          f"(for example ../shared/data/wikitext2-valid.tokens)")
     for name, t in model.named_parameters():     # NaN/Inf in the source is named now, not after hours
         if t.device.type != "meta" and t.is_floating_point() and not torch.isfinite(t).all():
-            from .passes.weight_quant import NumericError
             raise NumericError(f"{name}: {int((~torch.isfinite(t)).sum())} NaN/Inf values in the source model's "
                                f"weights; nothing can be compressed from them")
     shapes = linear_shapes(model)
@@ -272,7 +272,6 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     ctx.source = {"spec": str(model_spec), "path": str(src), "sha256": weights_hash(src)}
     if work.exists() and not resume:        # --overwrite: the old progress is discarded
         shutil.rmtree(work)
-    _set_calibration(recipe, ctx)           # the windows the fingerprint hashes are those the passes use
     fp = workdir.fingerprint(source_sha256=ctx.source["sha256"], recipe=recipe.to_dict(),
                              calibration=ctx.calibration() if recipe.needs_calibration else None,
                              calib_data=calib_data, train_data=train_data)

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["export"]:
         return _export(argv[1:])
     args = _parser().parse_args(argv)
-    from .passes.weight_quant import NumericError
+    from .errors import NumericError
     try:
         return run(args)
     except KeyboardInterrupt:

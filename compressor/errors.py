@@ -8,7 +8,7 @@ benchmarks/fuzz_loaders.py can tell "this input is bad" from "this program is br
 """
 from __future__ import annotations
 
-__all__ = ["InputError", "DataError", "read_json"]
+__all__ = ["InputError", "DataError", "NumericError", "read_json"]
 
 
 class InputError(ValueError):
@@ -17,6 +17,11 @@ class InputError(ValueError):
 
 class DataError(InputError):
     """A calibration, training or evaluation text file that cannot be used."""
+
+
+class NumericError(RuntimeError):
+    """A layer whose numbers are wrong (NaN, Inf, or packed weights that are not the pass's): the run stops
+    before anything is written (`compressor.passes.weight_quant.self_check`)."""
 
 
 def read_json(path, error: type[InputError] = InputError, what: str = "JSON") -> dict:

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .errors import NumericError
 from .hessian import Hessian, InputStats
 from .sequential import (BlockInputs, catch_block_inputs, collect_inputs, find_blocks, group_inputs, input_hooks,
                          last_group_inputs, residual_update, run_block, trace_groups)
@@ -201,7 +202,6 @@ class LayerwiseBlock:
         self._feed(group, lambda x: h.add(x, next(it, None) if it is not None else None))
         h.finish()
         if not torch.isfinite(h.H).all():
-            from .passes.weight_quant import NumericError
             raise NumericError(f"{self.full_name(head)}: its calibration inputs hold NaN/Inf (the Hessian is not "
                                f"finite); an earlier layer of this block is numerically broken, so nothing was written")
         return h
@@ -307,7 +307,6 @@ def _check_finite(hidden: list[torch.Tensor], block: str) -> None:
     block, so the run stops, naming the first block that produced it."""
     for i, h in enumerate(hidden):
         if not torch.isfinite(h).all():
-            from .passes.weight_quant import NumericError
             raise NumericError(f"{block}: its output on calibration batch {i} has {int((~torch.isfinite(h)).sum())} "
                                f"NaN/Inf values; the block (or the pass on it) is numerically broken, so nothing "
                                f"was written")

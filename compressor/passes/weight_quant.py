@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..errors import NumericError
 from ..nn.qlinear import QuantLinear
 from ..quant.primitives import sqnr_db
 from .base import FLOATS, Context, PassConfig, State
@@ -64,11 +65,6 @@ class WeightQuantConfig(PassConfig):
             more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
             raise ValueError(f"{self.name}.group_size={self.group_size} does not divide in_features of "
                              f"{len(bad)} layers: {shown}{more}; group sizes that work here: {ok}")
-
-
-class NumericError(RuntimeError):
-    """A layer whose numbers are wrong (NaN, Inf, or packed weights that are not the pass's): the run stops
-    before anything is written."""
 
 
 def self_check(name: str, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
