@@ -63,6 +63,12 @@ def preflight(model: nn.Module, recipe: Recipe | str | Path, ctx: Context | None
         if t.device.type != "meta" and t.is_floating_point() and not torch.isfinite(t).all():
             raise NumericError(f"{name}: {int((~torch.isfinite(t)).sum())} NaN/Inf values in the source model's "
                                f"weights; nothing can be compressed from them")
+    if ctx.stream is not None:
+        from .stream import StreamError
+        for p in recipe.passes:
+            why = p.stream_refusal(model)
+            if why:
+                raise StreamError(f"--stream: {why}; run without --stream")
     shapes = linear_shapes(model)
     for i, p in enumerate(recipe.passes):
         if i == 0:
@@ -99,11 +105,17 @@ def compress_(model: nn.Module, recipe: Recipe | str | Path, ctx: Context | None
         t0 = time.perf_counter()
         ctx.pass_index, ctx.pass_name = i, p.name
         before = type(model)
+        if ctx.stream is not None:
+            ctx.stream.begin_pass(i, p.name)
         model = p.apply(model, ctx)
         ctx.pass_index = None
         ctx.applied.append(p.name)
         ctx.record(f"pass:{p.name}", seconds=round(time.perf_counter() - t0, 3))
-        if ctx.work_dir is not None and i < len(recipe.passes) - 1 and type(model) is before \
+        if ctx.stream is not None:                 # its blocks are committed; the marker lets a resume skip it
+            if i < len(recipe.passes) - 1:
+                _commit_pass(model, ctx, i, streamed=True)
+            ctx.stream.end_pass()
+        elif ctx.work_dir is not None and i < len(recipe.passes) - 1 and type(model) is before \
                 and workdir.committable(model, known):
             _commit_pass(model, ctx, i)            # a later crash resumes after this pass
         release_memory()                           # the next pass starts from what this one freed
@@ -122,13 +134,16 @@ def _set_calibration(recipe: Recipe, ctx: Context) -> None:
 _CTX_STATE = ("applied", "evals", "training", "layer_stats")
 
 
-def _commit_pass(model: nn.Module, ctx: Context, index: int) -> None:
+def _commit_pass(model: nn.Module, ctx: Context, index: int, streamed: bool = False) -> None:
     """The model after pass `index`, whole, and the context the later passes read: `OUT.work/pass-NN.done`.
-    The pass's block commits are dropped after (the whole model supersedes them)."""
-    tensors, meta = workdir.save_modules(model)
+    The pass's block commits are dropped after (the whole model supersedes them). A streamed run commits
+    the context alone: its blocks stay where the pass committed them, for the next pass to read."""
+    tensors, meta = ({}, {}) if streamed else workdir.save_modules(model)
     meta["context"] = {k: getattr(ctx, k) for k in _CTX_STATE}
+    meta["pass"] = ctx.applied[-1]
     workdir.commit(workdir.done_dir(ctx.work_dir, index), tensors, meta)
-    shutil.rmtree(workdir.pass_dir(ctx.work_dir, index, ctx.applied[-1]), ignore_errors=True)
+    if not streamed:
+        shutil.rmtree(workdir.pass_dir(ctx.work_dir, index, ctx.applied[-1]), ignore_errors=True)
     if index:
         shutil.rmtree(workdir.done_dir(ctx.work_dir, index - 1), ignore_errors=True)
 
@@ -139,7 +154,10 @@ def _resume_passes(model: nn.Module, ctx: Context) -> int:
     if not done:
         return 0
     tensors, meta = workdir.read_commit(workdir.done_dir(ctx.work_dir, done[-1]))
-    workdir.restore_modules(model, tensors, meta)
+    if ctx.stream is not None:
+        ctx.stream.resume_after(done[-1], meta["pass"])
+    else:
+        workdir.restore_modules(model, tensors, meta)
     for k in _CTX_STATE:
         setattr(ctx, k, meta["context"][k])
     log.info("resuming after pass %d (%s)", done[-1], ctx.applied[-1] if ctx.applied else "?")
@@ -197,7 +215,7 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
              train_data: str | None = None, eval_data: str | Path | None = None, eval_windows: int | None = None,
              seqlen: int = 2048, eval_tasks=None, task_data: str | Path | None = None, task_limit: int | None = None,
              task_precision: str = "auto", overwrite: bool = False, resume: bool = False, progress: bool = True,
-             format: str | None = None, export_options: dict[str, Any] | None = None,
+             format: str | None = None, export_options: dict[str, Any] | None = None, stream: bool = False,
              ctx: Context | None = None) -> CompressResult:
     """Resolve `model_spec`, apply `recipe` and write the result to `out` atomically.
 
@@ -218,6 +236,10 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     holds: the native checkpoint (``gptq``, the default) or an export (`compressor.export.FORMATS`).
     For an export the native checkpoint is written to the work directory first; the reload check and
     the task accuracy are measured on it, then it is repacked into `out` and removed.
+
+    With `stream`, the model is never whole in memory (`compressor.stream`): each pass reads one decoder block
+    at a time from the source shards (or the previous pass's), and the checkpoint is written tensor by tensor;
+    the result is byte-identical. Evaluation and exports need the whole model and are refused.
     """
     out = Path(out)
     recipe = _as_recipe(recipe)
@@ -240,14 +262,19 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
         raise ValueError(f"recipe {recipe.source!r} leaves the model {recipe.final_state.value}, which has no "
                          f"checkpoint format; end the recipe with a lora pass (save: adapter), or use compress_ to "
                          f"keep the model in memory")
+    if stream:
+        _check_streamable(recipe, fmt, eval_data, eval_tasks)
     t0 = time.perf_counter()
     src = resolve(model_spec)
-    model, tok = load_hf(src)
+    model, tok = _load_streamed(src) if stream else load_hf(src)
     check_plan(fmt, save, recipe, getattr(model.config, "model_type", None))
     ctx = ctx or Context()
     ctx.tokenizer, ctx.calib_data, ctx.train_data, ctx.progress = tok, calib_data, train_data, progress
     ctx.work_dir, ctx.resume = work, resume
     ctx.original = lambda: load_hf(src, private=False)[0]  # re-read from disk (mapped) only when a pass asks
+    if stream:
+        from .stream import Stream
+        ctx.stream = Stream(src, model, work)       # the source's shards are checked here, before any work
     preflight(model, recipe, ctx)           # refuse bad group sizes etc. before the hash and the work
     _set_calibration(recipe, ctx)
     est = estimate(model, recipe, ctx)      # RAM, disk, time: printed, and refused when it cannot fit
@@ -274,7 +301,7 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
         shutil.rmtree(work)
     fp = workdir.fingerprint(source_sha256=ctx.source["sha256"], recipe=recipe.to_dict(),
                              calibration=ctx.calibration() if recipe.needs_calibration else None,
-                             calib_data=calib_data, train_data=train_data)
+                             calib_data=calib_data, train_data=train_data, stream=stream)
     if resume:
         workdir.check_fingerprint(work, fp)     # a different run's progress is refused, field by field
     else:
@@ -291,7 +318,11 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
     if ctx.evals:
         extra["perplexity"] = ctx.evals
     native = out if fmt == NATIVE else work / "checkpoint"      # an export is made from the native checkpoint
-    if recipe.artifact == "adapter":
+    if stream:
+        from .stream import write_checkpoint
+        write_checkpoint(ctx.stream, tok, out, recipe=recipe.to_dict(), layer_stats=ctx.layer_stats,
+                         source=ctx.source, overwrite=overwrite, extra=extra, progress=progress)
+    elif recipe.artifact == "adapter":
         checkpoint.save_adapter(model, tok, out, recipe=recipe.to_dict(), source=ctx.source,
                                 overwrite=overwrite, extra=extra)
     else:
@@ -321,6 +352,32 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
                           source_bytes=dir_bytes(src), out_bytes=dir_bytes(out), ctx=ctx, perplexity=report,
                           kernels=kernels.backend() if quantized else None, tasks=task_report,
                           format=fmt)
+
+
+def _check_streamable(recipe: Recipe, fmt: str, eval_data, eval_tasks) -> None:
+    """What --stream cannot do, refused before any work (the passes are checked by `preflight`)."""
+    from .export import NATIVE
+    from .stream import StreamError
+    what = ("--eval-data" if eval_data is not None else "--eval-tasks" if eval_tasks else
+            f"--format {fmt}" if fmt != NATIVE else None)
+    if what:
+        hint = (f"compress export {fmt} OUT afterwards" if what.startswith("--format") else
+                "measure the checkpoint afterwards with compress-bench")
+        raise StreamError(f"--stream writes the native checkpoint and never holds the whole model, which {what} "
+                          f"needs: drop {what.split()[0]} and {hint}")
+    if recipe.artifact != "checkpoint":
+        raise StreamError(f"--stream: recipe {recipe.source!r} ends in an adapter, which needs the whole model; run "
+                          f"without --stream")
+
+
+def _load_streamed(src: Path):
+    """The model of `src` on the meta device (buffers computed), and its tokenizer: what --stream starts from."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import _meta_model
+    from .models import read_config
+    model = _meta_model(read_config(src), torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(src)
 
 
 def _check_reload(report: PerplexityReport, model: nn.Module, out: Path, recipe: Recipe, eval_ids, evaluate,

@@ -1,7 +1,7 @@
 """`compress`: the command line. It parses arguments and calls the Python API; nothing more.
 
     compress --recipe NAME_OR_PATH MODEL -o OUT [--calib-data FILE] [--train-data FILE]
-             [--eval-data FILE] [--eval-windows N] [--seqlen L] [--format F] [--overwrite] [--resume]
+             [--eval-data FILE] [--eval-windows N] [--seqlen L] [--format F] [--overwrite] [--resume] [--stream]
     compress recipes
     compress export FORMAT CKPT -o OUT [--overwrite] [--pre-tokenizer NAME] [--accuracy-level N] [--head H]
                                            (gptq, gptq-v2, compressed-tensors, gguf, onnx)
@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists; discard old training state")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its progress in OUT.work/ (refused if the run differs)")
+    p.add_argument("--stream", action="store_true",
+                   help="read one decoder block at a time from the source shards and write the checkpoint tensor by "
+                        "tensor, for models bigger than memory (same bytes; no --eval-data or --format)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return p
 
@@ -128,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                    eval_tasks=args.eval_tasks, task_data=args.data, task_limit=args.limit,
                    task_precision=args.task_precision,
                    overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
-                   format=args.format, export_options=_export_options(args))
+                   format=args.format, export_options=_export_options(args), stream=args.stream)
     rep = res.perplexity
 
     t = Table(title=f"compress {args.model} --recipe {recipe.source}", show_lines=False)

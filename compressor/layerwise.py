@@ -47,7 +47,7 @@ from .hessian import Hessian, InputStats
 from .sequential import (BlockInputs, catch_block_inputs, collect_inputs, find_blocks, group_inputs, input_hooks,
                          last_group_inputs, residual_update, run_block, trace_groups)
 
-__all__ = ["layerwise", "LayerwiseBlock", "check_in_blocks", "find_blocks"]
+__all__ = ["layerwise", "blockwise", "LayerwiseBlock", "check_in_blocks", "find_blocks"]
 
 
 def check_in_blocks(model: nn.Module, names, who: str) -> None:
@@ -261,6 +261,12 @@ def layerwise(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Module]
     """
     prefix, blocks = find_blocks(model)
     device = torch.device(getattr(ctx, "device", "cpu"))
+    stream = getattr(ctx, "stream", None)
+    if stream is not None:
+        if not commit:
+            raise ValueError(f"{desc}: a streamed run (--stream) sweeps the blocks once per pass; this pass needs a "
+                             f"second sweep: run without --stream")
+        stream.load_stem()                       # the catcher runs the embedding (and the rotary tables)
     inp = _to(catch_block_inputs(model, ids), device)
     ref_inp = None
     if reference is not None:
@@ -274,15 +280,16 @@ def layerwise(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Module]
     store = _store(ctx) if commit else None
     done = store.blocks_done() if store is not None and getattr(ctx, "resume", False) else 0
     if done:
-        inp, ref_inp = _restore(store, done, blocks, prefix, ctx, inp, ref_inp, generator, device)
+        inp, ref_inp = _restore(store, done, blocks, prefix, ctx, inp, ref_inp, generator, device,
+                                streamed=stream is not None)
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", initial=done, disable=not getattr(ctx, "progress", True))
     for b in range(done, len(blocks)):
-        block = blocks[b]
+        block = blocks[b] if stream is None else stream.load(b)
         pre = f"{prefix}.{b}."
         home = next(block.parameters()).device
         if home != device:
             block.to(device)
-        linears = {n[len(pre):]: m for n, m in targets.items() if n.startswith(pre)}
+        linears = {n[len(pre):]: block.get_submodule(n[len(pre):]) for n in targets if n.startswith(pre)}
         blk = LayerwiseBlock(b, prefix, block, linears, inp)
         if ref_inp is not None:                  # the float block once, before the pass changes it
             blk._ref_x, blk.reference_outputs = collect_inputs(block, ref_inp, [g[0] for g in blk.groups],
@@ -298,8 +305,40 @@ def layerwise(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Module]
             stats = {n: v for n, v in ctx.layer_stats.items() if n.startswith(pre)}
             store.commit_block(b, block, stats, inp.hidden, None if ref_inp is None else ref_inp.hidden,
                                None if generator is None else generator.get_state())
+        if stream is not None:
+            stream.free(b)
         bar.update(1)
     bar.close()
+
+
+def blockwise(model: nn.Module, ctx: Any, desc: str) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(full name, module)`` of each decoder block, for a pass that needs no data (rtn, magnitude).
+
+    Without a stream this is a plain walk. In a streamed run (``ctx.stream``) each block is read before it is
+    yielded, committed to the pass's `LoopStore` and freed after; with ``ctx.resume`` the blocks committed
+    before a crash are skipped (their layer stats restored).
+    """
+    stream = getattr(ctx, "stream", None)
+    try:
+        prefix, blocks = find_blocks(model)
+    except ValueError:
+        if stream is not None:
+            raise
+        return                                   # no decoder blocks: the pass treats every target as outside
+    store = _store(ctx) if stream is not None else None
+    done = store.blocks_done(inputs=False) if store is not None and getattr(ctx, "resume", False) else 0
+    for b in range(done):
+        for name, v in store.block_stats(b).items():
+            ctx.layer_stats.setdefault(name, {}).update(v)
+    for b in tqdm(range(done, len(blocks)), desc=desc, unit="block", initial=done, total=len(blocks),
+                  disable=not getattr(ctx, "progress", True)):
+        name = f"{prefix}.{b}"
+        yield name, (blocks[b] if stream is None else stream.load(b))
+        if store is not None:
+            stats = {n: v for n, v in ctx.layer_stats.items() if n.startswith(name + ".")}
+            store.commit_block(b, blocks[b], stats, None, None)
+        if stream is not None:
+            stream.free(b)
 
 
 def _check_finite(hidden: list[torch.Tensor], block: str) -> None:
@@ -322,10 +361,15 @@ def _store(ctx: Any):
 
 
 def _restore(store, done: int, blocks, prefix: str, ctx: Any, inp: BlockInputs, ref_inp: BlockInputs | None,
-             generator: torch.Generator | None, device: torch.device):
-    """Blocks ``0 .. done-1`` as committed, their layer stats into ``ctx``; the inputs of block `done`."""
+             generator: torch.Generator | None, device: torch.device, streamed: bool = False):
+    """Blocks ``0 .. done-1`` as committed, their layer stats into ``ctx``; the inputs of block `done`.
+    A streamed run leaves the committed blocks on disk (the next pass or the save reads them)."""
+    rng = None
     for b in range(done):
-        stats, rng = store.restore_block(b, blocks[b])
+        if streamed:
+            stats, rng = store.block_stats(b), store.block_rng(b) if b == done - 1 else None
+        else:
+            stats, rng = store.restore_block(b, blocks[b])
         for name, v in stats.items():
             ctx.layer_stats.setdefault(name, {}).update(v)
     if generator is not None and rng is not None:

@@ -26,7 +26,10 @@ def make_tokenizer(path: Path, vocab: int = 256):
 
 
 def make_tiny_llama(path: Path, hidden: int = 64, inter: int = 128, layers: int = 2, seed: int = 0,
-                    tie: bool = True, vocab: int = 256) -> Path:
+                    tie: bool = True, vocab: int = 256, dtype: torch.dtype = torch.float32,
+                    max_shard_size: str | None = None) -> Path:
+    """A random llama with a real tokenizer as an HF directory; `dtype` and `max_shard_size` (e.g. "200KB",
+    several shards and an index, as large checkpoints come) as `save_pretrained` takes them."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -35,5 +38,5 @@ def make_tiny_llama(path: Path, hidden: int = 64, inter: int = 128, layers: int 
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return path

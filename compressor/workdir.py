@@ -59,7 +59,7 @@ def _sha_file(path: Path) -> str:
 
 
 def fingerprint(*, source_sha256: str, recipe: dict[str, Any], calibration: torch.Tensor | None,
-                calib_data: str | None, train_data: str | None) -> dict[str, Any]:
+                calib_data: str | None, train_data: str | None, stream: bool = False) -> dict[str, Any]:
     """What a resumed run must share with the one that wrote the work directory."""
     from .checkpoint import versions
     files = {}
@@ -72,6 +72,7 @@ def fingerprint(*, source_sha256: str, recipe: dict[str, Any], calibration: torc
             **files,
             "versions": versions(),
             "threads": torch.get_num_threads(),
+            **({"stream": True} if stream else {}),
             "python": platform.python_version()}
 
 
@@ -244,16 +245,17 @@ class LoopStore:
     def __init__(self, root: Path):
         self.root = root
 
-    def blocks_done(self) -> int:
-        """How many leading blocks are committed, with the inputs of the next one."""
+    def blocks_done(self, inputs: bool = True) -> int:
+        """How many leading blocks are committed, with the inputs of the next one (if `inputs`: a calibrated
+        loop; a data-free sweep has none)."""
         n = 0
         while (self.root / f"block-{n:04d}").is_dir():
             n += 1
-        while n and not (self.root / f"inputs-{n - 1:04d}").is_dir():
+        while inputs and n and not (self.root / f"inputs-{n - 1:04d}").is_dir():
             n -= 1                      # a block whose inputs did not land is redone
         return n
 
-    def commit_block(self, b: int, block: nn.Module, stats: dict[str, Any], hidden: list[torch.Tensor],
+    def commit_block(self, b: int, block: nn.Module, stats: dict[str, Any], hidden: list[torch.Tensor] | None,
                      ref_hidden: list[torch.Tensor] | None, rng: torch.Tensor | None = None) -> None:
         """Block `b` finished: its state (and the loop's generator state), then the next block's inputs;
         older inputs are dropped after."""
@@ -261,6 +263,8 @@ class LoopStore:
         if rng is not None:
             tensors[_RNG] = rng
         commit(self.root / f"block-{b:04d}", tensors, {**meta, "layer_stats": stats})
+        if hidden is None:
+            return
         inputs = {f"hidden.{i}": h for i, h in enumerate(hidden)}
         if ref_hidden is not None:
             inputs.update({f"reference.{i}": h for i, h in enumerate(ref_hidden)})
@@ -276,6 +280,21 @@ class LoopStore:
         rng = tensors.pop(_RNG, None)
         restore_modules(block, tensors, meta)
         return meta.get("layer_stats", {}), rng
+
+    def block_stats(self, b: int) -> dict[str, Any]:
+        """The layer stats committed with block `b` (its tensors are not read)."""
+        try:
+            meta = json.loads((self.root / f"block-{b:04d}" / META).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WorkDirError(f"{self.root / f'block-{b:04d}'}: damaged commit ({e}); run with --overwrite to "
+                               f"start over") from None
+        return meta.get("layer_stats", {}) if isinstance(meta, dict) else {}
+
+    def block_rng(self, b: int) -> torch.Tensor | None:
+        """The loop's generator state committed with block `b`, or None."""
+        from safetensors import safe_open
+        with safe_open(str(self.root / f"block-{b:04d}" / TENSORS), framework="pt") as f:
+            return f.get_tensor(_RNG) if _RNG in f.keys() else None
 
     def inputs(self, b: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         tensors, meta = read_commit(self.root / f"inputs-{b:04d}")

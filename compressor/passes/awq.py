@@ -169,6 +169,7 @@ class AWQConfig(PassConfig):
     """AWQ scale and clip search for a following rtn/gptq pass with the same bits and group size."""
     accepts = frozenset({State.FLOAT})
     needs_calibration = True
+    streams = True
     requires_quantizer = True
 
     bits: int = 4

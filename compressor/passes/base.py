@@ -125,6 +125,20 @@ class PassConfig:
     def apply(self, model: nn.Module, ctx: "Context") -> nn.Module:
         raise NotImplementedError
 
+    streams: ClassVar[bool] = False               # works one decoder block at a time (compress --stream)
+
+    def stream_refusal(self, model: nn.Module) -> str | None:
+        """Why this pass cannot run on a streamed model (`compressor.stream`), or None when it can: it must
+        sweep the blocks once (`streams`) and touch only Linears inside them."""
+        if not self.streams:
+            return f"pass {self.name!r} needs the whole model in memory"
+        from ..sequential import find_blocks
+        prefix, _ = find_blocks(model)
+        outside = [n for n in self.modules(model) if not n.startswith(prefix + ".")]
+        if outside:
+            return f"pass {self.name!r} targets {outside[0]}, outside the decoder blocks ({prefix}.*)"
+        return None
+
     # --- helpers --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -193,6 +207,7 @@ class Context:
     train_data: str | None = None
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stream: Any = None                                         # compressor.stream.Stream of a --stream run
     progress: bool = True
     original: Callable[[], nn.Module] | None = None
     evaluate: Callable[[nn.Module], float] | None = None

@@ -189,6 +189,7 @@ class GPTQConfig(WeightQuantConfig, FPTarget):
         (390 s); 16 windows with ridge 0.01 0.391, with 0.1 0.288 (290 s); no fp_target 0.407 (257 s).
     """
     needs_calibration = True
+    streams = True
 
     blocksize: int = 128
     percdamp: float = 0.01

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
+from ..layerwise import blockwise
 from .base import Context, register_pass
 from .pruning import PruneConfig, swap_in_sparse
 
@@ -27,13 +27,24 @@ from .pruning import PruneConfig, swap_in_sparse
 class MagnitudeConfig(PruneConfig):
     """Prune by |W|: ``sparsity`` in [0, 0.9] or ``pattern: "N:M"``; see `PruneConfig`."""
 
+    streams = True
+
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         mods = self.modules(model)
         sparsity = self.block_sparsities(model, ctx, mods, lambda lin, _: lin.weight.data.abs(), with_inputs=False)
-        for name, lin in tqdm(mods.items(), desc=f"magnitude {self.pattern or self.sparsity}", unit="layer",
-                              disable=not ctx.progress):
-            t0 = time.perf_counter()
-            mask = self.mask(lin.weight.data.abs(), sparsity[name])
-            swap_in_sparse(model, name, lin, mask, self, ctx, seconds=round(time.perf_counter() - t0, 4))
+        inside: set[str] = set()
+        for block_name, _ in blockwise(model, ctx, f"magnitude {self.pattern or self.sparsity}"):
+            for name in [n for n in mods if n.startswith(block_name + ".")]:
+                self._prune(model, name, sparsity[name], ctx)
+                inside.add(name)
+        for name in mods:                        # targets outside the blocks
+            if name not in inside:
+                self._prune(model, name, sparsity[name], ctx)
         return model
+
+    def _prune(self, model: nn.Module, name: str, sparsity: float, ctx: Context) -> None:
+        t0 = time.perf_counter()
+        lin = model.get_submodule(name)
+        mask = self.mask(lin.weight.data.abs(), sparsity)
+        swap_in_sparse(model, name, lin, mask, self, ctx, seconds=round(time.perf_counter() - t0, 4))

@@ -98,6 +98,12 @@ class PruneConfig(PassConfig):
         if self.needs_calibration or self.allocation is not Allocation.UNIFORM:
             check_in_blocks(model, mods, self.name)
 
+    def stream_refusal(self, model: nn.Module) -> str | None:
+        if self.allocation is not Allocation.UNIFORM:
+            return (f"pass {self.name!r} with allocation={self.allocation.value} ranks every block before pruning "
+                    f"any (allocation: uniform streams)")
+        return super().stream_refusal(model)
+
     def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
         if self.nm is None:
             return

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
+from ..layerwise import blockwise
 from ..quant.primitives import choose_qparams, quantize
 from .base import Context, register_pass
 from .weight_quant import WeightQuantConfig, swap_in_quantized
@@ -28,14 +28,25 @@ from .weight_quant import WeightQuantConfig, swap_in_quantized
 class RTNConfig(WeightQuantConfig):
     """Round-to-nearest: bits in {3, 4, 8}, group_size in {-1, 32, 64, 128}, sym or asym."""
 
+    streams = True
+
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
-        mods = self.modules(model)
-        for name, lin in tqdm(mods.items(), desc=f"rtn w{self.bits}g{self.group_size}", unit="layer",
-                              disable=not ctx.progress):
-            t0 = time.perf_counter()
-            w = lin.weight.data
-            scale, zero = choose_qparams(w, self.bits, self.group_size, self.sym)
-            q = quantize(w, scale, zero, self.bits, self.group_size)
-            swap_in_quantized(model, name, lin, q, scale, zero, self, ctx, seconds=round(time.perf_counter() - t0, 4))
+        names = list(self.modules(model))
+        inside: set[str] = set()
+        for block_name, block in blockwise(model, ctx, f"rtn w{self.bits}g{self.group_size}"):
+            for name in [n for n in names if n.startswith(block_name + ".")]:
+                self._quantize(model, name, ctx)
+                inside.add(name)
+        for name in names:                       # targets outside the blocks (an lm_head asked for)
+            if name not in inside:
+                self._quantize(model, name, ctx)
         return model
+
+    def _quantize(self, model: nn.Module, name: str, ctx: Context) -> None:
+        t0 = time.perf_counter()
+        lin = model.get_submodule(name)
+        w = lin.weight.data
+        scale, zero = choose_qparams(w, self.bits, self.group_size, self.sym)
+        q = quantize(w, scale, zero, self.bits, self.group_size)
+        swap_in_quantized(model, name, lin, q, scale, zero, self, ctx, seconds=round(time.perf_counter() - t0, 4))

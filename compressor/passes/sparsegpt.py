@@ -145,6 +145,7 @@ class SparseGPTConfig(PruneConfig, FPTarget):
     group_size, sym, clip_search: the grid of the joint mode (as in gptq).
     """
     needs_calibration = True
+    streams = True
 
     blocksize: int = 128
     percdamp: float = 0.01

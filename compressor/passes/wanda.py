@@ -38,6 +38,7 @@ def wanda_score(W: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
 class WandaConfig(PruneConfig):
     """Wanda pruning: ``sparsity`` in [0, 0.9] or ``pattern: "N:M"``; see `PruneConfig`."""
     needs_calibration = True
+    streams = True
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
