@@ -113,6 +113,14 @@ def _blocks(model: nn.Module) -> list[list[nn.Linear]]:
     return [[m for m in b.modules() if isinstance(getattr(m, "in_features", None), int)] for b in blocks]
 
 
+def _block_names(model: nn.Module) -> list[str]:
+    from .layerwise import find_blocks
+    try:
+        return [find_blocks(model)[0]]
+    except (ValueError, AttributeError):
+        return []
+
+
 def _stored_bytes(model: nn.Module, bits: int | None, group: int) -> int:
     """The checkpoint's size: targeted Linears packed at `bits` (scales and zeros fp16 per group), the rest fp16
     for the embedding and head, fp32 for the small tensors."""
@@ -127,12 +135,15 @@ def _stored_bytes(model: nn.Module, bits: int | None, group: int) -> int:
                 g = k if group == -1 else group
                 packed += k * n * bits // 8 + (k // g) * n * 4 + k * 4
     seen, other = set(), 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        linear_ids.add(id(head))                 # stored once, as the embedding (a meta model may not tie them)
     for m in model.modules():
         if id(m) in linear_ids:
             continue
         for p in m.parameters(recurse=False):
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
+            if id(p) not in seen:                # (a tied weight is one object; meta tensors share data_ptr 0)
+                seen.add(id(p))
                 other += p.numel() * (2 if p.dim() == 2 else 4)
     return packed + other
 
@@ -159,11 +170,25 @@ def estimate(model: nn.Module, recipe, ctx, rss_now: int | None = None) -> Estim
         ram["calibration stream"] = 3 * tokens * hidden * 4 + 2 * ref_windows * seqlen * hidden * 2
         ram["block inputs"] = tokens * largest_in * 4 + 2 * _BATCH * seqlen * largest_out * 4
         ram["work-dir commit"] = tokens * hidden * 4 if ctx.work_dir is not None else 0
-    ram["save"] = 2 * stored
+    if getattr(ctx, "stream", None) is not None:
+        # compress --stream: the model is on the meta device; one block is read at a time (at fp32), a layer's
+        # rounding makes a few copies of it, calibrated passes read the embedding, and the save writes tensor by
+        # tensor (the largest outside the blocks, read at fp16 and widened).
+        layer = max((lin.in_features * lin.out_features for b in blocks for lin in b), default=0)
+        ram["one block"] = max((sum(lin.in_features * lin.out_features for lin in b) for b in blocks), default=0) * 4 \
+            + 3 * layer * 4
+        outside = [p for n, p in model.named_parameters() if not any(n.startswith(f"{x}.") for x in _block_names(model))]
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        ram["embedding"] = emb.weight.numel() * 4 if calibrated and emb is not None else 0
+        ram["save"] = max((p.numel() for p in outside), default=0) * 6
+    else:
+        ram["save"] = 2 * stored
     peak = sum(ram.values())
 
     disk = stored
-    if ctx.work_dir is not None:
+    if getattr(ctx, "stream", None) is not None:
+        disk += 2 * stored                       # the blocks committed by the last two passes
+    elif ctx.work_dir is not None:
         disk += (tokens * hidden * 4 if calibrated else 0) + (model_bytes if len(recipe.passes) > 1 else 0)
 
     flops, steps = 0.0, 0.0

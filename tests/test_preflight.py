@@ -82,3 +82,20 @@ def test_compress_records_the_estimate_next_to_what_it_measured(tiny_llama, tmp_
     pre = json.loads((tmp_path / "o" / "compression.json").read_text())["preflight"]
     assert pre["peak_rss_mib"] == pytest.approx(res.preflight.peak_rss / 2**20, abs=0.1)
     assert pre["measured"]["peak_rss_mib"] > 0 and pre["measured"]["seconds"] > 0
+
+
+def test_a_streamed_run_is_estimated_at_one_block():
+    """--stream: RAM is one block plus the stream, not the model; a 7B shape fits where the whole model would not."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+    with init_empty_weights():
+        model = LlamaForCausalLM(cfg)
+    r = load_recipe("rtn-w4g64")
+    whole = estimate(model, r, Context(), rss_now=0)
+    streamed = estimate(model, r, Context(stream=object()), rss_now=0)
+    block = (4 * 4096 * 4096 + 3 * 4096 * 11008) * 4
+    assert streamed.ram["one block"] >= block
+    assert streamed.peak_rss < 3 << 30 < 2 * whole.peak_rss
+    assert "embedding" in streamed.ram and streamed.ram["embedding"] == 0      # rtn reads no embedding

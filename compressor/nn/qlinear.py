@@ -37,6 +37,8 @@ class _KernelState:
         self.packed, self.sources, self.versions, self.device = packed, sources, versions, device
 
 
+_ROWS = 512                 # rows per slice when dequantizing a whole weight
+
 def _same(a: tuple, b: tuple) -> bool:
     return a[0] is b[0] and a[1] is b[1] and a[2] is b[2] and a[3] is b[3]
 
@@ -130,8 +132,11 @@ class QuantLinear(nn.Module):
         """(N, K) float weight: ``(q - zero[g_idx]) * scale[g_idx]``."""
         q, scale, zero, g_idx = self.codes()
         g = g_idx.long()
-        w = (q.float() - zero[:, g]) * scale[:, g]
-        return w.to(dtype)
+        w = torch.empty(q.shape, dtype=dtype)
+        for lo in range(0, q.shape[0], _ROWS):   # in row slices: a 7B MLP layer's temporaries stay ~10 MB
+            hi = lo + _ROWS
+            w[lo:hi] = (q[lo:hi].float() - zero[lo:hi, g]) * scale[lo:hi, g]
+        return w
 
     # --- inference -----------------------------------------------------------------------------
     def packed(self):

@@ -78,10 +78,14 @@ def self_check(name: str, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                                f"pass produced NaN/Inf, so nothing was written")
     k = q.shape[1]
     g = (torch.arange(k) // (k if group_size == -1 else group_size)) if g_idx is None else g_idx.long()
-    fake = (q.float() - zero.float()[:, g]) * scale.half().float()[:, g]
-    if not torch.equal(deq, fake):
-        diff = (deq - fake).abs()
+    for lo in range(0, q.shape[0], 512):        # in row slices: temporaries stay small on 7B-sized layers
+        hi = lo + 512
+        fake = (q[lo:hi].float() - zero[lo:hi].float()[:, g]) * scale[lo:hi].half().float()[:, g]
+        if torch.equal(deq[lo:hi], fake):
+            continue
+        diff = (deq[lo:hi] - fake).abs()
         row, col = divmod(int(diff.argmax()), k)
+        row += lo
         raise NumericError(f"{name}: packed weights do not dequantize to the pass's own (max difference "
                            f"{float(diff.max()):.3g} at row {row}, column {col}); a packing bug, so nothing was "
                            f"written: please report it")

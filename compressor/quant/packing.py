@@ -73,9 +73,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
         c = p[:, w] >> s
         if s + bits > 32:
             c = c | (p[:, w + 1] << (32 - s))
-        codes.append(c & mask)
+        codes.append((c & mask).to(torch.uint8))     # uint8 before the stack: no (N, K) int64 temporaries
     q = torch.stack(codes, dim=1).reshape(-1, *p.shape[2:])
-    return q.to(torch.uint8).movedim(0, dim).contiguous()
+    return q.movedim(0, dim).contiguous()
 
 
 def pack_gptq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
@@ -91,7 +91,8 @@ def pack_gptq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: in
     if zero.numel() and zero.min() < 1:
         raise ValueError("GPTQ v1 layout stores zero - 1 and cannot hold a zero point of 0")
     return {
-        "qweight": pack_bits(q.t(), bits, dim=0),                              # (K*bits/32, N)
+        "qweight": torch.cat([pack_bits(q[lo:lo + 1024].t(), bits, dim=0)     # (K*bits/32, N), in column
+                              for lo in range(0, max(n, 1), 1024)], dim=1),       # slices: small int64 temporaries
         "qzeros": pack_bits((zero.t().round().to(torch.int64) - 1), bits, dim=1),  # (G, N*bits/32)
         "scales": scale.t().contiguous().to(torch.float16),                     # (G, N)
         "g_idx": g_idx.to(torch.int32).contiguous(),                            # (K,)

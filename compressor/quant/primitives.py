@@ -124,8 +124,12 @@ def mse_clip_search(w: torch.Tensor, bits: int, group_size: int, sym: bool, grid
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
-    ref = ref.double()
-    noise = (ref - approx.double()).pow(2).sum()
+    sig = noise = 0.0
+    r2, a2 = ref.reshape(ref.shape[0], -1) if ref.dim() else ref.reshape(1, 1), approx.reshape(ref.shape[0], -1) if ref.dim() else approx.reshape(1, 1)
+    for lo in range(0, r2.shape[0], 256):      # float64 in row slices: no whole-weight float64 copies
+        r = r2[lo:lo + 256].double()
+        sig += float(r.pow(2).sum())
+        noise += float((r - a2[lo:lo + 256].double()).pow(2).sum())
     if noise == 0:
         return float("inf")
-    return float(10 * torch.log10(ref.pow(2).sum() / noise))
+    return float(10 * torch.log10(torch.tensor(sig / noise, dtype=torch.float64)))
