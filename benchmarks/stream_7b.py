@@ -96,6 +96,15 @@ def measured(cmd: list[str]) -> tuple[int, float, float]:
     return int(rc), float(rss), float(sec)
 
 
+def estimated(out: Path) -> str:
+    """The preflight estimate compression.json keeps, as 'est. RSS MiB / s'."""
+    try:
+        pre = json.loads((out / "compression.json").read_text())["preflight"]
+    except (OSError, KeyError, ValueError):
+        return ""
+    return f"preflight est. {pre['peak_rss_mib']:,.0f} MiB / {pre['seconds']:,.0f} s"
+
+
 def compress_cmd(src: Path, recipe: str, out: Path, stream: bool, calib: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "compressor.cli", "--recipe", recipe, str(src), "-o", str(out), "--quiet"]
     if calib:
@@ -136,7 +145,8 @@ def main(argv=None) -> int:
             rc, rss, sec = measured(compress_cmd(src, "rtn-w4g64", out, stream=True))
             ok &= rc == 0 and rss <= 3 * 1024
             out_gb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9 if rc == 0 else 0
-            rows.append((f"rtn-w4g64 --stream, {args.layers} layers", rc, rss, sec, f"{src_gb:.2f} GB -> {out_gb:.2f} GB",
+            rows.append((f"rtn-w4g64 --stream, {args.layers} layers", rc, rss, sec,
+                         f"{src_gb:.2f} GB -> {out_gb:.2f} GB; {estimated(out)}",
                          "PASS" if rc == 0 and rss <= 3 * 1024 else "FAIL (bar: 3072 MiB)"))
             shutil.rmtree(src)
             if rc == 0:
@@ -171,7 +181,7 @@ def main(argv=None) -> int:
             rc, rss, sec = measured(compress_cmd(src, str(recipe), out, stream=True, calib=args.calib_data))
             ok &= rc == 0
             rows.append((f"gptq-w4g64 --stream, {args.gptq_layers} layers, {args.gptq_samples}x512 calib", rc, rss,
-                         sec, "", "PASS" if rc == 0 else "FAIL"))
+                         sec, estimated(out), "PASS" if rc == 0 else "FAIL"))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print("\n| run | exit | peak RSS MiB | seconds | note | check |\n|---|---|---|---|---|---|")

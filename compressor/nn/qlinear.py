@@ -132,10 +132,17 @@ class QuantLinear(nn.Module):
         """(N, K) float weight: ``(q - zero[g_idx]) * scale[g_idx]``."""
         q, scale, zero, g_idx = self.codes()
         g = g_idx.long()
+        n, k = q.shape
+        size = k // scale.shape[1] if scale.shape[1] else k
+        plain = scale.shape[1] * size == k and torch.equal(g, torch.arange(k, device=g.device) // size)
         w = torch.empty(q.shape, dtype=dtype)
-        for lo in range(0, q.shape[0], _ROWS):   # in row slices: a 7B MLP layer's temporaries stay ~10 MB
+        for lo in range(0, n, _ROWS):            # in row slices: a 7B MLP layer's temporaries stay ~10 MB
             hi = lo + _ROWS
-            w[lo:hi] = (q[lo:hi].float() - zero[lo:hi, g]) * scale[lo:hi, g]
+            if plain:                            # contiguous groups: broadcast instead of gathering per column
+                qs = q[lo:hi].float().view(-1, scale.shape[1], size)
+                w[lo:hi] = ((qs - zero[lo:hi, :, None]) * scale[lo:hi, :, None]).view(-1, k)
+            else:
+                w[lo:hi] = (q[lo:hi].float() - zero[lo:hi, g]) * scale[lo:hi, g]
         return w
 
     # --- inference -----------------------------------------------------------------------------

@@ -78,9 +78,14 @@ def self_check(name: str, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                                f"pass produced NaN/Inf, so nothing was written")
     k = q.shape[1]
     g = (torch.arange(k) // (k if group_size == -1 else group_size)) if g_idx is None else g_idx.long()
+    size = k if group_size == -1 else group_size
     for lo in range(0, q.shape[0], 512):        # in row slices: temporaries stay small on 7B-sized layers
         hi = lo + 512
-        fake = (q[lo:hi].float() - zero[lo:hi].float()[:, g]) * scale[lo:hi].half().float()[:, g]
+        if g_idx is None:                        # contiguous groups: broadcast, no per-column gather
+            fake = ((q[lo:hi].float().view(-1, k // size, size) - zero[lo:hi].float()[:, :, None])
+                    * scale[lo:hi].half().float()[:, :, None]).view(-1, k)
+        else:
+            fake = (q[lo:hi].float() - zero[lo:hi].float()[:, g]) * scale[lo:hi].half().float()[:, g]
         if torch.equal(deq[lo:hi], fake):
             continue
         diff = (deq[lo:hi] - fake).abs()

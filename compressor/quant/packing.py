@@ -14,6 +14,8 @@ Tensors of a GPTQ ``QuantLinear`` with ``K = in_features``, ``N = out_features``
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 __all__ = ["pack_bits", "unpack_bits", "pack_gptq", "unpack_gptq"]
@@ -23,6 +25,33 @@ def _to_int32(x: torch.Tensor) -> torch.Tensor:
     """int64 holding values in [0, 2**32) -> int32 with the same bit pattern."""
     x = x & 0xFFFFFFFF
     return torch.where(x >= 2 ** 31, x - 2 ** 32, x).to(torch.int32)
+
+
+_LITTLE = sys.byteorder == "little"
+
+
+def _pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """4 and 8 bits on a little-endian host: the bit stream is the codes' bytes (two 4-bit codes per byte, the
+    first in the low nibble) read as int32 words; uint8 work instead of int64 shifts. q: (n, ...), range-checked."""
+    q = q.to(torch.uint8)
+    if bits == 4:
+        q = q[0::2] | (q[1::2] << 4)                # (n/2, ...) bytes
+    rest = q.shape[1:]
+    words = q.shape[0] // 4
+    b = q.reshape(words, 4, -1).permute(0, 2, 1).reshape(-1)              # (words, cols, 4 bytes), flat
+    return b.view(torch.int32).reshape(words, *rest)
+
+
+def _unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `_pack_bytes`: int32 words (w, ...) -> uint8 codes (w * 32 / bits, ...)."""
+    rest = packed.shape[1:]
+    b = packed.contiguous().reshape(-1).view(torch.uint8).reshape(packed.shape[0], -1, 4)   # (words, cols, 4 bytes)
+    b = b.permute(0, 2, 1).reshape(packed.shape[0] * 4, *rest)
+    if bits == 8:
+        return b.contiguous()
+    out = torch.empty(b.shape[0] * 2, *rest, dtype=torch.uint8)
+    out[0::2], out[1::2] = b & 15, b >> 4
+    return out
 
 
 def pack_bits(q: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
@@ -36,13 +65,18 @@ def pack_bits(q: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     """
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits={bits} is not supported; use 2, 3, 4 or 8")
-    q = q.movedim(dim, 0).to(torch.int64)
+    q = q.movedim(dim, 0)
     n = q.shape[0]
     run = 32 if bits == 3 else 32 // bits        # codes per self-contained run of words
     if n % run:
         raise ValueError(f"cannot pack {n} codes of {bits} bits along dim {dim}: need a multiple of {run}")
-    if q.numel() and (q.min() < 0 or q.max() >= 2 ** bits):
-        raise ValueError(f"codes out of range for {bits} bits: [{int(q.min())}, {int(q.max())}]")
+    if q.numel():
+        lo, hi = (int(v) for v in torch.aminmax(q))       # as ints: a uint8 255 >= 256 would wrap
+        if lo < 0 or hi >= 2 ** bits:
+            raise ValueError(f"codes out of range for {bits} bits: [{int(lo)}, {int(hi)}]")
+    if bits in (4, 8) and _LITTLE:
+        return _pack_bytes(q, bits).movedim(0, dim).contiguous()
+    q = q.to(torch.int64)
     words_per_run = run * bits // 32
     q = q.reshape(n // run, run, *q.shape[1:])
     out = torch.zeros(n // run, words_per_run, *q.shape[2:], dtype=torch.int64)
@@ -60,6 +94,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     """Inverse of `pack_bits`: int32 words -> uint8 codes along `dim`."""
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits={bits} is not supported; use 2, 3, 4 or 8")
+    if bits in (4, 8) and _LITTLE:
+        return _unpack_bytes(packed.movedim(dim, 0).to(torch.int32), bits).movedim(0, dim).contiguous()
     p = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
     run = 32 if bits == 3 else 32 // bits
     words_per_run = run * bits // 32

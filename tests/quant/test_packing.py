@@ -72,3 +72,20 @@ def test_sym_4bit_zeros_are_0x77777777():
     q = torch.zeros(8, 64, dtype=torch.uint8)
     t = pack_gptq(q, torch.ones(8, 1), torch.full((8, 1), 8.0), 4, torch.zeros(64, dtype=torch.int32))
     assert int(t["qzeros"][0, 0]) == 0x77777777
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape,dim", [((32, 1), 0), ((64, 17), 0), ((3, 64), 1), ((320, 118), 0), ((8,), 0),
+                                       ((16, 7, 3), 0), ((5, 256, 2), 1)])
+def test_byte_path_equals_the_word_path(monkeypatch, bits, shape, dim):
+    """4/8 bits pack through uint8 bytes read as int32 words (little-endian hosts): the same words as the
+    general int64 shift loop, and back."""
+    import compressor.quant.packing as P
+    q = torch.randint(0, 2 ** bits, shape, generator=torch.Generator().manual_seed(bits))
+    fast = P.pack_bits(q, bits, dim)
+    monkeypatch.setattr(P, "_LITTLE", False)
+    slow = P.pack_bits(q, bits, dim)
+    assert fast.dtype == slow.dtype == torch.int32 and torch.equal(fast, slow)
+    assert torch.equal(P.unpack_bits(slow, bits, dim), q.to(torch.uint8))
+    monkeypatch.setattr(P, "_LITTLE", True)
+    assert torch.equal(P.unpack_bits(fast, bits, dim), q.to(torch.uint8))
