@@ -279,17 +279,26 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe: dict[str, 
         # One metadata key: safetensors writes metadata from a hash map, so several keys come out in
         # a different order from run to run and the file bytes would differ.
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        cfg = model.config.to_dict()
-        qc = _quantization_config(specs, blocks)
-        if qc:
-            cfg["quantization_config"] = qc
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        meta = {"format_version": FORMAT_VERSION, "recipe": recipe, "source": source, "versions": versions(),
-                "producer": "compressor", "modules": specs, "layers": layer_stats, **(extra or {})}
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+        write_description(tmp, model.config, specs, blocks, tokenizer, recipe=recipe, layer_stats=layer_stats,
+                          source=source, extra=extra)
     return Path(out_dir)
+
+
+def write_description(tmp: Path, config, specs: dict[str, dict[str, Any]], blocks: str | None, tokenizer, *,
+                      recipe: dict[str, Any], layer_stats: dict[str, Any], source: dict[str, Any],
+                      extra: dict[str, Any] | None) -> None:
+    """Everything of a checkpoint but its weights: config.json (with ``quantization_config``), the tokenizer
+    and compression.json (`save`, and `compressor.stream.write_checkpoint`)."""
+    cfg = config.to_dict()
+    qc = _quantization_config(specs, blocks)
+    if qc:
+        cfg["quantization_config"] = qc
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    meta = {"format_version": FORMAT_VERSION, "recipe": recipe, "source": source, "versions": versions(),
+            "producer": "compressor", "modules": specs, "layers": layer_stats, **(extra or {})}
+    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
 
 
 def save_adapter(model: nn.Module, tokenizer, out_dir: str | Path, *, recipe: dict[str, Any],

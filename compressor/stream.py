@@ -253,8 +253,8 @@ def write_checkpoint(stream: Stream, tokenizer, out_dir: str | Path, *, recipe: 
     """The checkpoint `compressor.checkpoint.save` would write for the streamed model, one tensor at a time."""
     from tqdm.auto import tqdm
 
-    from .checkpoint import (FORMAT_VERSION, META, WEIGHTS, _check_reloadable, _meta_model, _plain_config,
-                             _quantization_config, atomic_dir, module_specs, versions)
+    from .checkpoint import (WEIGHTS, _check_reloadable, _meta_model, _plain_config, atomic_dir, module_specs,
+                             write_description)
     from .nn.formats import build_module
     from .workdir import read_commit
 
@@ -297,14 +297,6 @@ def write_checkpoint(stream: Stream, tokenizer, out_dir: str | Path, *, recipe: 
             os.ftruncate(fd, layout.size)
         finally:
             os.close(fd)
-        cfg = model.config.to_dict()
-        qc = _quantization_config(specs, stream.prefix)
-        if qc:
-            cfg["quantization_config"] = qc
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        meta = {"format_version": FORMAT_VERSION, "recipe": recipe, "source": source, "versions": versions(),
-                "producer": "compressor", "modules": specs, "layers": layer_stats, **(extra or {})}
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+        write_description(tmp, model.config, specs, stream.prefix, tokenizer, recipe=recipe,
+                          layer_stats=layer_stats, source=source, extra=extra)
     return Path(out_dir)
