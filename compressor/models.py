@@ -185,10 +185,73 @@ _GGUF_BOUNDS = {"block_count": 4096, "embedding_length": 1 << 17, "feed_forward_
                 "vocab_size": 1 << 23}
 
 
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _scan_gguf_header(path: Path) -> None:
+    """Walk a GGUF header (key/values, tensor infos) and refuse any count or length that the rest of the file
+    cannot hold, before gguf's reader loops over it: a string array that claims 2**60 items makes that reader
+    build objects until memory runs out. The walk itself reads and loops at most the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        def take(n: int, what: str) -> bytes:
+            if n < 0 or f.tell() + n > size:
+                raise ModelError(f"{path}: GGUF {what} runs past the end of the file ({size} bytes); the file is "
+                                 f"corrupt or truncated")
+            return f.read(n)
+
+        def count(n: int, each: int, what: str) -> int:
+            if n * each > size - f.tell():
+                raise ModelError(f"{path}: GGUF {what} claims {n} items, more than the {size - f.tell()} bytes left "
+                                 f"can hold; the file is corrupt")
+            return n
+
+        def u32() -> int:
+            return struct.unpack("<I", take(4, "header"))[0]
+
+        def u64() -> int:
+            return struct.unpack("<Q", take(8, "header"))[0]
+
+        def string(what: str) -> None:
+            take(u64(), what)
+
+        def value(vtype: int, what: str, depth: int = 0) -> None:
+            if vtype in _GGUF_SCALAR:
+                take(_GGUF_SCALAR[vtype], what)
+            elif vtype == _GGUF_STRING:
+                string(what)
+            elif vtype == _GGUF_ARRAY and depth < 2:
+                etype, n = u32(), u64()
+                each = _GGUF_SCALAR.get(etype, 8 if etype == _GGUF_STRING else 12)
+                if etype in _GGUF_SCALAR:
+                    take(count(n, each, what) * each, what)
+                else:
+                    for _ in range(count(n, each, what)):
+                        value(etype, what, depth + 1)
+            else:
+                raise ModelError(f"{path}: GGUF {what} has value type {vtype}, which is not one GGUF defines; the "
+                                 f"file is corrupt")
+
+        if take(4, "magic") != b"GGUF":
+            raise ModelError(f"{path}: not a GGUF file (no GGUF magic)")
+        u32()                                            # version
+        n_tensors, n_kv = u64(), u64()
+        for i in range(count(n_kv, 12, "key/value count")):
+            string(f"key {i}")
+            value(u32(), f"value {i}")
+        for i in range(count(n_tensors, 24, "tensor count")):
+            string(f"tensor {i} name")
+            for _ in range(count(u32(), 8, f"tensor {i} dims")):
+                u64()
+            take(12, f"tensor {i} info")
+
+
 def _check_gguf(path: Path) -> None:
     """Read the GGUF header with gguf's own reader and bound the sizes transformers would loop or allocate
     over (a block_count of 2**40 would keep it busy for hours): `ModelError` naming the file and the field."""
     from gguf import GGUFReader
+    _scan_gguf_header(path)
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # noqa: BLE001  (gguf raises ValueError, KeyError, IndexError, struct.error, ...)

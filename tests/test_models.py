@@ -67,3 +67,38 @@ def test_read_safetensors_names_the_file(tmp_path):
     f.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
     with pytest.raises(ModelError, match="no valid data_offsets"):
         read_safetensors(f)
+
+
+def _gguf(kvs: bytes, n_kv: int, n_tensors: int = 0, tail: bytes = b"") -> bytes:
+    import struct
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kvs + tail
+
+
+def _key(name: str) -> bytes:
+    import struct
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+@pytest.mark.parametrize("case", ["string array of 2**60", "u32 array of 2**40", "key longer than the file",
+                                  "2**50 key/values", "unknown value type", "2**40 tensors"])
+def test_gguf_header_counts_are_bounded_by_the_file(tmp_path, case):
+    """Counts and lengths a GGUF header claims are checked against the bytes left before gguf's reader loops over
+    them (a string array of 2**60 items made it build objects until the machine ran out of memory)."""
+    import struct
+    import time
+    from compressor.models import ModelError, gguf_to_hf
+    pad = b"\0" * 4096
+    data = {
+        "string array of 2**60": _gguf(_key("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2 ** 60) + pad, 1),
+        "u32 array of 2**40": _gguf(_key("a") + struct.pack("<IIQ", 9, 4, 2 ** 40) + pad, 1),
+        "key longer than the file": _gguf(struct.pack("<Q", 2 ** 62) + pad, 1),
+        "2**50 key/values": _gguf(pad, 2 ** 50),
+        "unknown value type": _gguf(_key("a") + struct.pack("<I", 77) + pad, 1),
+        "2**40 tensors": _gguf(b"", 0, n_tensors=2 ** 40, tail=pad),
+    }[case]
+    f = tmp_path / "m.gguf"
+    f.write_bytes(data)
+    t = time.perf_counter()
+    with pytest.raises(ModelError, match="m.gguf: GGUF"):
+        gguf_to_hf(f, tmp_path / "hf")
+    assert time.perf_counter() - t < 5
