@@ -43,6 +43,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .errors import NumericError
+from .machine import release_memory
 from .hessian import Hessian, InputStats
 from .sequential import (BlockInputs, catch_block_inputs, collect_inputs, find_blocks, group_inputs, input_hooks,
                          last_group_inputs, residual_update, run_block, trace_groups)
@@ -306,7 +307,9 @@ def layerwise(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Module]
             store.commit_block(b, block, stats, inp.hidden, None if ref_inp is None else ref_inp.hidden,
                                None if generator is None else generator.get_state())
         if stream is not None:
-            stream.free(b)
+            stream.free(b)                       # (and trims the heap)
+        else:
+            release_memory()                     # the block's activations freed: glibc's fragments back to the OS
         bar.update(1)
     bar.close()
 

@@ -5,15 +5,19 @@ process already holds (its RSS now: libraries, the loaded model, the tokenizer):
 
   * RAM. A calibrated pass (`compressor.layerwise`) keeps the calibration stream of one block, its next
     inputs and its outputs (3 x tokens x hidden x 4 bytes), the float stream's windows in fp16 when it has
-    one, and per block the largest Linear input it collects (tokens x in_features x 4) and the MLP's
-    activations of a batch. A work-directory commit of the stream (`compressor.workdir`) adds one copy.
-    The save holds the packed state dict and its file image. Training passes add their optimiser and
-    activations (not modelled yet: reported as such).
+    one, and per block the largest Linear input it collects (tokens x in_features x 4), the inputs and
+    outputs its shortcuts keep (2 x tokens x hidden x 4) and the MLP's activations of a batch. A work-directory
+    commit of the stream (`compressor.workdir`) adds one copy. The save holds the packed state dict and its
+    file image. With --stream (`compressor.stream`) the model is not in memory: one block at fp32 and a
+    layer's rounding copies instead, and the save (tensor by tensor) comes after the sweeps, so the peak is
+    the larger of the two phases. Training passes add their optimiser and activations (not modelled yet:
+    reported as such).
   * Disk: the checkpoint (packed codes, scales, the float tensors at their stored width), the work
     directory (the stream, one block, the model after each pass but the last), and their sum is checked
     against the output's file system.
   * Time: the flops of the block forwards, the Hessians, the GPTQ solve and the clip search, at this
-    machine's measured matmul rate, plus the column loop's Python steps at its measured per-op latency.
+    machine's measured matmul rate, plus the column loop's Python steps at its measured per-op latency, plus
+    the rounding, packing and self-check of every quantized weight at its measured cost per weight.
     The constants were fitted on SmolLM2-135M with gptq-w4g64 (README: "Preflight"); other recipes are
     counted by the same terms and are rougher.
 
@@ -38,7 +42,9 @@ __all__ = ["Estimate", "estimate", "check_fits", "PreflightError", "machine_rate
 MIB = 1 << 20
 _CALIBRATED = ("gptq", "awq", "sparsegpt", "wanda")     # passes that run the layer-wise calibration loop
 _GRID = 100                                             # mse_clip_search candidates
-_FWD_PER_BLOCK = 3.0         # full-block forward equivalents per block: the float block, collects, advance
+_FWD_PER_BLOCK = 2.0         # full-block forward equivalents per block (the float stream on a quarter of the
+                             # windows, the early-stopped collects, the shortcuts of compressor.layerwise): fitted
+                             # on SmolLM2 gptq-w4g64, 2 cores of a Zen 4 EPYC (README: Reliability)
 _BATCH = 8                   # windows per forward batch in the calibration loop
 
 
@@ -91,6 +97,29 @@ def machine_rates() -> tuple[float, float]:
         op = (time.perf_counter() - t) / 800
         _RATES[threads] = (flops, op)
     return _RATES[threads]
+
+
+_PACK: dict[int, float] = {}
+
+
+def pack_seconds_per_weight() -> float:
+    """Seconds per weight element of what every quantizing pass does to each layer at the end (qparams,
+    rounding, GPTQ packing, the dequantized self-check, SQNR), measured once per process on a 1024 x 2048
+    layer in about 0.1 s."""
+    threads = torch.get_num_threads()
+    if threads not in _PACK:
+        from .passes.base import Context
+        from .passes.rtn import RTNConfig
+        from .passes.weight_quant import swap_in_quantized
+        from .quant.primitives import choose_qparams, quantize
+        for rows in (64, 1024):                  # the first, small one warms up
+            lin = nn.Linear(2048, rows, bias=False)
+            t = time.perf_counter()
+            scale, zero = choose_qparams(lin.weight.data, 4, 64, False)
+            q = quantize(lin.weight.data, scale, zero, 4, 64)
+            swap_in_quantized(nn.Sequential(lin), "0", lin, q, scale, zero, RTNConfig(), Context(progress=False))
+            _PACK[threads] = (time.perf_counter() - t) / lin.weight.numel()
+    return _PACK[threads]
 
 
 def peak_rss_mib() -> float:
@@ -168,7 +197,9 @@ def estimate(model: nn.Module, recipe, ctx, rss_now: int | None = None) -> Estim
         refs = [getattr(p, "reference_windows", None) for p in calibrated]
         ref_windows = max((n if r == 0 else min(r, n) for r in refs if r is not None), default=0)
         ram["calibration stream"] = 3 * tokens * hidden * 4 + 2 * ref_windows * seqlen * hidden * 2
-        ram["block inputs"] = tokens * largest_in * 4 + 2 * _BATCH * seqlen * largest_out * 4
+        # the last group's inputs and the block's outputs kept for the residual shortcut, the attention output
+        # kept for the o_proj shortcut (compressor.layerwise), and the MLP's activations of one batch
+        ram["block inputs"] = tokens * largest_in * 4 + 2 * tokens * hidden * 4 + 2 * _BATCH * seqlen * largest_out * 4
         ram["work-dir commit"] = tokens * hidden * 4 if ctx.work_dir is not None else 0
     if getattr(ctx, "stream", None) is not None:
         # compress --stream: the model is on the meta device; one block is read at a time (at fp32), a layer's
@@ -181,9 +212,11 @@ def estimate(model: nn.Module, recipe, ctx, rss_now: int | None = None) -> Estim
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         ram["embedding"] = emb.weight.numel() * 4 if calibrated and emb is not None else 0
         ram["save"] = max((p.numel() for p in outside), default=0) * 6
+        # the save runs after the sweeps have freed their block: the larger of the two phases
+        peak = ram["now"] + max(sum(v for k, v in ram.items() if k not in ("now", "save")), ram["save"])
     else:
         ram["save"] = 2 * stored
-    peak = sum(ram.values())
+        peak = sum(ram.values())
 
     disk = stored
     if getattr(ctx, "stream", None) is not None:
@@ -191,10 +224,13 @@ def estimate(model: nn.Module, recipe, ctx, rss_now: int | None = None) -> Estim
     elif ctx.work_dir is not None:
         disk += (tokens * hidden * 4 if calibrated else 0) + (model_bytes if len(recipe.passes) > 1 else 0)
 
-    flops, steps = 0.0, 0.0
+    flops, steps, packed = 0.0, 0.0, 0
+    weights = sum(lin.in_features * lin.out_features for b in blocks for lin in b)
     for p in recipe.passes:
+        if getattr(p, "bits", None):
+            packed += weights                    # rounding, packing and the self-check of every layer
         if p.name not in _CALIBRATED:
-            flops += 20.0 * sum(lin.in_features * lin.out_features for b in blocks for lin in b)
+            flops += 20.0 * weights
             continue
         for blk in blocks:
             params = sum(lin.in_features * lin.out_features for lin in blk)
@@ -211,7 +247,7 @@ def estimate(model: nn.Module, recipe, ctx, rss_now: int | None = None) -> Estim
                     flops += 6 * nn_ * k * _GRID                       # elementwise, counted at matmul rate / 10
                     steps += (k // g) * 8
     rate, op = machine_rates()
-    seconds = flops / rate + steps * op + 1.0 * len(blocks) * len(calibrated)
+    seconds = flops / rate + steps * op + 1.0 * len(blocks) * len(calibrated) + packed * pack_seconds_per_weight()
     notes = []
     if trains:
         notes.append(f"the training of {', '.join(p.name for p in trains)} is not in the estimate")
