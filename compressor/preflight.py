@@ -45,6 +45,7 @@ _GRID = 100                                             # mse_clip_search candid
 _FWD_PER_BLOCK = 2.0         # full-block forward equivalents per block (the float stream on a quarter of the
                              # windows, the early-stopped collects, the shortcuts of compressor.layerwise): fitted
                              # on SmolLM2 gptq-w4g64, 2 cores of a Zen 4 EPYC (README: Reliability)
+_SOLVER_KxK = 16             # fp32 K x K matrices' worth alive while GPTQ/SparseGPT solve the widest layer
 _BATCH = 8                   # windows per forward batch in the calibration loop
 
 
@@ -201,6 +202,11 @@ def estimate(model: nn.Module, recipe, ctx, rss_now: int | None = None) -> Estim
         # kept for the o_proj shortcut (compressor.layerwise), and the MLP's activations of one batch
         ram["block inputs"] = tokens * largest_in * 4 + 2 * tokens * hidden * 4 + 2 * _BATCH * seqlen * largest_out * 4
         ram["work-dir commit"] = tokens * hidden * 4 if ctx.work_dir is not None else 0
+        if any(p.name in ("gptq", "sparsegpt") for p in calibrated):
+            # the widest layer's K x K matrices alive at once: the Hessian and its cross term, the damped float64
+            # copy and factor of the float-stream correction, the inverse and the column loop's blocks; fitted
+            # on SmolLM2 (K 1536) and a 7B-width block (K 11008) with gptq-w4g64
+            ram["solver"] = _SOLVER_KxK * largest_in * largest_in * 4
     if getattr(ctx, "stream", None) is not None:
         # compress --stream: the model is on the meta device; one block is read at a time (at fp32), a layer's
         # rounding makes a few copies of it, calibrated passes read the embedding, and the save writes tensor by
