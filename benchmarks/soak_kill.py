@@ -3,8 +3,9 @@
     python benchmarks/soak_kill.py                 # 200 kills (about 25 minutes on 2 cores)
     python benchmarks/soak_kill.py --kills 10      # the CI version (tests/test_soak_kill.py)
 
-A tiny 4-layer llama (built here, no data needed) is compressed by three recipes in turn: rtn, gptq with
-act-order, and awq then gptq (block commits and a pass commit). Every child runs on one thread, as do the
+A tiny 4-layer llama (built here, no data needed) is compressed by five runs in turn: rtn, gptq with
+act-order, awq then gptq (block commits and a pass commit), and rtn and awq then gptq with ``--stream`` (every
+pass's blocks committed, the checkpoint written tensor by tensor; the same bytes are expected). Every child runs on one thread, as do the
 uninterrupted reference runs, so "identical" means identical bytes. Each child is sent SIGKILL either at a
 uniformly random moment of its life, or, for half of them, a random moment inside a random one of the
 writes the reference run made (`COMPRESSOR_TRACE_WRITES` makes every atomic write log when it begins and
@@ -42,6 +43,9 @@ RECIPES = {
                  "  - awq: {bits: 4, group_size: 32, sym: false, clip: false}\n"
                  "  - gptq: {bits: 4, group_size: 32, sym: false, act_order: true}\n"),
 }
+# The same recipes through `compress --stream` (block commits in every pass, the checkpoint written tensor by
+# tensor): the same reference bytes are expected.
+STREAMED = {"rtn-stream": "rtn", "awq-gptq-stream": "awq-gptq"}
 WORDS = ("the quick brown fox jumps over a lazy dog while models grow smaller and faster than before "
          "quantization rounds weights onto a grid").split()
 
@@ -55,8 +59,9 @@ def _env(trace: Path | None) -> dict[str, str]:
 
 
 def _cmd(model: Path, recipe: Path, out: Path, calib: Path, *extra: str) -> list[str]:
+    stream = ("--stream",) if recipe.stem.endswith("-stream") else ()
     return [sys.executable, "-m", "compressor.cli", "--recipe", str(recipe), str(model), "-o", str(out),
-            "--calib-data", str(calib), "--quiet", *extra]
+            "--calib-data", str(calib), "--quiet", *stream, *extra]
 
 
 def _events(trace: Path) -> list[tuple[str, str, float]]:
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, help="work here (default: a temporary directory, removed after)")
     ap.add_argument("--min-mid-write", type=float, default=0.2, help="fraction of kills that must land mid-write")
     ap.add_argument("--json", type=Path, help="write the counts here too")
+    ap.add_argument("--recipes", help="comma list (default: all): rtn, gptq, awq-gptq, rtn-stream, awq-gptq-stream")
     args = ap.parse_args(argv)
     if args.kills < 1:
         ap.error(f"--kills {args.kills}: must be at least 1")
@@ -145,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     calib.write_text(" ".join(rng.choice(WORDS) for _ in range(20000)))
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(args.seed))
     recipes = {}
-    for name, text in RECIPES.items():
+    chosen = args.recipes.split(",") if args.recipes else [*RECIPES, *STREAMED]
+    unknown = [n for n in chosen if n not in RECIPES and n not in STREAMED]
+    if unknown:
+        ap.error(f"unknown recipe {unknown[0]!r}; choose from {', '.join([*RECIPES, *STREAMED])}")
+    for name in chosen:
+        text = RECIPES[STREAMED.get(name, name)]
         (root / f"{name}.yaml").write_text(text)
         recipes[name] = (root / f"{name}.yaml", Reference(name, model, root / f"{name}.yaml", calib, root, ids))
         print(f"reference {name}: {recipes[name][1].life:.1f} s, {len(recipes[name][1].writes)} atomic writes",

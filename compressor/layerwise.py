@@ -48,7 +48,7 @@ from .hessian import Hessian, InputStats
 from .sequential import (BlockInputs, catch_block_inputs, collect_inputs, find_blocks, group_inputs, input_hooks,
                          last_group_inputs, residual_update, run_block, trace_groups)
 
-__all__ = ["layerwise", "blockwise", "LayerwiseBlock", "check_in_blocks", "find_blocks"]
+__all__ = ["layerwise", "blockwise", "outside_blocks", "LayerwiseBlock", "check_in_blocks", "find_blocks"]
 
 
 def check_in_blocks(model: nn.Module, names, who: str) -> None:
@@ -312,6 +312,15 @@ def layerwise(model: nn.Module, ids: torch.Tensor, targets: dict[str, nn.Module]
             release_memory()                     # the block's activations freed: glibc's fragments back to the OS
         bar.update(1)
     bar.close()
+
+
+def outside_blocks(model: nn.Module, names) -> list[str]:
+    """The names among `names` that lie outside the decoder blocks (all of them when there are none)."""
+    try:
+        prefix, _ = find_blocks(model)
+    except ValueError:
+        return list(names)
+    return [n for n in names if not n.startswith(prefix + ".")]
 
 
 def blockwise(model: nn.Module, ctx: Any, desc: str) -> Iterator[tuple[str, nn.Module]]:

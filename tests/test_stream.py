@@ -106,9 +106,10 @@ def test_one_block_in_memory_at_a_time(sharded, calib, tmp_path, monkeypatch):
 
 
 # --- resume ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kill_at", [2, 4])     # in the first pass (awq), in the second (gptq)
-def test_streamed_resume_is_bit_identical(sharded, calib, tmp_path, monkeypatch, kill_at):
-    ref = _run(sharded, "awq-gptq-w4g64", tmp_path / "ref", calib, stream=True)
+@pytest.mark.parametrize("recipe,kill_at,loads", [("awq-gptq-w4g64", 2, 12), ("awq-gptq-w4g64", 4, 12),
+                                                   ("rtn-w4g64", 2, 9)])   # awq's sweep, gptq's, rtn's
+def test_streamed_resume_is_bit_identical(sharded, calib, tmp_path, monkeypatch, recipe, kill_at, loads):
+    ref = _run(sharded, recipe, tmp_path / "ref", calib, stream=True)
     calls, real = [0], Stream.free
 
     def free(self, b):
@@ -120,14 +121,14 @@ def test_streamed_resume_is_bit_identical(sharded, calib, tmp_path, monkeypatch,
     monkeypatch.setattr(Stream, "free", free)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        _run(sharded, "awq-gptq-w4g64", out, calib, stream=True)
+        _run(sharded, recipe, out, calib, stream=True)
     assert not out.exists()
     monkeypatch.setattr(Stream, "free", real)
     seen, real_load = [], Stream.load
     monkeypatch.setattr(Stream, "load", lambda self, b: (seen.append(b), real_load(self, b))[1])
-    _run(sharded, "awq-gptq-w4g64", out, calib, stream=True, resume=True)
+    _run(sharded, recipe, out, calib, stream=True, resume=True)
     assert (out / "model.safetensors").read_bytes() == (ref.out / "model.safetensors").read_bytes()
-    assert len(seen) == 12 - kill_at              # the committed blocks were not redone
+    assert len(seen) == loads - kill_at           # the committed blocks were not redone
 
 
 def test_resume_without_stream_is_refused(sharded, calib, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..layerwise import blockwise
+from ..layerwise import blockwise, outside_blocks
 from .base import Context, register_pass
 from .pruning import PruneConfig, swap_in_sparse
 
@@ -33,14 +33,11 @@ class MagnitudeConfig(PruneConfig):
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         mods = self.modules(model)
         sparsity = self.block_sparsities(model, ctx, mods, lambda lin, _: lin.weight.data.abs(), with_inputs=False)
-        inside: set[str] = set()
         for block_name, _ in blockwise(model, ctx, f"magnitude {self.pattern or self.sparsity}"):
             for name in [n for n in mods if n.startswith(block_name + ".")]:
                 self._prune(model, name, sparsity[name], ctx)
-                inside.add(name)
-        for name in mods:                        # targets outside the blocks
-            if name not in inside:
-                self._prune(model, name, sparsity[name], ctx)
+        for name in outside_blocks(model, mods):    # targets outside the blocks
+            self._prune(model, name, sparsity[name], ctx)
         return model
 
     def _prune(self, model: nn.Module, name: str, sparsity: float, ctx: Context) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..layerwise import blockwise
+from ..layerwise import blockwise, outside_blocks
 from ..quant.primitives import choose_qparams, quantize
 from .base import Context, register_pass
 from .weight_quant import WeightQuantConfig, swap_in_quantized
@@ -33,14 +33,11 @@ class RTNConfig(WeightQuantConfig):
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         names = list(self.modules(model))
-        inside: set[str] = set()
         for block_name, block in blockwise(model, ctx, f"rtn w{self.bits}g{self.group_size}"):
             for name in [n for n in names if n.startswith(block_name + ".")]:
                 self._quantize(model, name, ctx)
-                inside.add(name)
-        for name in names:                       # targets outside the blocks (an lm_head asked for)
-            if name not in inside:
-                self._quantize(model, name, ctx)
+        for name in outside_blocks(model, names):   # targets outside the blocks (an lm_head asked for)
+            self._quantize(model, name, ctx)
         return model
 
     def _quantize(self, model: nn.Module, name: str, ctx: Context) -> None:
