@@ -59,8 +59,8 @@ def cache_dir() -> Path:
 # safetensors sanity check: header parse plus size check, without reading the tensors
 # ---------------------------------------------------------------------------------------------
 
-def check_safetensors(path: Path) -> None:
-    """Raise `ModelError` if `path` is not a complete safetensors file.
+def check_safetensors(path: Path) -> dict:
+    """Raise `ModelError` if `path` is not a complete safetensors file; return its header.
 
     The format is an 8-byte little-endian header length, a JSON header mapping names to
     ``data_offsets`` in the byte buffer that follows. A truncated file has a buffer shorter than
@@ -93,6 +93,7 @@ def check_safetensors(path: Path) -> None:
     end = max(ends, default=0)
     if 8 + n + end > size:
         raise ModelError(f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}")
+    return header
 
 
 # Sizes a real model's config.json holds stay far below these; a larger one is a corrupt file, refused

@@ -25,6 +25,7 @@ needs the whole model and is refused with --stream; measure the checkpoint after
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -36,7 +37,7 @@ import torch.nn as nn
 
 from .errors import InputError
 from .sequential import find_blocks
-from .workdir import LoopStore, pass_dir, restore_modules
+from .workdir import LoopStore, _tensors, pass_dir, restore_modules
 
 __all__ = ["Stream", "ShardReader", "SafetensorsLayout", "write_checkpoint", "StreamError"]
 
@@ -48,13 +49,6 @@ class StreamError(InputError):
 # ---------------------------------------------------------------------------------------------------------
 # reading the source one tensor at a time
 # ---------------------------------------------------------------------------------------------------------
-def _header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header, offset of the data) of a safetensors file checked by `compressor.models.check_safetensors`."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
-
-
 class ShardReader:
     """Tensors of an HF directory's ``*.safetensors`` shards, read one at a time by name (the shards are
     checked first: a truncated or corrupt one is named before any work)."""
@@ -67,8 +61,7 @@ class ShardReader:
             raise StreamError(f"{path}: no *.safetensors shards to stream from (--stream reads a Hugging Face "
                               f"directory; convert a .gguf by running once without --stream)")
         for f in files:
-            check_safetensors(f)
-            for k in _header(f)[0]:
+            for k in check_safetensors(f):
                 if k != "__metadata__":
                     self.where[k] = f
 
@@ -82,11 +75,6 @@ class ShardReader:
         with safe_open(str(self.where[name]), framework="pt") as f:
             t = f.get_tensor(name)
         return t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
-
-
-def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from module.named_parameters(remove_duplicate=False)
-    yield from module.named_buffers(remove_duplicate=False)
 
 
 class Stream:
@@ -193,8 +181,7 @@ class SafetensorsLayout:
         pos = 0
         for k in order:
             dt, shape = specs[k]
-            size = (torch.finfo(dt).bits if dt.is_floating_point else 8 if dt is torch.bool else torch.iinfo(dt).bits) // 8
-            end = pos + size * _numel(shape)
+            end = pos + dt.itemsize * math.prod(shape)
             head[k] = {"dtype": _DTYPES[dt], "shape": list(shape), "data_offsets": [pos, end]}
             self.offsets[k] = (pos, end)
             pos = end
@@ -202,13 +189,6 @@ class SafetensorsLayout:
         text += b" " * (-len(text) % 8)
         self.header = struct.pack("<Q", len(text)) + text
         self.size = len(self.header) + pos
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -259,13 +239,10 @@ def write_checkpoint(stream: Stream, tokenizer, out_dir: str | Path, *, recipe: 
     from .checkpoint import (WEIGHTS, _check_reloadable, _meta_model, _plain_config, atomic_dir, module_specs,
                              write_description)
     from .nn.formats import build_module
-    from .workdir import read_commit
-
     model, store = stream.model, stream.prev
     # The module types each block ended with, on the meta device: what compression.json records.
     for b, block in enumerate(stream.blocks):
-        _, meta = read_commit(store.root / f"block-{b:04d}")
-        for name, spec in meta["modules"].items():
+        for name, spec in store.block_meta(b)["modules"].items():
             block.set_submodule(name, build_module(spec).to("meta"))
     plain = _meta_model(_plain_config(model))
     specs = module_specs(model, plain)

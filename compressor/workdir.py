@@ -281,14 +281,21 @@ class LoopStore:
         restore_modules(block, tensors, meta)
         return meta.get("layer_stats", {}), rng
 
-    def block_stats(self, b: int) -> dict[str, Any]:
-        """The layer stats committed with block `b` (its tensors are not read)."""
+    def block_meta(self, b: int) -> dict[str, Any]:
+        """The meta.json committed with block `b` (module specs, layer stats); its tensors are not read."""
         try:
             meta = json.loads((self.root / f"block-{b:04d}" / META).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise WorkDirError(f"{self.root / f'block-{b:04d}'}: damaged commit ({e}); run with --overwrite to "
                                f"start over") from None
-        return meta.get("layer_stats", {}) if isinstance(meta, dict) else {}
+        if not isinstance(meta, dict) or not isinstance(meta.get("modules", {}), dict):
+            raise WorkDirError(f"{self.root / f'block-{b:04d}' / META}: not a commit's meta; run with --overwrite "
+                               f"to start over")
+        return meta
+
+    def block_stats(self, b: int) -> dict[str, Any]:
+        """The layer stats committed with block `b` (its tensors are not read)."""
+        return self.block_meta(b).get("layer_stats", {})
 
     def block_rng(self, b: int) -> torch.Tensor | None:
         """The loop's generator state committed with block `b`, or None."""
