@@ -1,106 +1,128 @@
-"""Greedy decode speed of SmolLM2-135M: fp32 vs its 4-bit checkpoints vs bitsandbytes NF4 (issue 4).
+"""Generation speed of SmolLM2-135M: HF fp32, our 4-bit checkpoints (eager and the default path) and
+llama.cpp, side by side in one run (issues 4 and 24).
 
-Batch 1, a 32-token prompt, 128 new tokens (``min_new_tokens`` forces all 128), 2 threads, median
-of 5 timed runs after one warm-up. Each runtime runs in a fresh process (`Runtime` through
-`compressor.worker.run_once`) so its peak RSS is its own. Prints tokens/s, the ratio to HF fp32
-measured in the same run, peak RSS, and how many of the 128 greedy tokens equal fp32's.
+Rows, each in a process of its own (so peak RSS is its own), all loaded first and then measured in
+rounds that take turns (A B C ... A B C ...), so a noisy stretch of the machine hits every row:
 
-Checkpoints: ``--rtn`` / ``--gptq`` paths, or built once into ``out/ckpt/`` with ``compressor.compress``
-(the GPTQ one needs calibration text: ``--calib-data``, default ../shared/data/wikitext2-valid.tokens).
+* ``HF fp32``: transformers' model and ``generate``;
+* ``ours RECIPE eager``: ``compressor.load`` and HF's ``generate`` on our kernels (what a user got
+  before the fast path: ``model.generate.hf_generate``);
+* ``ours RECIPE``: ``compressor.load`` and ``model.generate``, the default path (`FastDecoder`);
+* ``llama.cpp Q4_0`` / ``Q8_0``: llama-cpp-python (the ``llama`` extra, scripts/install-llama-cpp.sh),
+  the fp32 model written to an F16 GGUF by `compressor.export.to_gguf` and quantized by llama.cpp's own
+  ``llama_model_quantize`` with its default settings (as ``llama-quantize model.gguf Q4_0``).
 
-    python benchmarks/bench_decode.py [--rtn DIR] [--gptq DIR] [--no-compile] [--out out/bench_decode.json]
+Measured per row, medians of ``--runs`` rounds, 2 threads: decode tok/s at batch 1 (a 32-token prompt,
+then ``--tokens`` tokens; decode time = generating n tokens minus generating 1) and at batch 8 (eight
+32-token prompts; llama-cpp-python has no batched generate: not run there), prefill tok/s over a
+512-token prompt, peak RSS, and whether the greedy tokens equal those of the row's eager twin. Ratios:
+to HF fp32 and to llama.cpp Q4_0, of the same round (paired), medians.
 
-Compressed checkpoints load through `compressor.load` and `compressor.nn.prepare_`: 4/8-bit
-layers on the packed kernels, and the tied lm_head (stored in fp16) as a `HalfLinear`, which reads
-half the bytes of the fp32 head and gives the same logits up to summation order.
+    python benchmarks/bench_decode.py [--rtn DIR] [--gptq DIR] [--runs 5] [--out out/bench_decode.json]
 
-Besides eager HF ``generate``, every model except NF4 also runs with a static KV cache and
-``torch.compile`` of the forward, which removes most of the per-token Python overhead (30 layers x
-7 linears per token); compiling takes a minute or two per model (reported as warm-up), and
-``--no-compile`` skips those rows. The ratio column is always against eager HF fp32.
+Checkpoints: ``--rtn`` / ``--gptq`` directories, or built once into ``out/ckpt/`` (the GPTQ one needs
+``--calib-data``, default ../shared/data/wikitext2-valid.tokens).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-from compressor.worker import WorkerError, run_once  # noqa: E402
+from compressor.worker import ProcessWorker, WorkerError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB = ROOT.parent / "shared" / "data" / "wikitext2-valid.tokens"
-PROMPT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
-          "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
-          "the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure.")
-
-
-# ---------------------------------------------------------------------------------------------
-# worker: one runtime per process
-# ---------------------------------------------------------------------------------------------
-
-def _load(kind: str, path: str | None):
-    from compressor.models import load_hf, resolve
-    src = resolve("smollm2-135m")
-    if kind == "fp32":
-        return load_hf(src)
-    if kind == "bnb-nf4":
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, device_map="cpu").eval()
-        return model, AutoTokenizer.from_pretrained(src)
-    import compressor
-    from compressor.nn import prepare_
-    model, tok = compressor.load(path, with_tokenizer=True)
-    return prepare_(model), tok                      # repack now, not inside the first timed token
-
-
-class Runtime:
-    """A fresh process for one runtime: `decode` loads it and times greedy generation."""
-
-    def __init__(self, threads: int):
-        torch.set_num_threads(threads)
-
-    def decode(self, kind: str, path: str | None, compiled: bool, prompt: int, tokens: int, runs: int) -> dict:
-        model, tok = _load(kind, path)
-        ids = tok(PROMPT, return_tensors="pt").input_ids[:, :prompt]
-        assert ids.shape[1] == prompt, f"prompt has {ids.shape[1]} tokens, need {prompt}"
-        gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id)
-        if compiled:
-            gen["cache_implementation"] = "static"
-            model.forward = torch.compile(model.forward, dynamic=False)
-        times, out = [], None
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = model.generate(ids, **gen)             # warm-up (and compilation)
-            warmup = time.perf_counter() - t0
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                out = model.generate(ids, **gen)
-                times.append(time.perf_counter() - t0)
-        new = out[0, ids.shape[1]:].tolist()
-        assert len(new) == tokens
-        t = statistics.median(times)
-        return {"tok_s": tokens / t, "s_per_run": t, "runs": times, "warmup_s": warmup, "tokens": new,
-                "peak_rss_mib": peak_rss_mib()}
+TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+        "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
+        "the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure. ") * 8
 
 
 def peak_rss_mib() -> float:
-    """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries that over fork and exec, so a
-    worker started by a parent that had built a checkpoint (~1.2 GiB) would report the parent's peak."""
+    """This process's peak RSS (VmHWM; ru_maxrss would carry a parent's peak over fork and exec)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return float("nan")
+
+
+class Runtime:
+    """One row in a worker process: `load` it, then `greedy` / `prefill` calls time it."""
+
+    def __init__(self, threads: int):
+        import torch
+        torch.set_num_threads(threads)
+        self.threads = threads
+        self.model = self.llm = None
+
+    def load(self, kind: str, path: str | None) -> dict:
+        t0 = time.perf_counter()
+        if kind == "llama.cpp":
+            from llama_cpp import Llama
+            self.llm = Llama(model_path=path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=self.threads,
+                             n_threads_batch=self.threads, logits_all=False, verbose=False)
+        elif kind == "fp32":
+            from compressor.models import load_hf, resolve
+            self.model, _ = load_hf(resolve("smollm2-135m"))
+            self.gen = self.model.generate
+        else:
+            import compressor
+            self.model = compressor.load(path)
+            fast = getattr(self.model.generate, "fast", None)
+            if kind == "fast" and fast is None:
+                raise ValueError(f"{path}: compressor.load gave no fast path")
+            self.gen = self.model.generate if kind == "fast" else getattr(self.model.generate, "hf_generate",
+                                                                         self.model.generate)
+        return {"load_s": time.perf_counter() - t0}
+
+    def _timed(self, ids: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+        import torch
+        x = torch.tensor(ids, dtype=torch.int64)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.gen(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+            return time.perf_counter() - t0, out[:, x.shape[1]:].tolist()
+
+    def greedy(self, ids: list[list[int]], n: int) -> dict:
+        """Generate 1 then `n` tokens after the prompts `ids` (a batch of equal lengths): seconds of each."""
+        if self.llm is not None:
+            if len(ids) != 1:
+                raise ValueError("llama-cpp-python generates one sequence at a time")
+            t0 = time.perf_counter()
+            toks = [self._llama_eval(ids[0], reset=True)]
+            t1 = time.perf_counter()
+            for _ in range(n - 1):
+                toks.append(self._llama_eval([toks[-1]], reset=False))
+            return {"first_s": t1 - t0, "all_s": time.perf_counter() - t0, "tokens": [toks]}
+        first, _ = self._timed(ids, 1)
+        total, toks = self._timed(ids, n)
+        return {"first_s": first, "all_s": total, "tokens": toks}
+
+    def prefill(self, ids: list[int]) -> float:
+        """Seconds for the forward over a long prompt and its first token."""
+        if self.llm is not None:
+            t0 = time.perf_counter()
+            self._llama_eval(ids, reset=True)
+            return time.perf_counter() - t0
+        return self._timed([ids], 1)[0]
+
+    def rss(self) -> float:
+        return peak_rss_mib()
+
+    def _llama_eval(self, ids: list[int], reset: bool) -> int:
+        import numpy as np
+        if reset:
+            self.llm.reset()
+        self.llm.eval(ids)
+        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,72 +146,158 @@ def _checkpoint(recipe: str, path: str | None, calib: str | None) -> str | None:
     return str(out)
 
 
-def _run_worker(kind, path, args, compile_=False) -> dict | None:
-    try:
-        return run_once(f"{Path(__file__).resolve()}:Runtime", "decode", init={"threads": args.threads},
-                        kind=kind, path=path, compiled=compile_, prompt=args.prompt, tokens=args.tokens,
-                        runs=args.runs)
-    except WorkerError as e:
-        print(f"# {kind}{' compiled' if compile_ else ''} failed: {e}")
-        return None
+def _llama_ggufs(work: Path) -> dict[str, str]:
+    """llama.cpp's own Q4_0 and Q8_0 of the fp32 model, or {} (with the reason printed) without llama-cpp-python."""
+    from compressor.export.engines import missing
+    why = missing("llama.cpp")
+    if why:
+        print(f"# llama.cpp rows not run: {why}")
+        return {}
+    import llama_cpp
+
+    from compressor.export import Source
+    from compressor.export.to_gguf import write as write_gguf
+    from compressor.models import resolve
+    f16 = work / "smollm2-f16" / "model.gguf"
+    if not f16.exists():
+        f16.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(Source.float_model(resolve("smollm2-135m")), f16.parent, {})
+    out = {}
+    for name, ftype in (("Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0), ("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0)):
+        dst = work / f"smollm2-{name.lower()}.gguf"
+        if not dst.exists():
+            p = llama_cpp.llama_model_quantize_default_params()
+            p.ftype, p.nthread = ftype, 2
+            tmp = dst.with_suffix(".tmp")
+            if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), p) != 0:
+                raise SystemExit(f"llama_model_quantize failed on {f16}")
+            tmp.rename(dst)
+        out[name] = str(dst)
+    return out
 
 
-def main(argv=None):
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rtn", help="rtn-w4g64 checkpoint directory ('none' to skip)")
     ap.add_argument("--gptq", help="gptq-w4g64 checkpoint directory ('none' to skip)")
     ap.add_argument("--calib-data", default=str(DEFAULT_CALIB))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch-tokens", type=int, default=64)
+    ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--no-compile", action="store_true", help="skip the static cache + torch.compile rows")
-    ap.add_argument("--no-bnb", action="store_true")
+    ap.add_argument("--no-eager", action="store_true", help="skip our eager rows")
+    ap.add_argument("--work", default=str(ROOT / "out" / "bench_decode"))
     ap.add_argument("--out", default="out/bench_decode.json")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     info = harness.machine_info(args.threads)
-    print(harness.header(f"bench_decode: SmolLM2-135M greedy, batch 1, {args.prompt}-token prompt + "
-                         f"{args.tokens} tokens, median of {args.runs}", info))
-    runtimes = [("HF fp32", "fp32", None)]
+    print(harness.header(f"bench_decode: SmolLM2-135M greedy, {args.threads} threads, median of {args.runs} "
+                         f"interleaved rounds", info), flush=True)
+    specs = [("HF fp32", "fp32", None, None)]
     for recipe, path in [("rtn-w4g64", args.rtn), ("gptq-w4g64", args.gptq)]:
         ck = _checkpoint(recipe, path, args.calib_data)
         if ck:
-            runtimes.append((f"compressor {recipe}", "compressor", ck))
-    if not args.no_bnb:
-        runtimes.append(("bitsandbytes NF4", "bnb-nf4", None))
+            if not args.no_eager:
+                specs.append((f"ours {recipe} eager", "eager", ck, None))
+            specs.append((f"ours {recipe}", "fast", ck, f"ours {recipe} eager"))
+    for name, path in _llama_ggufs(Path(args.work)).items():
+        specs.append((f"llama.cpp {name}", "llama.cpp", path, None))
 
-    rows = []
-    for compile_ in ([False] if args.no_compile else [False, True]):
-        for name, kind, path in runtimes:
-            if compile_ and kind == "bnb-nf4":
-                continue
-            r = _run_worker(kind, path, args, compile_)
-            if r is None:
-                continue
-            rows.append({"runtime": name + (" + static cache + compile" if compile_ else ""), **r})
-            print(f"#   {rows[-1]['runtime']}: {r['tok_s']:.1f} tok/s", flush=True)
-    base = next((r for r in rows if r["runtime"] == "HF fp32"), None)
-    for r in rows:
-        r["x_fp32"] = r["tok_s"] / base["tok_s"] if base else None
-        r["same_tokens"] = (sum(a == b for a, b in zip(r["tokens"], base["tokens"])) / len(r["tokens"])
-                            if base else None)
+    from transformers import AutoTokenizer
+
+    from compressor.models import resolve
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
+    ids = tok(TEXT).input_ids
+    prompt, long = ids[:32], ids[:args.prefill]
+    assert len(long) == args.prefill, f"the text has {len(ids)} tokens, need {args.prefill}"
+    batch = [ids[i * 8:i * 8 + 32] for i in range(args.batch)]
+
+    rows, workers = [], []
+    for label, kind, path, twin in specs:
+        row = {"runtime": label, "kind": kind, "twin": twin}
+        try:
+            w = ProcessWorker(f"{Path(__file__).resolve()}:Runtime", init={"threads": args.threads}, label=label,
+                              env={"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"})
+            row.update(w.call("load", kind=kind, path=path))
+            w.call("greedy", ids=[prompt], n=8)                  # warm-up
+            workers.append((row, w))
+        except WorkerError as e:
+            row["error"] = str(e)
+            print(f"# {label}: not run: {e}", flush=True)
+        rows.append(row)
+
+    for r in range(args.runs):
+        for row, w in workers:
+            g = w.call("greedy", ids=[prompt], n=args.tokens)
+            row.setdefault("b1", []).append((args.tokens - 1) / (g["all_s"] - g["first_s"]))
+            row["tokens"] = g["tokens"][0]
+            row.setdefault("prefill", []).append(args.prefill / w.call("prefill", ids=long))
+            if row["kind"] != "llama.cpp" and args.batch > 1:
+                g = w.call("greedy", ids=batch, n=args.batch_tokens)
+                row.setdefault("b8", []).append(args.batch * (args.batch_tokens - 1) / (g["all_s"] - g["first_s"]))
+        print(f"# round {r + 1}/{args.runs} done", flush=True)
+    for row, w in workers:
+        row["peak_rss_mib"] = w.call("rss")
+        w.close()
+
+    by = {r["runtime"]: r for r in rows}
+    base, llama = by.get("HF fp32"), by.get("llama.cpp Q4_0")
+    for row in rows:
+        for key in ("b1", "b8", "prefill"):
+            runs = row.get(key)
+            row[f"{key}_tok_s"] = _median(runs) if runs else None
+            for ref, tag in ((base, "fp32"), (llama, "q4_0")):
+                if runs and ref and ref.get(key):           # paired: round by round
+                    row[f"{key}_x_{tag}"] = _median([a / b for a, b in zip(runs, ref[key])])
+        if row.get("b8_tok_s") and row.get("b1_tok_s"):
+            row["b8_over_b1"] = row["b8_tok_s"] / row["b1_tok_s"]
+        twin = by.get(row["twin"]) if row["twin"] else None
+        if twin and twin.get("tokens") and row.get("tokens"):
+            row["same_tokens"] = sum(a == b for a, b in zip(row["tokens"], twin["tokens"])) / len(row["tokens"])
+        if llama and llama.get("peak_rss_mib") and row.get("peak_rss_mib"):
+            row["rss_x_q4_0"] = row["peak_rss_mib"] / llama["peak_rss_mib"]
     print()
-    harness.print_table(rows, [("runtime", "runtime", ""), ("tok_s", "tok/s", ".1f"), ("x_fp32", "vs HF fp32", ".2f"),
-                               ("peak_rss_mib", "peak RSS MiB", ".0f"), ("same_tokens", "tokens = fp32", ".0%"),
-                               ("warmup_s", "warm-up s", ".1f")])
-    # The bar is on the GPTQ checkpoint; on the RTN one only when there is no GPTQ row.
-    judged = [r for r in rows if r["runtime"].startswith("compressor gptq")] or \
-        [r for r in rows if r["runtime"].startswith("compressor")]
-    best = max(judged, key=lambda r: r["x_fp32"], default=None)
-    if best and base:
-        ok = best["x_fp32"] >= 2.0
-        print(f"\n## acceptance (issue 4)\n- [{'x' if ok else ' '}] 4-bit decode >= 2x HF fp32: "
-              f"{best['runtime']} {best['x_fp32']:.2f}x")
+    harness.print_table([r for r in rows if "error" not in r], [
+        ("runtime", "runtime", ""), ("b1_tok_s", "decode b1 tok/s", ".1f"), ("b1_x_fp32", "×fp32", ".2f"),
+        ("b1_x_q4_0", "×llama Q4_0", ".2f"), ("b8_tok_s", f"decode b{args.batch} tok/s", ".1f"),
+        ("b8_over_b1", f"b{args.batch}/b1", ".2f"), ("prefill_tok_s", f"prefill {args.prefill} tok/s", ".0f"),
+        ("prefill_x_q4_0", "prefill ×llama Q4_0", ".2f"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
+        ("rss_x_q4_0", "RSS ×llama Q4_0", ".2f"), ("same_tokens", "tokens = eager", ".0%")])
+    ok = _acceptance(by, args)
     harness.write_json(args.out, info, [{k: v for k, v in r.items() if k != "tokens"} for r in rows])
     print(f"\nwrote {args.out}")
+    return 0 if ok else 1
+
+
+def _acceptance(by: dict, args) -> bool:
+    """Issue 24's bars that this benchmark measures, printed as a checklist."""
+    g, r, q = by.get("ours gptq-w4g64"), by.get("ours rtn-w4g64"), by.get("llama.cpp Q4_0")
+    if not (g and q and g.get("b1_tok_s") and q.get("b1_tok_s")):
+        print("\n## acceptance (issue 24): needs the gptq-w4g64 and llama.cpp Q4_0 rows")
+        return False
+    checks = [
+        (f"gptq-w4g64 decode b1 >= 1.0x llama.cpp Q4_0: {g['b1_x_q4_0']:.2f}x", g["b1_x_q4_0"] >= 1.0),
+        (f"prefill {args.prefill} >= 0.9x llama.cpp Q4_0: {g['prefill_x_q4_0']:.2f}x", g["prefill_x_q4_0"] >= 0.9),
+        (f"decode b{args.batch} >= 5x our b1: {g.get('b8_over_b1', 0):.2f}x", g.get("b8_over_b1", 0) >= 5.0),
+        (f"peak RSS <= 1.3x llama.cpp Q4_0: {g['rss_x_q4_0']:.2f}x", g["rss_x_q4_0"] <= 1.3),
+        (f"greedy tokens = eager for all {args.tokens}: {g.get('same_tokens', float('nan')):.0%}",
+         g.get("same_tokens") == 1.0),
+    ]
+    if r and r.get("b1") and g.get("b1"):
+        act = _median([a / b for a, b in zip(g["b1"], r["b1"])])
+        checks.append((f"gptq-w4g64 (act-order) decode within 5% of rtn-w4g64: {act:.3f}x", act >= 0.95))
+    print("\n## acceptance (issue 24)")
+    for text, ok in checks:
+        print(f"- [{'x' if ok else ' '}] {text}")
+    return all(ok for _, ok in checks)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

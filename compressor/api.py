@@ -334,10 +334,7 @@ def compress(model_spec: str, recipe: Recipe | str | Path, out: str | Path, *, c
         report.stages = list(ctx.evals.items())
         _check_reload(report, model, native, recipe, eval_ids, evaluate, ctx.applied)
     if task_report is not None:
-        saved = checkpoint.load(native) if recipe.artifact == "checkpoint" else model
-        if recipe.artifact == "checkpoint":
-            from .nn import prepare_
-            prepare_(saved)
+        saved = checkpoint.load(native) if recipe.artifact == "checkpoint" else model   # prepared for inference
         task_report.compressed = _tasks.evaluate_items(saved, tok, task_items, precision=task_precision,
                                                        progress=progress, label="compressed")
         del saved
@@ -387,10 +384,10 @@ def _check_reload(report: PerplexityReport, model: nn.Module, out: Path, recipe:
     import torch
     if recipe.artifact == "checkpoint":
         report.compressed = evaluate(model, "ppl compressed")
-        report.reloaded = evaluate(checkpoint.load(out), "ppl reloaded")
+        report.reloaded = evaluate(checkpoint.load(out, for_inference=False), "ppl reloaded")
         report.stages.append((f"{' + '.join(applied)} (reloaded)", report.reloaded))
         return
     x = eval_ids[:min(256, eval_ids.numel())].unsqueeze(0)
     with torch.no_grad():
-        report.reload_max_dlogit = float((checkpoint.load(out)(input_ids=x).logits - model(input_ids=x).logits)
+        report.reload_max_dlogit = float((checkpoint.load(out, for_inference=False)(input_ids=x).logits - model(input_ids=x).logits)
                                          .abs().max())

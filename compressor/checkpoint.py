@@ -53,6 +53,7 @@ import torch.nn as nn
 from .errors import InputError
 from .machine import versions as _versions
 from .nn.formats import MODULE_TYPES, build_module, format_of, format_of_class, module_spec
+from .nn.qembedding import tie_quant_embeddings_
 
 __all__ = ["FORMAT_VERSION", "MODULE_TYPES", "save", "save_adapter", "load", "atomic_dir", "versions",
            "CheckpointError", "module_specs"]
@@ -349,8 +350,12 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False,
-         base: str | Path | None = None):
+         base: str | Path | None = None, for_inference: bool = True):
     """Rebuild a compressed model: skeleton with empty parameters, swap modules, load with assign=True.
+
+    `for_inference` (default): ready it for fast inference with `compressor.nn.prepare_` (kernels
+    repacked now, the fp16 head read as fp16, and ``generate`` on the fast decoder where the model
+    allows). ``for_inference=False`` gives the model exactly as saved, e.g. to train or re-save it.
 
     Needs neither GPTQModel nor auto-gptq. Returns the model (and the tokenizer if asked).
     An adapter directory comes back as a peft model on its base, re-made from `base` (default: the
@@ -400,6 +405,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
         model.tie_weights()
+        tie_quant_embeddings_(model)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     except RuntimeError as e:
         raise CheckpointError(f"{path}: {WEIGHTS} does not match the model config.json and {META} describe "
                               f"({str(e).splitlines()[1].strip()[:200] if len(str(e).splitlines()) > 1 else e})") from None
@@ -408,6 +416,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
         raise CheckpointError(f"{path}: weights do not match the model: missing {still_meta[:3]}, "
                               f"unexpected {unexpected[:3]}")
     model.eval().requires_grad_(False)       # for inference; a trainer turns on what it trains
+    if for_inference and dtype == torch.float32:
+        from .nn import prepare_
+        prepare_(model)
     _report_kernels(model, path)
     if with_tokenizer:
         return model, AutoTokenizer.from_pretrained(path)

@@ -15,6 +15,12 @@ conversion is exact up to the target's storage dtype (the one inexact value is Q
 | `gptq-v2`            | GPTQModel, transformers (via GPTQModel)        | 2/4/8-bit GPTQ layers                  |
 | `compressed-tensors` | transformers + compressed-tensors, vLLM        | 4/8-bit, no act-order                  |
 | `gguf`               | llama.cpp (llama-cpp-python, ollama, ...)      | llama architecture, 4-bit groups of a multiple of 32, 8-bit sym per channel, no act-order |
+| `onnx`               | ONNX Runtime (`compressor.export.ort`)         | llama architecture, 4/8-bit            |
+
+A quantized output head (the ``head`` pass) travels in each format's own quantized form, and an
+input embedding tied to it (``gptq-tied-embedding``: no tensor of its own, it reads the head's
+rows) as each engine reads an embedding: `Source.dequantized` gives its weight exactly, and
+`exact_float` stores it fp16 only where that is exact. See each writer for where the two go.
 
 The output is a directory written atomically (`compressor.checkpoint.atomic_dir`) with the
 format's files, the tokenizer, and ``export.json``: the format, the options, the source checkpoint
@@ -33,11 +39,13 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["export", "export_onnx", "export_meta", "check_plan", "FORMATS", "NATIVE", "register_export", "ExportError", "Source", "EXPORT_META"]
+__all__ = ["export", "export_onnx", "export_meta", "check_plan", "FORMATS", "NATIVE", "register_export", "ExportError",
+           "Source", "EXPORT_META", "TIED", "exact_float"]
 
 EXPORT_META = "export.json"
 ONNX_ARTIFACT = "onnx-export"       # compression.json's artifact in an onnx export directory
 NATIVE = "gptq"                     # the format `compressor.checkpoint.save` writes; exporting to it is a copy
+TIED = "gptq-tied-embedding"        # `compressor.nn.TiedQuantEmbedding`: reads a quantized head's rows
 
 
 class ExportError(InputError):
@@ -113,9 +121,22 @@ def check_plan(format: str, options: dict[str, Any], recipe, model_type: str | N
         if exp.static_groups and getattr(p, "act_order", False):
             raise ExportError(f"format {format!r} needs static groups; pass {p.name!r} has act_order: true. Set "
                               f"act_order: false (the recipe gptq-w4g64-noact), or save gptq / gptq-v2")
+    if "head" in options and any(p.name == "head" for p in recipe.passes):       # onnx's float-head option
+        raise ExportError(f"format {format!r}: option head={options['head']!r} sets how a float head is stored; "
+                          f"recipe {recipe.source!r} quantizes the head (its head pass), and that head is written "
+                          f"from its own codes. Drop the option, or the head pass")
     if exp.archs is not None and model_type is not None and model_type not in exp.archs:
         raise ExportError(f"format {format!r} writes the {'/'.join(exp.archs)} architecture; this model is "
                           f"{model_type!r}. Use compressed-tensors or gptq-v2 for it")
+
+
+def exact_float(w: torch.Tensor) -> torch.Tensor:
+    """`w` as fp16 where that is exact (a checkpoint's embedding is stored so), else fp32. A dequantized
+    row ``(q - z) * s`` is an fp16 scale times an integer of up to 9 bits: exact in fp32 (24-bit
+    significand), rounded in fp16 for most entries (82% of a tiny model's int8 head), and that rounding
+    moves the logits by ~1e-4 of their range, the bar the engine tests hold exports to."""
+    h = w.to(torch.float16)
+    return h if torch.equal(h.float(), w.float()) else w.float()
 
 
 class Source:
@@ -184,6 +205,35 @@ class Source:
         from ..quant.packing import unpack_gptq
         t = {k: self.tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
         return unpack_gptq(t, self.specs[name]["bits"])
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """(N, K) fp32 weight of GPTQ layer `name`, ``(q - zero[g_idx]) * scale[g_idx]``: the numbers
+        `QuantLinear.dequantized_weight` and `TiedQuantEmbedding` compute, bit for bit."""
+        q, scale, zero, g_idx = self.codes(name)
+        g = g_idx.long()
+        return (q.float() - zero[:, g]) * scale[:, g]
+
+    def tied_embeddings(self) -> dict[str, str]:
+        """embedding name -> the quantized head it reads (`TIED` specs). No engine knows this tie: each
+        writer stores the embedding in a form its engine reads (the rows `dequantized`, or the head's
+        codes where the engine gathers them). ExportError if the head is not a GPTQ layer of this checkpoint."""
+        tied = {n: s["tied_to"] for n, s in self.specs.items() if s["type"] == TIED}
+        for emb, head in tied.items():
+            hs = self.specs.get(head, {})
+            if hs.get("type") != "gptq" or (hs["out_features"], hs["in_features"]) != (
+                    self.specs[emb]["num_embeddings"], self.specs[emb]["embedding_dim"]):
+                raise ExportError(f"{self.path}: embedding {emb} is tied to {head!r}, which is not a matching GPTQ "
+                                  f"layer of this checkpoint ({hs.get('type', 'absent')}); the checkpoint is "
+                                  f"inconsistent. Re-run its recipe")
+        return tied
+
+    def untied_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors plus ``{emb}.weight`` for each tied embedding: its head `dequantized`, as
+        `exact_float` (what HF-style loaders, which build a float Embedding, read)."""
+        out = dict(self.tensors)
+        for emb, head in self.tied_embeddings().items():
+            out[f"{emb}.weight"] = exact_float(self.dequantized(head)).contiguous()
+        return out
 
     def desc_act(self, name: str) -> bool:
         s = self.specs[name]

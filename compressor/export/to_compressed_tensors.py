@@ -13,6 +13,16 @@ The format stores codes and zero points signed (``q - 2**(bits-1)``) and packs t
 no zero point. ``actorder: group`` (a ``g_idx``) is no longer in the format, so act-order
 checkpoints are refused. One config group per distinct (bits, group size, symmetry), listing its
 layers by name.
+
+A quantized head (the ``head`` pass) is written dequantized, as a float ``lm_head`` in ``ignore``, though
+the format could hold its codes exactly: engines do not load it packed. vLLM quantizes a
+``ParallelLMHead`` with compressed-tensors only since vllm-project/vllm#37291 (older releases refuse
+``lm_head.weight_packed``, SGLang ignored it and served garbage, sgl-project/sglang#35358), and
+transformers 5.25 decompresses every dense layer of an asymmetric (``dequantize=True``) model with
+the first config group's scheme, so a head in a group of its own comes out wrong. Dequantized
+(`Source.dequantized`, stored by `exact_float`: fp16 only where exact) it loads everywhere with our
+numbers. A head with a tied embedding is then one float matrix again: ``model.embed_tokens.weight``
+with ``tie_word_embeddings: true``, as a model with a float head is written.
 """
 from __future__ import annotations
 
@@ -24,7 +34,7 @@ from typing import Any
 import torch
 
 from ..quant.packing import pack_bits
-from . import ExportError, Source, register_export
+from . import TIED, ExportError, Source, exact_float, register_export
 
 __all__ = ["scheme_of"]
 
@@ -43,7 +53,7 @@ def write(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from ..checkpoint import WEIGHTS
-    src.require("compressed-tensors", types=("gptq",))
+    src.require("compressed-tensors", types=("gptq", TIED))
     q = src.quantized()
     if not q:
         raise ExportError(f"{src.path} has no quantized layers; compressed-tensors pack-quantized needs some")
@@ -55,6 +65,16 @@ def write(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
     tensors = {k: v for k, v in src.tensors.items()
                if not any(k.startswith(f"{n}.") and k[len(n) + 1:] in ("qweight", "qzeros", "scales", "g_idx")
                           for n in q)}
+    tied = {head: emb for emb, head in src.tied_embeddings().items()}
+    heads = sorted(set(tied) | ({"lm_head"} & set(q)))
+    for head in heads:                                  # dequantized: see the module docstring
+        tensors[f"{tied.get(head, head)}.weight"] = exact_float(src.dequantized(head))
+        del q[head]
+    if not q:
+        raise ExportError(f"cannot export {src.path} to compressed-tensors: its one quantized layer is the head "
+                          f"({heads[0]}), which this format's engines do not load packed (written float, it would "
+                          f"be an uncompressed model). Export it to gptq-v2, gguf or onnx, which keep the head "
+                          f"quantized, or compress the decoder layers too (rtn, gptq, awq before the head pass)")
     groups: dict[tuple, list[str]] = collections.defaultdict(list)
     for name, spec in q.items():
         codes, scale, zero, _ = src.codes(name)
@@ -68,11 +88,13 @@ def write(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
             tensors[f"{name}.weight_zero_point"] = pack_bits(zero.round().to(torch.int64), bits, dim=0)
         groups[json.dumps(scheme_of(spec), sort_keys=True)].append(name)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    return _config(src, tmp, groups, q)
+    return {**_config(src, tmp, groups, q, tie=bool(tied)), "dequantized_heads": heads}
 
 
-def _config(src: Source, tmp: Path, groups, q) -> dict[str, Any]:
+def _config(src: Source, tmp: Path, groups, q, tie: bool = False) -> dict[str, Any]:
     cfg = dict(src.config)
+    if tie:                                 # the head dequantized is the embedding's matrix: stored once
+        cfg["tie_word_embeddings"] = True
     linears = [n for n in _float_linears(src) if n not in q]
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
           "config_groups": {f"group_{i}": {"targets": sorted(names), "weights": json.loads(s),
@@ -87,9 +109,9 @@ def _config(src: Source, tmp: Path, groups, q) -> dict[str, Any]:
 
 
 def _float_linears(src: Source) -> list[str]:
-    """Names of the Linears left float: compressed-tensors' ``ignore`` list. ``lm_head`` is always
-    there (tied to the embedding, it has no tensor of its own); any other 2-D ``.weight`` that is not
-    an embedding belongs to a float Linear a recipe left out (``ignore``)."""
+    """Names of the Linears left float: compressed-tensors' ``ignore`` list. ``lm_head`` is there unless
+    quantized (tied to a float embedding, it has no tensor of its own); any other 2-D ``.weight`` that is
+    not an embedding belongs to a float Linear a recipe left out (``ignore``)."""
     names = {k[:-len(".weight")] for k, t in src.tensors.items() if k.endswith(".weight") and t.ndim == 2
              and "embed" not in k and "wte" not in k}
     return sorted(names | {"lm_head"})

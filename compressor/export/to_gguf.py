@@ -14,6 +14,12 @@ Groups must be a multiple of 32 (g32, g64, g128, per channel); act-order is refu
 graph expects q_proj and k_proj rows interleaved per head as llama.cpp's converter permutes them
 (`_rope_rows`); permuting output rows keeps every block intact.
 
+A quantized head (the ``head`` pass) is ``output.weight`` in its block type like any layer
+(per-channel symmetric int8 is Q8_0 exactly: the row's one scale is every block's ``d``). An
+embedding tied to it is not written apart: the head's blocks go in once, as ``token_embd.weight``,
+and llama.cpp, finding no ``output.weight``, uses that tensor for the head too (its own tie). Its
+``get_rows`` dequantizes Q8_0 and Q4_0 rows exactly, so the embedding is ours bit for bit.
+
 The tokenizer (BPE, ``tokenizer.ggml.model: gpt2``) is written as llama.cpp's converter writes it:
 the vocabulary with token types, the merges, the special token ids, the chat template, and the
 pre-tokenizer named by the hash of a fixed probe text (`PRE_TOKENIZERS`; ``pre_tokenizer=``
@@ -30,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ExportError, Source, register_export
+from . import TIED, ExportError, Source, register_export
 
 __all__ = ["PRE_TOKENIZERS", "gguf_blocks", "rope_rows"]
 
@@ -102,8 +108,10 @@ def write(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
     rope_type = rope.get("rope_type", (cfg.get("rope_scaling") or {}).get("rope_type", "default"))
     if rope_type not in ("default", None):
         raise ExportError(f"gguf export: rope_type {rope_type!r} is not written yet; only default RoPE")
-    src.require("gguf", types=("gptq",))
+    src.require("gguf", types=("gptq", TIED))
     src.refuse_act_order("gguf")
+    # a head read by a tied embedding is written once, under the embedding's name (llama.cpp's tie)
+    renamed = {head: emb for emb, head in src.tied_embeddings().items()}
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     n_blocks = cfg["num_hidden_layers"]
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
@@ -117,7 +125,7 @@ def write(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
         if mod in quantized and leaf == "scales":
             arr, kind = _quantized(src, mod, quantized[mod], heads, kv)
             raw = None if kind == "F16" else getattr(gguf.GGMLQuantizationType, kind)
-            w.add_tensor(_gguf_name(tmap, f"{mod}.weight"), arr, raw_dtype=raw)
+            w.add_tensor(_gguf_name(tmap, f"{renamed.get(mod, mod)}.weight"), arr, raw_dtype=raw)
             kinds[kind] += 1
             continue
         t = _rope_permuted(mod, t, heads, kv)

@@ -5,6 +5,13 @@ historical convention, which loaders add back), v2 stores the zero point itself.
 asymmetric v1 checkpoints that it did not produce (old zero-point bugs), and reads asymmetric
 models in v2, marked by ``checkpoint_format: gptq_v2`` in ``quantization_config`` and in
 ``quantize_config.json``. ``qweight``, ``scales`` and ``g_idx`` are the same bytes in both.
+
+A quantized head (the ``head`` pass) stays GPTQ, the same bytes: GPTQ loaders quantize ``lm_head``
+when ``quantization_config`` says ``lm_head: true`` (GPTQModel's flag, which vLLM's gptq and
+gptq_marlin read too), and its ``dynamic`` entry gives its bits and group. No loader knows our tied
+embedding (`compressor.nn.TiedQuantEmbedding`), so both formats write it as a float
+``model.embed_tokens.weight`` (`Source.untied_tensors`), and ``gptq`` drops its spec from
+compression.json: `compressor.load` then reads a plain embedding with the same numbers.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..quant.packing import pack_bits, unpack_bits
-from . import ExportError, Source, register_export
+from . import TIED, ExportError, Source, register_export
 
 __all__ = ["v1_to_v2_qzeros"]
 
@@ -27,12 +34,40 @@ def write_v1(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
     for f in src.path.iterdir():
         if f.is_file():
             shutil.copy2(f, tmp / f.name)
+    if src.tied_embeddings() or "lm_head" in src.quantized():
+        _untie_copy(src, tmp)
     asym = [n for n, s in src.quantized().items() if not s.get("sym", False)]
     if asym:
         log.warning("gptq export: %d layers are asymmetric (e.g. %s); GPTQModel (and transformers through it) "
                     "refuses asymmetric v1 checkpoints it did not write. Export gptq-v2 for those loaders.",
                     len(asym), asym[0])
     return {"layers": len(src.quantized()), "asymmetric_layers": len(asym)}
+
+
+def _untie_copy(src: Source, tmp: Path) -> None:
+    """The copied checkpoint `tmp` of `src`, whose head is quantized, as GPTQ loaders read it: tied
+    embeddings as float tensors (their specs out of compression.json), ``lm_head: true``."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint import META, WEIGHTS
+    if src.tied_embeddings():
+        save_file(src.untied_tensors(), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        meta = dict(src.meta, modules={n: s for n, s in src.specs.items() if s["type"] != TIED})
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    cfg = dict(src.config)
+    cfg["quantization_config"] = _with_head(cfg.get("quantization_config") or {}, src.quantized())
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def _with_head(qc: dict[str, Any], q: dict[str, Any]) -> dict[str, Any]:
+    """`qc` with ``lm_head: true`` when the head is among the quantized layers `q` (else loaders leave it
+    a float Linear and find no ``lm_head.weight``)."""
+    if "lm_head" not in q:
+        return qc
+    log.warning("gptq export: lm_head is quantized (lm_head: true), which GPTQModel and vLLM load; transformers' "
+                "own GPTQ loading (optimum) converts only the decoder blocks' Linears and would leave lm_head "
+                "uninitialized. Load this export with GPTQModel or vLLM, or export compressed-tensors for transformers")
+    return {**qc, "lm_head": True}
 
 
 def v1_to_v2_qzeros(qzeros, bits: int):
@@ -50,16 +85,16 @@ def write_v2(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from ..checkpoint import WEIGHTS, _quantization_config
-    src.require("gptq-v2", types=("gptq",))
+    src.require("gptq-v2", types=("gptq", TIED))
     q = src.quantized()
     if not q:
         raise ExportError(f"{src.path} has no GPTQ layers; gptq-v2 is a quantized format")
-    tensors = dict(src.tensors)
+    tensors = src.untied_tensors()
     for name, spec in q.items():
         tensors[f"{name}.qzeros"] = v1_to_v2_qzeros(tensors[f"{name}.qzeros"], spec["bits"]).contiguous()
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     cfg = dict(src.config)
-    qc = _quantization_config(src.specs, _blocks_prefix(q)) or {}
+    qc = _with_head(_quantization_config(src.specs, _blocks_prefix(q)) or {}, q)
     from .. import __version__
     qc.update({"checkpoint_format": "gptq_v2", "format": "gptq_v2", "pack_dtype": "int32",
                "meta": {"quantizer": [f"compressor:{__version__}"]}})

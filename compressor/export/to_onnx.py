@@ -28,7 +28,10 @@ The tied embedding and head: ``head="fp16"`` (default) stores the table once, as
 exact (a checkpoint's is), transposed (hidden, vocab); ONNX Runtime widens it to fp32 at load (the
 head's matmul accumulates in fp32, like `compressor.nn.HalfLinear`), and the embedding lookup
 gathers its columns. ``head="int8"`` quantizes the head to 8-bit symmetric blocks (our RTN
-primitives) for a MatMulNBits, and the embedding gathers and dequantizes the same codes. Norms are
+primitives) for a MatMulNBits, and the embedding gathers and dequantizes the same codes. A head the
+checkpoint already quantized (the ``head`` pass) is a MatMulNBits of its own codes (an explicit
+``head`` is refused: it is for a float head), and an embedding tied to it gathers and dequantizes
+those codes, unpacking nibbles for 4-bit: exact, and the table stored once. Norms are
 fp32. ``accuracy_level`` is MatMulNBits' attribute for every layer: 0 accumulates the fp32 product
 exactly; 4 quantizes the activations to int8 per block (ONNX Runtime's fastest CPU path).
 
@@ -45,7 +48,7 @@ import numpy as np
 import torch
 
 from . import ONNX_ARTIFACT as ARTIFACT
-from . import ExportError, Source, register_export
+from . import TIED, ExportError, Source, exact_float, register_export
 from .onnx_graph import MS_OPSET, OPSET, Builder, llama_graph
 
 __all__ = ["matmul_nbits_layout", "write_graph", "export_float", "MODEL_FILE", "DATA_FILE", "ARTIFACT"]
@@ -231,20 +234,32 @@ class _Layers:
 
 def _table(w: torch.Tensor) -> np.ndarray:
     """A float table stored as fp16 when that is exact (a checkpoint's embedding), else fp32."""
-    h = w.to(torch.float16)
-    return (h if torch.equal(h.float(), w.float()) else w.float()).numpy()
+    return exact_float(w).numpy()
 
 
 class _Head:
-    """The embedding lookup and the head (`llama_graph`'s `embed` and `head` callbacks)."""
+    """The embedding lookup and the head (`llama_graph`'s `embed` and `head` callbacks). Three heads: a float
+    one stored as a table (``fp16``) or re-quantized to 8 bits (``int8``), or one the checkpoint quantized
+    (``checkpoint``), whose codes go to MatMulNBits as stored."""
 
-    def __init__(self, src: Source, kind: str, level: int):
+    def __init__(self, src: Source, kind: str | None, layers: _Layers):
         cfg, t = src.config, src.tensors
-        self.emb = t["model.embed_tokens.weight"]
-        self.tied = cfg.get("tie_word_embeddings", True) or "lm_head.weight" not in t
-        self.w = self.emb if self.tied else t["lm_head.weight"]
-        self.kind, self.level = kind, level
-        self.described: dict[str, Any] = {"head": kind, "tied": self.tied}
+        self.level, self.layers = layers.level, layers
+        spec = src.specs.get("lm_head", {})
+        if spec.get("type") == "gptq":
+            if kind is not None:
+                raise ExportError(f"cannot export {src.path} to onnx with head={kind!r}: that option sets how a float "
+                                  f"head is stored, and this checkpoint's lm_head is already {spec['bits']}-bit (its "
+                                  f"recipe's head pass); it goes to MatMulNBits from its own codes. Drop the head "
+                                  f"option, or export a checkpoint compressed without the head pass")
+            self.kind, self.tied = "checkpoint", src.tied_embeddings().get("model.embed_tokens") == "lm_head"
+            self.emb = None if self.tied else t["model.embed_tokens.weight"]
+        else:
+            self.kind = kind or "fp16"
+            self.emb = t["model.embed_tokens.weight"]
+            self.tied = cfg.get("tie_word_embeddings", True) or "lm_head.weight" not in t
+            self.w = self.emb if self.tied else t["lm_head.weight"]
+        self.described: dict[str, Any] = {"head": self.kind, "tied": self.tied}
 
     def _fp_table(self, b: Builder, w: torch.Tensor, name: str) -> str:
         """(hidden, vocab) fp32 table: stored fp16 if exact and widened by a Cast ONNX Runtime folds at load."""
@@ -253,52 +268,81 @@ class _Head:
         return b.op("Cast", [t], to=1) if arr.dtype == np.float16 else t
 
     def embed(self, b: Builder, ids: str) -> str:
-        if self.kind == "int8" and self.tied:
-            return self._embed_int8(b, ids)
+        if self.tied and self.kind != "fp16":
+            return self._embed_codes(b, ids, *self._nbits(b))
         if not hasattr(self, "table_fp"):
             self.table_fp = self._fp_table(b, self.emb, "model.embed_tokens.weight_t")
         cols = b.op("Gather", [self.table_fp, ids], axis=1)                     # (hidden, B, S)
         return b.op("Transpose", [cols], perm=[1, 2, 0])
 
     def head(self, b: Builder, h: str, out: str) -> None:
-        if self.kind == "int8":
-            B, S, Z, block = self._int8(b)
-            k = self.w.shape[1]
-            b.op("MatMulNBits", [h, B, S, Z], domain="com.microsoft", outs=[out], K=k, N=self.w.shape[0], bits=8,
+        if self.kind != "fp16":
+            B, S, Z, bits, block, (n, k) = self._nbits(b)
+            b.op("MatMulNBits", [h, B, S, Z or ""], domain="com.microsoft", outs=[out], K=k, N=n, bits=bits,
                  block_size=block, accuracy_level=self.level)
             return
         table = self.table_fp if self.tied else self._fp_table(b, self.w, "lm_head.weight_t")
         b.op("MatMul", [h, table], outs=[out])
 
-    def _int8(self, b: Builder):
-        """The head as 8-bit symmetric blocks: RTN by `compressor.quant.primitives`, made once."""
-        if not hasattr(self, "int8"):
-            from ..quant.primitives import choose_qparams, quantize
-            w = self.w.float()
-            block = _block(w.shape[1], -1, "lm_head")
-            scale, zero = choose_qparams(w, 8, block, sym=True)
-            q = quantize(w, scale, zero, 8, block)
-            Bq, S, Z = matmul_nbits_layout(q, scale.to(torch.float16).float(), zero, 8, block)
-            self.int8 = (b.const("lm_head.MatMulNBits.B", Bq), b.const("lm_head.MatMulNBits.scales", S),
-                         b.const("lm_head.MatMulNBits.zero_points", Z), block)
-            self.described.update(bits=8, block_size=block, scheme="symmetric RTN, fp16-exact scales")
-        return self.int8
+    def _nbits(self, b: Builder):
+        """(B, scales, zero_points or None, bits, block, (N, K)) of the head's MatMulNBits, made once: the
+        checkpoint's codes, or for ``int8`` the float head as 8-bit symmetric blocks (RTN by
+        `compressor.quant.primitives`, fp16-exact scales)."""
+        if not hasattr(self, "nbits"):
+            if self.kind == "checkpoint":
+                f = self.layers.fields("lm_head")
+                if f["perm"] is not None:
+                    raise ExportError("lm_head was quantized in act-order, which the head's embedding gather does not "
+                                      "undo; quantize the head with the head pass (static groups)")
+                q, scale, zero, bits, block = f["q"], f["scale"], f["zero"], f["bits"], f["block"]
+                scheme = f"the checkpoint's codes ({'a' if zero is not None else ''}symmetric)"
+            else:
+                from ..quant.primitives import choose_qparams, quantize
+                w = self.w.float()
+                bits, block = 8, _block(w.shape[1], -1, "lm_head")
+                scale, zero = choose_qparams(w, 8, block, sym=True)
+                q, scale = quantize(w, scale, zero, 8, block), scale.to(torch.float16).float()
+                scheme = "symmetric RTN, fp16-exact scales"
+            Bq, S, Z = matmul_nbits_layout(q, scale, zero, bits, block)
+            self.nbits = (b.const("lm_head.MatMulNBits.B", Bq), b.const("lm_head.MatMulNBits.scales", S),
+                          None if Z is None else b.const("lm_head.MatMulNBits.zero_points", Z), bits, block,
+                          tuple(q.shape))
+            self.described.update(bits=bits, block_size=block, scheme=scheme)
+        return self.nbits
 
-    def _embed_int8(self, b: Builder, ids: str) -> str:
-        """Rows of the int8 head's codes, gathered and dequantized: (codes - zero) * scale."""
-        B, S, Z, block = self._int8(b)
-        v, k = self.w.shape
+    def _embed_codes(self, b: Builder, ids: str, B: str, S: str, Z: str | None, bits: int, block: int,
+                     shape: tuple[int, int]) -> str:
+        """Rows `ids` of the head's MatMulNBits codes, gathered and dequantized: (codes - zero) * scale,
+        fp32 (B, S, K), the head's weight exactly."""
+        k = shape[1]
         nb = k // block
-        codes = b.op("Cast", [b.op("Gather", [B, ids], axis=0)], to=1)                 # (B, S, nb, block)
-        scale = b.op("Unsqueeze", [b.op("Gather", [b.op("Reshape", [S, b.ints("/emb/vnb", [v, nb])]), ids], axis=0),
-                                   b.ints("/emb/ax", [-1])])
-        zero = b.op("Cast", [b.op("Unsqueeze", [b.op("Gather", [Z, ids], axis=0), b.ints("/emb/ax2", [-1])])], to=1)
+        codes = self._unpack(b, b.op("Gather", [B, ids], axis=0), bits, [0, 0, nb, block], "codes")  # (B, S, nb, block)
+        scale = b.op("Unsqueeze", [b.op("Gather", [S, ids], axis=0), b.ints("/emb/ax", [-1])])      # (B, S, nb, 1)
+        if Z is None:                                    # MatMulNBits' default zero point, 2**(bits-1)
+            zero = b.const("/emb/zero", np.array(2 ** (bits - 1), np.float32))
+        else:
+            z = self._unpack(b, b.op("Gather", [Z, ids], axis=0), bits, [0, 0, -1], "zeros")     # (B, S, >= nb)
+            if bits == 4 and nb % 2:                     # the row's last byte is padded
+                z = b.op("Slice", [z, b.ints("/emb/z0", [0]), b.ints("/emb/z1", [nb]), b.ints("/emb/z2", [-1])])
+            zero = b.op("Unsqueeze", [z, b.ints("/emb/ax2", [-1])])
         w = b.op("Mul", [b.op("Sub", [codes, zero]), scale])
         return b.op("Reshape", [w, b.ints("/emb/shape", [0, 0, k])])
 
+    @staticmethod
+    def _unpack(b: Builder, x: str, bits: int, shape: list[int], what: str) -> str:
+        """Gathered uint8 bytes (..., m) -> float32 codes reshaped to `shape`; 4-bit bytes hold code 2j in the
+        low nibble and 2j + 1 in the high one (`matmul_nbits_layout`)."""
+        if bits == 4:
+            lo = b.op("BitwiseAnd", [x, b.const(f"/emb/{what}/mask", np.array(15, np.uint8))])
+            hi = b.op("BitShift", [x, b.const(f"/emb/{what}/four", np.array(4, np.uint8))], direction="RIGHT")
+            ax = b.ints(f"/emb/{what}/ax", [-1])
+            x = b.op("Concat", [b.op("Unsqueeze", [lo, ax]), b.op("Unsqueeze", [hi, ax])], axis=-1)  # (..., m, 2)
+        return b.op("Cast", [b.op("Reshape", [x, b.ints(f"/emb/{what}/shape", shape)])], to=1)
 
-def write_graph(src: Source, tmp: Path, accuracy_level: int = 0, head: str = "fp16") -> dict[str, Any]:
-    """Write ``model.onnx`` (+ ``model.onnx_data``) for `src` into `tmp`; what compression.json records."""
+
+def write_graph(src: Source, tmp: Path, accuracy_level: int = 0, head: str | None = None) -> dict[str, Any]:
+    """Write ``model.onnx`` (+ ``model.onnx_data``) for `src` into `tmp`; what compression.json records.
+    `head` (None: ``fp16``) is for a float head; a quantized one refuses it (`_Head`)."""
     import onnx
     from onnx import helper
     cfg = src.config
@@ -307,10 +351,11 @@ def write_graph(src: Source, tmp: Path, accuracy_level: int = 0, head: str = "fp
     if accuracy_level not in _LEVELS:
         raise ExportError(f"accuracy_level={accuracy_level!r}: MatMulNBits takes one of {list(_LEVELS)} "
                           f"(0 exact fp32, 4 int8 activations)")
-    if head not in _HEADS:
+    if head is not None and head not in _HEADS:
         raise ExportError(f"head={head!r}: choose one of {list(_HEADS)}")
-    src.require("onnx", types=("gptq",))
-    layers, hd = _Layers(src, accuracy_level), _Head(src, head, accuracy_level)
+    src.require("onnx", types=("gptq", TIED))
+    layers = _Layers(src, accuracy_level)
+    hd = _Head(src, head, layers)
     b = Builder()
     inputs, outputs = llama_graph(cfg, b, lambda n: src.tensors[n].float().numpy(), layers.emit, hd.embed, hd.head)
     graph = helper.make_graph(b.nodes, "compressor-llama", inputs, outputs, b.inits)
@@ -345,7 +390,8 @@ def check_options(options: dict[str, Any]) -> None:
                  options=("accuracy_level", "head"), bits=(4, 8), archs=_ARCHS, meta_file="compression.json",
                  requires=("onnx", "onnx"), check=check_options)
 def write(src: Source, tmp: Path, options: dict[str, Any]) -> dict[str, Any]:
-    described = write_graph(src, tmp, int(options.get("accuracy_level", 0)), str(options.get("head", "fp16")))
+    head = options.get("head")
+    described = write_graph(src, tmp, int(options.get("accuracy_level", 0)), None if head is None else str(head))
     write_dir_files(src, tmp)
     return {"artifact": ARTIFACT, "files": [MODEL_FILE, DATA_FILE], **described}
 

@@ -40,6 +40,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from .layer import define as _define_layer
+
 __all__ = ["TILE_N", "OPS", "reference", "f16_reference", "extension", "extension_source", "cuda_extension",
            "cuda_extension_source", "unpack_weight"]
 
@@ -119,6 +121,7 @@ torch.library.register_fake("compressor::f16_linear", _f16_fake, lib=_lib)
 for _name, _bits in _BITS.items():
     _lib.impl(_name, functools.partial(reference, bits=_bits), "CompositeExplicitAutograd")
 _lib.impl("f16_linear", f16_reference, "CompositeExplicitAutograd")
+_define_layer(_lib)          # compressor::llama_layer (compressor.kernels.layer)
 
 extension, extension_source = _load_extension()
 

@@ -18,7 +18,7 @@ import torch
 
 from .ops import OPS, TILE_N
 
-__all__ = ["PackedWeight", "pack", "channel_order"]
+__all__ = ["PackedWeight", "pack", "channel_order", "fuse"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +111,29 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, gr
     zeros = None if sym else _tiles(torch.nn.functional.pad(zero, (0, 0, 0, pad)).half(), nt)
     return PackedWeight(bits=bits, qweight=_tiles(_words(q, bits), nt), scales=_tiles(scale.half(), nt),
                         zeros=zeros, perm=perm, group_size=group_size, in_features=k, out_features=n)
+
+
+def fuse(parts: list[PackedWeight | None]) -> PackedWeight | None:
+    """Layers that read the same input (q/k/v, gate/up) as one `PackedWeight` whose outputs are theirs
+    side by side, or None when they cannot be: a missing layout, different bits, group size, input
+    width or act-order permutation, or a width that is not whole tiles (the join would pad inside).
+    One call then streams x once and runs one parallel region for all of them."""
+    if not parts or any(p is None for p in parts):
+        return None
+    first = parts[0]
+    for p in parts:
+        if (p.bits, p.group_size, p.in_features) != (first.bits, first.group_size, first.in_features):
+            return None
+        if (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm)):
+            return None
+        if p.out_features % TILE_N and p is not parts[-1]:
+            return None
+    if len(parts) == 1:
+        return first
+    if any(p.zeros is not None for p in parts):     # mixed symmetric / asymmetric: spell the zeros out
+        zeros = torch.cat([p.zeros if p.zeros is not None else torch.full_like(p.scales, 2 ** (p.bits - 1))
+                           for p in parts])
+    else:
+        zeros = None
+    return PackedWeight(first.bits, torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                        zeros, first.perm, first.group_size, first.in_features, sum(p.out_features for p in parts))

@@ -3,8 +3,9 @@ from .formats import MODULE_TYPES, build_module, module_spec, register_format, r
 from .half import HalfLinear
 from .lowrank import LowRankLinear
 from .prepare import prepare_
+from .qembedding import TiedQuantEmbedding
 from .qlinear import QuantLinear
 from .sparse import SparseLinear
 
-__all__ = ["HalfLinear", "LowRankLinear", "QuantLinear", "SparseLinear", "prepare_", "MODULE_TYPES", "register_module", "register_format",
+__all__ = ["HalfLinear", "LowRankLinear", "QuantLinear", "TiedQuantEmbedding", "SparseLinear", "prepare_", "MODULE_TYPES", "register_module", "register_format",
            "module_spec", "build_module"]

@@ -10,14 +10,19 @@ from .qlinear import QuantLinear
 __all__ = ["prepare_"]
 
 
-def prepare_(model: torch.nn.Module, half_lm_head: bool = True) -> torch.nn.Module:
+def prepare_(model: torch.nn.Module, half_lm_head: bool = True, fast_generate: bool = True) -> torch.nn.Module:
     """Repack every `QuantLinear` now rather than on its first forward, and (`half_lm_head`) swap a
     float ``lm_head`` whose weight fp16 holds exactly (as after loading a checkpoint, which stores
     the tied embedding in fp16) for a `HalfLinear`, which reads half the bytes and gives the same
     logits up to summation order.
 
-    Call it before ``torch.compile`` so the traced graph sees the packed tensors. The result is
-    for inference: the fp16 head has no weight gradient.
+    `fast_generate`: where every block of a llama-architecture model is packed, ``model.generate``
+    takes `compressor.nn.decoder.FastDecoder` (one C++ op per block, a static KV cache) for the
+    requests it serves (greedy, rows of one length), HF's generate otherwise.
+
+    `compressor.load` calls it unless ``for_inference=False``. Call it before ``torch.compile`` so
+    the traced graph sees the packed tensors. The result is for inference: the fp16 head has no
+    weight gradient.
     """
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -27,4 +32,7 @@ def prepare_(model: torch.nn.Module, half_lm_head: bool = True) -> torch.nn.Modu
         half = HalfLinear.from_linear(head)
         if half is not None:
             model.set_output_embeddings(half)
+    if fast_generate and hasattr(model, "generate") and not hasattr(model.generate, "fast"):
+        from .decoder import install
+        install(model)
     return model

@@ -240,7 +240,7 @@ class DistillConfig(TrainingConfig):
         from ..checkpoint import is_checkpoint
         if is_checkpoint(self.teacher_path):
             import compressor
-            return compressor.load(self.teacher_path)
+            return compressor.load(self.teacher_path, for_inference=False)
         from ..models import load_hf
         return load_hf(self.teacher_path, private=False)[0]
 

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "ops.h"
 
 namespace compressor {
 namespace {
@@ -363,6 +364,17 @@ int64_t stream_read(const at::Tensor& buf, int64_t streams) {
 }
 
 }  // namespace
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& perm,
+                        const std::optional<at::Tensor>& bias, int64_t group_size, int64_t out_features, int bits) {
+  return dq_linear(x, qweight, scales, zeros, perm, bias, group_size, out_features, bits);
+}
+
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return f16_linear(x, weight, bias);
+}
+
 }  // namespace compressor
 
 TORCH_LIBRARY_IMPL(compressor, CPU, m) {

@@ -5,24 +5,36 @@ import pytest
 
 from compressor import compress
 from compressor.recipe import parse_recipe
+from compressor.testing import make_tiny_llama
 
 SETTINGS = {
     "asym4g32": {"rtn": {"bits": 4, "group_size": 32, "sym": False}},
     "sym4g32": {"rtn": {"bits": 4, "group_size": 32, "sym": True}},
     "sym8": {"rtn": {"bits": 8, "group_size": -1, "sym": True}},
     "asym4g64": {"rtn": {"bits": 4, "group_size": 64, "sym": False}},
+    # a quantized head (the head pass) read by the tied embedding: int8 per channel, and 4-bit g64 asymmetric
+    "head8": [{"rtn": {"bits": 4, "group_size": 32, "sym": True}}, {"head": {"bits": 8}}],
+    "head4": [{"rtn": {"bits": 4, "group_size": 32, "sym": True}},
+              {"head": {"bits": 4, "group_size": 64, "sym": False}}],
+    "head8-only": [{"head": {"bits": 8}}],
 }
 
 
 @pytest.fixture(scope="session")
 def quantized(tiny_bpe_llama, tmp_path_factory):
-    """name -> checkpoint directory of the tiny llama quantized with SETTINGS[name] (built on demand)."""
+    """name -> checkpoint directory of the tiny llama quantized with SETTINGS[name] (built on demand);
+    ``NAME-untied``: the same recipe on the tiny llama with an untied head."""
     made = {}
 
     def get(name: str):
         if name not in made:
+            src = tiny_bpe_llama
+            if name.endswith("-untied"):
+                src = make_tiny_llama(tmp_path_factory.mktemp("untied") / "llama", vocab=320, tie=False)
+            passes = SETTINGS[name.removesuffix("-untied")]
             out = tmp_path_factory.mktemp("q") / name
-            compress(str(tiny_bpe_llama), parse_recipe({"passes": [SETTINGS[name]]}), out, progress=False)
+            compress(str(src), parse_recipe({"passes": passes if isinstance(passes, list) else [passes]}), out,
+                     progress=False)
             made[name] = out
         return made[name]
     return get

@@ -46,7 +46,19 @@ def gptqmodel_worker():
 def test_gptq_exports_load_in_gptqmodel_and_transformers(quantized, tmp_path, setting, fmt, engine,
                                                         gptqmodel_worker):
     _gptqmodel_python()
-    ck = quantized(setting)
+    _logits_match(quantized(setting), fmt, engine, tmp_path, gptqmodel_worker)
+
+
+@pytest.mark.parametrize("setting,fmt", [("head8", "gptq"), ("head4", "gptq-v2")])
+def test_quantized_head_exports_load_in_gptqmodel(quantized, tmp_path, setting, fmt, gptqmodel_worker):
+    """``lm_head: true`` gives the head GPTQModel's quantized Linear; the tied embedding is a float tensor.
+    (Not transformers: optimum's GPTQ conversion, which it loads through, replaces only the Linears inside
+    the decoder blocks, so lm_head would stay an unloaded float Linear; the export warns so.)"""
+    _gptqmodel_python()
+    _logits_match(quantized(setting), fmt, "gptqmodel", tmp_path, gptqmodel_worker)
+
+
+def _logits_match(ck, fmt, engine, tmp_path, gptqmodel_worker):
     out = export(ck, fmt, tmp_path / fmt)
     ids = list(range(3, 3 + 48))
     ref = EngineRunner("compressor", threads=1)

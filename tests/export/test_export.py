@@ -46,6 +46,36 @@ def test_gptq_v1_is_the_checkpoint(quantized, tmp_path):
     assert torch.equal(compressor.load(out)(x).logits, compressor.load(ck)(x).logits)
 
 
+@pytest.mark.parametrize("setting", ["head8", "head4", "head8-untied"])
+def test_gptq_exports_keep_the_quantized_head_and_write_the_tied_embedding(quantized, tmp_path, setting):
+    """lm_head stays GPTQ (the same bytes, ``lm_head: true`` for GPTQ loaders); the tied embedding, which no
+    loader knows, is its head's rows dequantized exactly; compressor.load reads the v1 copy back."""
+    import compressor
+    ck = quantized(setting)
+    src = load_file(str(ck / "model.safetensors"))
+    ref = compressor.load(ck, for_inference=False)
+    v1, v2 = export(ck, "gptq", tmp_path / "v1"), export(ck, "gptq-v2", tmp_path / "v2")
+    t1, t2 = load_file(str(v1 / "model.safetensors")), load_file(str(v2 / "model.safetensors"))
+    emb = ref.lm_head.dequantized_weight() if "untied" not in setting else ref.model.embed_tokens.weight
+    for t in (t1, t2):
+        assert torch.equal(t["model.embed_tokens.weight"].float(), emb)
+        assert set(t) == set(src) | {"model.embed_tokens.weight"}
+    bits = json.loads((ck / "compression.json").read_text())["modules"]["lm_head"]["bits"]
+    for k in ("qweight", "scales", "g_idx"):
+        assert all(torch.equal(t[f"lm_head.{k}"], src[f"lm_head.{k}"]) for t in (t1, t2)), k
+    z1, z2 = (_unpack_nibbles_rows(t["lm_head.qzeros"], bits) for t in (src, t2))
+    assert torch.equal(z2, z1 + 1)
+    for out in (v1, v2):
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qc["lm_head"] is True and qc["dynamic"]["+:^lm_head$"]["bits"] == bits
+    assert "model.embed_tokens" not in json.loads((v1 / "compression.json").read_text())["modules"]
+    x = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        got, want = compressor.load(v1)(x).logits, compressor.load(ck)(x).logits
+    # the same numbers; TiedQuantEmbedding's output is not contiguous, so the sums run in another order
+    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
 def test_bad_input_is_refused_before_anything_is_written(quantized, tmp_path, tiny_llama):
     ck = quantized("asym4g32")
     with pytest.raises(ExportError, match="unknown export format 'onnx2'"):
@@ -95,6 +125,8 @@ GPTQ_ACT = {"gptq": {"bits": 4, "group_size": 32, "sym": False, "act_order": Tru
     ([{"rtn": {"bits": 4}}], {"format": "onnx2"}, "unknown export format 'onnx2'"),
     ([{"rtn": {"bits": 4}}], {"format": "gguf", "bogus": 1}, "unknown option 'bogus'"),
     ([{"rtn": {"bits": 4}}], "gguf", "save must be a mapping"),
+    ([{"rtn": {"bits": 4, "group_size": 32}}, {"head": {"bits": 8}}], {"format": "onnx", "head": "int8"},
+     "quantizes the head"),
 ])
 def test_recipe_save_is_checked_when_the_recipe_is_read(passes, save, match):
     from compressor.recipe import RecipeError

@@ -3,6 +3,7 @@ equals its packer's, act-order and 3-bit are refused, and transformers loads the
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -77,3 +78,35 @@ def test_transformers_engine_runs_the_export(quantized, tmp_path, setting, mode)
     assert info["dense_linears"] == (14 if mode else 0), info                # 2 blocks x 7 Linears
     assert eng.nll(ids) == pytest.approx(ref.nll(ids), rel=1e-4)           # weights in fp16 once decompressed
     assert eng.greedy(ids[:8], 8)["tokens"] == ref.greedy(ids[:8], 8)["tokens"]
+
+
+@pytest.mark.parametrize("setting", ["head8", "head4", "head8-untied"])
+def test_quantized_head_is_written_dequantized(quantized, tmp_path, setting):
+    """A head the checkpoint quantized is a float lm_head here (engines do not load it packed: see the module);
+    with a tied embedding it is that embedding's matrix, stored once with tie_word_embeddings. transformers
+    reads our logits back."""
+    from compressor.export.engines import EngineRunner
+    ck = quantized(setting)
+    out = export(ck, "compressed-tensors", tmp_path / "ct")
+    sd = load_file(str(out / "model.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    head = compressor.load(ck, for_inference=False).lm_head.dequantized_weight()
+    tied = "untied" not in setting
+    name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    assert sd[name].dtype == torch.float32 and torch.equal(sd[name], head)        # fp16 would round it
+    assert not any(k.startswith("lm_head.") for k in sd if k != name)
+    assert cfg["tie_word_embeddings"] is tied and cfg["quantization_config"]["ignore"] == ["lm_head"]
+    assert all("lm_head" not in g["targets"] for g in cfg["quantization_config"]["config_groups"].values())
+    ids = list(range(3, 51))
+    ref, eng = EngineRunner("compressor", threads=1), EngineRunner("transformers", threads=1)
+    ref.load(str(ck))
+    eng.load(str(out))
+    got, want = torch.tensor(eng.logits(ids)), torch.tensor(ref.logits(ids))
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-5
+
+
+def test_a_checkpoint_whose_only_quantized_layer_is_the_head_is_refused(quantized, tmp_path):
+    ck = quantized("head8-only")
+    with pytest.raises(ExportError, match=f"{re.escape(str(ck))}.*one quantized layer is the head.*gptq-v2"):
+        export(ck, "compressed-tensors", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()

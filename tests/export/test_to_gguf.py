@@ -108,17 +108,20 @@ def test_unknown_pre_tokenizer_names_the_option(quantized, tmp_path):
         export(quantized("asym4g32"), "gguf", tmp_path / "g")
 
 
+def _llama_cpp_logits(llama_cpp, out, ids):
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    llm.eval(ids)
+    return torch.tensor(np.array(llm.scores[:len(ids)]), dtype=torch.float32)
+
+
 def test_llama_cpp_gives_our_logits(quantized, tmp_path):
     """Smoke test in the real engine (`pip install .[llama]`, scripts/install-llama-cpp.sh)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (extra 'llama')")
     for setting in ("asym4g32", "sym4g32"):
         ck = quantized(setting)
         out = export(ck, "gguf", tmp_path / setting, pre_tokenizer="gpt-2")
-        llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=64, logits_all=True, n_threads=1,
-                              verbose=False)
         ids = list(range(3, 35))
-        llm.eval(ids)
-        got = torch.tensor(np.array(llm.scores[:len(ids)]), dtype=torch.float32)
+        got = _llama_cpp_logits(llama_cpp, out, ids)
         with torch.no_grad():
             ref = compressor.load(ck)(torch.tensor([ids])).logits[0]
         err = float((got - ref).norm() / ref.norm())
@@ -156,3 +159,29 @@ def test_float_model_writes_an_f16_gguf(tiny_bpe_llama, tmp_path):
     got = torch.from_numpy(np.array(t["blk.1.attn_q.weight"].data)).float()
     want = w["model.layers.1.self_attn.q_proj.weight"][rope_rows(cfg["hidden_size"], cfg["num_attention_heads"])]
     assert torch.equal(got, want.half().float())
+
+
+@pytest.mark.parametrize("setting,kind", [("head8", "Q8_0"), ("head4", "Q4_1"), ("head8-untied", "Q8_0")])
+def test_quantized_head_in_its_block_type_and_llama_cpp_ties_it(quantized, tmp_path, setting, kind):
+    """A quantized head keeps its blocks (per-channel int8: Q8_0, exact); tied, they are written once as
+    token_embd and llama.cpp uses them for the head too. llama.cpp gives compressor.load's logits."""
+    ck = quantized(setting)
+    out = export(ck, "gguf", tmp_path / "g", pre_tokenizer="gpt-2")
+    _, tensors = _read(out)
+    tied = "untied" not in setting
+    assert ("output.weight" in tensors) is not tied
+    t = tensors["token_embd.weight" if tied else "output.weight"]
+    assert t.tensor_type.name == kind
+    got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+    w, w41 = _ours(ck, "lm_head", json.loads((ck / "config.json").read_text()))
+    assert torch.equal(got, w41 if kind == "Q4_1" else w)
+    if not tied:
+        assert tensors["token_embd.weight"].tensor_type.name == "F16"
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (extra 'llama')")
+    ids = list(range(3, 35))
+    got = _llama_cpp_logits(llama_cpp, out, ids)
+    with torch.no_grad():
+        ref = compressor.load(ck)(torch.tensor([ids])).logits[0]
+    err = float((got - ref).norm() / ref.norm())
+    assert err < 2e-2, (setting, err)             # llama.cpp quantizes activations to 8 bits
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -198,6 +199,33 @@ def test_accuracy_level_4_and_int8_head(quantized, tmp_path):
     assert 20 < sqnr(a4) < 80                       # int8 activations: close, not exact
     assert sqnr(head) > 30
     assert export_meta(head)["ops"]["MatMulNBits"] == 2 * 4 + 1
+
+
+@pytest.mark.parametrize("setting,bits", [("head8", 8), ("head4", 4), ("head8-untied", 8)])
+def test_quantized_head_is_matmul_nbits_of_its_codes(quantized, tmp_path, setting, bits):
+    """A head the checkpoint quantized is a MatMulNBits of its own codes (exact), and a tied embedding gathers
+    and dequantizes the same initializers (4-bit: unpacking nibbles), so the table is stored once."""
+    ck = quantized(setting)
+    out = export_onnx(ck, tmp_path / "onnx")
+    meta = export_meta(out)
+    hd = meta["embedding_and_head"]
+    assert hd["head"] == "checkpoint" and hd["bits"] == bits and hd["tied"] is ("untied" not in setting)
+    init = initializers(out)
+    n, k = 320, 64
+    zp = "lm_head.MatMulNBits.zero_points"
+    node = {"N": n, "K": k, "bits": bits, "block_size": hd["block_size"], "B": "lm_head.MatMulNBits.B",
+            "scales": "lm_head.MatMulNBits.scales", "zero_points": zp if zp in init else None}
+    assert torch.equal(dequantize_node(init, node), ours(ck)["lm_head"])
+    assert meta["ops"]["MatMulNBits"] == 2 * 4 + 1 and "MatMul" not in meta["ops"]
+    assert any("embed_tokens" in name for name in init) == (not hd["tied"])      # a float table only if untied
+    _logits_match(ck, out)
+
+
+def test_head_option_is_refused_for_a_quantized_head(quantized, tmp_path):
+    ck = quantized("head8")
+    with pytest.raises(ExportError, match=f"{re.escape(str(ck))}.*already 8-bit.*Drop the head option"):
+        export_onnx(ck, tmp_path / "o", head="int8")
+    assert not (tmp_path / "o").exists()
 
 
 def test_float_model_exports_as_matmul(tiny_llama, tmp_path):

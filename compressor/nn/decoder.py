@@ -1,0 +1,236 @@
+"""`FastDecoder`: generation for llama-architecture models whose blocks are all packed, one op per block.
+
+HF's eager ``generate`` spends as long in Python as in the kernels on a small quantized model: per
+token and block ~40 module, dispatcher and tensor calls (norms, seven projections, rotary, cache
+update, mask, attention, residuals). Here each block is one call of ``compressor::llama_layer``
+(`compressor.kernels.layer`; C++ on CPU), with q/k/v and gate/up fused into one packed weight each
+and a static float32 KV cache, so a token is ~35 calls in all: embedding, one per block, final norm,
+head. No compilation is involved, so there is no first-call compile time and nothing to cache.
+
+`compressor.load` (``for_inference=True``, the default) installs it as the model's ``generate``
+through `prepare_`. It takes the requests it can serve exactly like HF's greedy search: batches
+whose rows share one length (no padding), greedy decoding, ``max_new_tokens`` / ``max_length``,
+``min_new_tokens``, ``eos_token_id`` / ``pad_token_id``. Anything else (sampling, beams, padding,
+logits processors, streamers, ...) goes to HF's own ``generate`` on the same packed kernels,
+and `fast_path_refusal` says why.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..kernels.repack import PackedWeight, fuse
+from .qlinear import QuantLinear
+
+__all__ = ["FastDecoder", "unsupported", "install"]
+
+log = logging.getLogger("compressor")
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+# generation settings the fast path honours; any other value that differs from HF's default refuses it
+_HONOURED = {"max_new_tokens", "min_new_tokens", "max_length", "min_length", "eos_token_id", "pad_token_id",
+             "bos_token_id", "do_sample", "temperature", "top_k", "top_p", "use_cache", "num_beams",
+             "cache_implementation", "transformers_version", "_from_model_config"}
+
+
+def _packed(m) -> PackedWeight | None:
+    return m.packed() if isinstance(m, QuantLinear) else None
+
+
+def unsupported(model: torch.nn.Module) -> str | None:
+    """Why `FastDecoder` cannot run `model`, or None when it can."""
+    from .. import kernels
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in MODEL_TYPES:
+        return f"model_type {kind!r} (the fast path runs {', '.join(MODEL_TYPES)})"
+    if kernels.extension is None:
+        return "the CPU kernels are not loaded"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and kind != "llama":
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(inner, "rotary_emb"):
+        return "no model.layers / rotary_emb"
+    for i, layer in enumerate(layers):
+        a, m = layer.self_attn, layer.mlp
+        for name, lin in (("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj), ("o_proj", a.o_proj),
+                          ("gate_proj", m.gate_proj), ("up_proj", m.up_proj), ("down_proj", m.down_proj)):
+            if _packed(lin) is None:
+                return f"layers.{i}.{name} is {type(lin).__name__}, not a packed 4/8-bit QuantLinear"
+        if fuse([_packed(a.q_proj), _packed(a.k_proj), _packed(a.v_proj)]) is None:
+            return f"layers.{i}: q/k/v projections differ in bits, group size or act-order permutation"
+        if fuse([_packed(m.gate_proj), _packed(m.up_proj)]) is None:
+            return f"layers.{i}: gate/up projections differ in bits, group size or act-order permutation"
+    return None
+
+
+class FastDecoder:
+    """A llama-architecture model with packed projections, run block by block by ``compressor::llama_layer``."""
+
+    def __init__(self, model: torch.nn.Module):
+        why = unsupported(model)
+        if why is not None:
+            raise ValueError(f"FastDecoder cannot run this model: {why}")
+        cfg = model.config
+        self.model = model
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.eps = float(cfg.rms_norm_eps)
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            projs = [fuse([_packed(a.q_proj), _packed(a.k_proj), _packed(a.v_proj)]), _packed(a.o_proj),
+                     fuse([_packed(m.gate_proj), _packed(m.up_proj)]), _packed(m.down_proj)]
+            biases = [_cat([a.q_proj, a.k_proj, a.v_proj]), a.o_proj.bias, _cat([m.gate_proj, m.up_proj]), m.down_proj.bias]
+            w, meta = [], []
+            for p, b in zip(projs, biases):
+                w += [p.qweight, p.scales, p.zeros, p.perm, None if b is None else b.float()]
+                meta += [p.bits, p.group_size, p.out_features]
+            meta += [self.heads, self.kv_heads, self.head_dim]
+            scale = getattr(a, "scaling", self.head_dim ** -0.5)
+            self.layers.append((layer.input_layernorm.weight.float().contiguous(),
+                                layer.post_attention_layernorm.weight.float().contiguous(), w, meta, float(scale)))
+        self._tables = (torch.empty(0, self.head_dim), torch.empty(0, self.head_dim))
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # --- pieces --------------------------------------------------------------------------------
+    def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) float32 (>= length, head_dim) from the model's own rotary module (any scaling)."""
+        if self._tables[0].shape[0] < length:
+            n = max(length, 2 * self._tables[0].shape[0], 256)
+            pos = torch.arange(n).unsqueeze(0)
+            cos, sin = self.model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+            self._tables = (cos[0].float().contiguous(), sin[0].float().contiguous())
+        return self._tables
+
+    def caches(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per block (k, v) float32 (batch, kv_heads, >= length, head_dim); reused while they fit."""
+        have = self._cache[0][0].shape if self._cache else None
+        if have is None or have[0] != batch or have[2] < length:
+            self._cache = []                       # free the old ones first: peak RSS is one set
+            shape = (batch, self.kv_heads, length, self.head_dim)
+            self._cache = [(torch.zeros(shape), torch.zeros(shape)) for _ in self.layers]
+        return self._cache
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, pos: int, caches) -> torch.Tensor:
+        """Logits (B, vocab) float32 at the last of `ids` (B, T), whose tokens sit at positions pos..pos+T-1."""
+        inner = self.model.model
+        x = inner.embed_tokens(ids).float().contiguous()
+        cos, sin = self.rope_tables(pos + ids.shape[1])
+        op = torch.ops.compressor.llama_layer.default
+        for (ln1, ln2, w, meta, scale), (kc, vc) in zip(self.layers, caches):
+            x = op(x, kc, vc, pos, cos, sin, ln1, ln2, w, meta, self.eps, scale)
+        return self.model.lm_head(inner.norm(x[:, -1:]))[:, -1].float()
+
+    # --- generation ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding, as HF's ``generate(do_sample=False)``: (B, T + new) token ids; rows that
+        met an end-of-sequence token are padded with `pad_token_id` until every row has."""
+        b, t = input_ids.shape
+        eos = torch.tensor([] if eos_token_id is None else
+                           [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
+        if pad_token_id is None and len(eos):
+            pad_token_id = int(eos[0])
+        caches = self.caches(b, t + max_new_tokens)
+        out = [input_ids]
+        done = torch.zeros(b, dtype=torch.bool)
+        logits = self.forward(input_ids, 0, caches)
+        for i in range(max_new_tokens):
+            if i < min_new_tokens and len(eos):
+                logits[:, eos] = -float("inf")
+            nxt = logits.argmax(-1)
+            if len(eos):
+                nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+                done |= torch.isin(nxt, eos)
+            out.append(nxt[:, None])
+            if len(eos) and bool(done.all()):
+                break
+            if i + 1 < max_new_tokens:
+                logits = self.forward(nxt[:, None], t + i, caches)
+        return torch.cat(out, dim=1)
+
+
+def _cat(linears: list) -> torch.Tensor | None:
+    """The fused bias of `linears` (zeros where one has none), or None when none has a bias."""
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat([torch.zeros(m.out_features) if m.bias is None else m.bias.float() for m in linears])
+
+
+def fast_path_refusal(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> str | None:
+    """Why a ``generate(*args, **kwargs)`` call goes to HF's generate rather than `FastDecoder`, or None."""
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if len(args) > 1:
+        return "positional arguments after the input ids"
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()
+            and ids.device.type == "cpu" and ids.shape[1] > 0):
+        return "input ids that are not a (batch, length) CPU tensor"
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool((mask == 1).all()):
+        return "an attention mask with padding"
+    rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "inputs", "attention_mask")}
+    gc = _generation_config(model, rest)
+    if isinstance(gc, str):
+        return gc
+    diff = gc.to_diff_dict()
+    other = sorted(k for k in diff if k not in _HONOURED)
+    if other:
+        return f"generation settings {', '.join(other)}"
+    if gc.do_sample:
+        return "sampling (do_sample=True)"
+    if (gc.num_beams or 1) != 1:
+        return "beam search"
+    return None
+
+
+def _generation_config(model, kwargs: dict[str, Any]):
+    """The effective GenerationConfig of a call (model's config updated by kwargs), or why not."""
+    import copy
+    gc = copy.deepcopy(getattr(model, "generation_config", None))
+    if gc is None:
+        from transformers import GenerationConfig
+        gc = GenerationConfig()
+    extra = dict(kwargs)
+    if "generation_config" in extra:
+        gc = copy.deepcopy(extra.pop("generation_config"))
+    unused = gc.update(**extra)
+    if unused:
+        return f"arguments {', '.join(sorted(unused))}"
+    return gc
+
+
+def install(model: torch.nn.Module) -> bool:
+    """Make ``model.generate`` take the fast path where it can (`fast_path_refusal`), HF's otherwise.
+    Returns whether the model can take it at all (`unsupported`); logs why not."""
+    why = unsupported(model)
+    if why is not None:
+        log.info("fast generation path off: %s; generate() is HF's, on the packed kernels", why)
+        return False
+    fast = FastDecoder(model)
+    hf_generate = model.generate
+
+    def generate(*args, **kwargs):
+        refusal = fast_path_refusal(model, args, kwargs)
+        if refusal is not None:
+            log.debug("generate(): HF's path for %s", refusal)
+            return hf_generate(*args, **kwargs)
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        gc = _generation_config(model, {k: v for k, v in kwargs.items()
+                                        if k not in ("input_ids", "inputs", "attention_mask")})
+        new = gc.max_new_tokens if gc.max_new_tokens is not None else max(0, gc.max_length - ids.shape[1])
+        min_new = max(gc.min_new_tokens or 0, (gc.min_length or 0) - ids.shape[1])
+        return fast.generate(ids, new, min_new, gc.eos_token_id, gc.pad_token_id)
+
+    generate.fast = fast
+    generate.hf_generate = hf_generate
+    model.generate = generate
+    return True

@@ -1,0 +1,201 @@
+// compressor::llama_layer: one whole decoder block of a llama-architecture model (llama, mistral,
+// qwen2) on the packed kernels, in one call. Schema, fake and the pure-PyTorch reference (the test
+// oracle) are in compressor/kernels/layer.py, which documents the arguments.
+//
+// Why a block-level op: at batch 1 a 4-bit SmolLM2-135M reads ~90 MB per token, a few milliseconds
+// of DRAM time, while HF's eager forward spends as long again in ~40 Python and dispatcher calls per
+// block (norms, projections, rotary, cache update, attention, residuals). Here those are plain C++:
+// the projections call the kernels of ops.cpp directly (q/k/v and gate/up fused into one packed
+// weight each, so one pass over x and one parallel region per pair), the rest are small loops.
+// Prefill (T > 1) takes ATen's scaled_dot_product_attention; decode (T == 1) a hand loop over
+// the cache, which for one query row is cheaper than SDPA's setup.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "ops.h"
+
+namespace compressor {
+namespace {
+
+constexpr int kLinears = 4;    // qkv, o, gate_up, down
+constexpr int kPerLinear = 5;  // qweight, scales, zeros, perm, bias
+constexpr int kMeta = 3 * kLinears + 3;
+
+struct Linear {
+  at::Tensor qweight, scales;
+  std::optional<at::Tensor> zeros, perm, bias;
+  int64_t bits, group, out;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    return quant_linear(x, qweight, scales, zeros, perm, bias, group, out, int(bits));
+  }
+};
+
+Linear linear_at(const c10::List<std::optional<at::Tensor>>& w, at::IntArrayRef meta, int i) {
+  const auto get = [&](int j) -> std::optional<at::Tensor> { return w.get(kPerLinear * i + j); };
+  TORCH_CHECK(get(0) && get(1), "llama_layer: linear ", i, " needs qweight and scales");
+  return {*get(0), *get(1), get(2), get(3), get(4), meta[3 * i], meta[3 * i + 1], meta[3 * i + 2]};
+}
+
+// y = x * rsqrt(mean(x^2) + eps) * w over each of M rows of H (HF's LlamaRMSNorm, in fp32).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t H = x.size(-1), M = x.numel() / H;
+  at::Tensor y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = xp + m * H;
+    float acc[8] = {};
+    int64_t k = 0;
+    for (; k + 8 <= H; k += 8)
+      for (int i = 0; i < 8; ++i) acc[i] += r[k + i] * r[k + i];
+    for (; k < H; ++k) acc[0] += r[k] * r[k];
+    const float ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    const float inv = 1.0f / std::sqrt(ss / float(H) + float(eps));
+    for (int64_t i = 0; i < H; ++i) yp[m * H + i] = wp[i] * (r[i] * inv);
+  }
+  return y;
+}
+
+// HF's rotate_half rotary embedding, in place, on `heads` vectors of hd at one position.
+inline void rope(float* v, int64_t heads, int64_t hd, const float* c, const float* s) {
+  const int64_t h2 = hd / 2;
+  for (int64_t h = 0; h < heads; ++h, v += hd)
+    for (int64_t i = 0; i < h2; ++i) {
+      const float a = v[i], b = v[i + h2];
+      v[i] = a * c[i] - b * s[i];
+      v[i + h2] = b * c[i + h2] + a * s[i + h2];
+    }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// One query row per (batch, head) against the first L cached positions: out = softmax(q K^T * scale) V.
+void attend_decode(const float* qkv, int64_t ld_qkv, const float* kc, const float* vc, int64_t B, int64_t nh,
+                   int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out) {
+  const int64_t per_kv = nh / nkv;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, L * hd));
+  at::parallel_for(0, B * nh, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(L);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / nh, h = i % nh, g = h / per_kv;
+      const float* q = qkv + b * ld_qkv + h * hd;
+      const float* k = kc + ((b * nkv + g) * S) * hd;
+      const float* v = vc + ((b * nkv + g) * S) * hd;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < L; ++j) {
+        p[j] = dot(q, k + j * hd, hd) * scale;
+        mx = std::max(mx, p[j]);
+      }
+      float sum = 0.f;
+      for (int64_t j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
+      float* o = out + b * nh * hd + h * hd;
+      for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j < L; ++j) {
+        const float w = p[j] * inv;
+        const float* vj = v + j * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] += w * vj[d];
+      }
+    }
+  });
+}
+
+at::Tensor llama_layer(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
+                       const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& ln1, const at::Tensor& ln2,
+                       const c10::List<std::optional<at::Tensor>>& w, at::IntArrayRef meta, double eps,
+                       double scale) {
+  TORCH_CHECK(w.size() == kLinears * kPerLinear, "llama_layer: w must hold ", kLinears * kPerLinear,
+              " tensors (qweight, scales, zeros, perm, bias of qkv, o, gate_up, down), got ", w.size());
+  TORCH_CHECK(meta.size() == kMeta, "llama_layer: meta must hold ", kMeta, " ints, got ", meta.size());
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "llama_layer: x must be a contiguous float32 CPU tensor (B, T, hidden), got ", x.scalar_type(), " ",
+              x.sizes());
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), M = B * T;
+  const int64_t nh = meta[12], nkv = meta[13], hd = meta[14];
+  TORCH_CHECK(nh > 0 && nkv > 0 && nh % nkv == 0 && hd > 0 && hd % 2 == 0,
+              "llama_layer: heads=", nh, " kv_heads=", nkv, " head_dim=", hd, " are not a valid attention shape");
+  for (const at::Tensor* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->dim() == 4 && c->scalar_type() == at::kFloat && c->is_contiguous() && c->size(0) == B &&
+                    c->size(1) == nkv && c->size(3) == hd,
+                "llama_layer: caches must be contiguous float32 (", B, ", ", nkv, ", S, ", hd, "), got ", c->sizes());
+  const int64_t S = k_cache.size(2), L = pos + T;
+  TORCH_CHECK(pos >= 0 && L <= S && v_cache.size(2) == S, "llama_layer: positions ", pos, "..", L - 1,
+              " do not fit the cache of ", S);
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) >= L && cos.size(1) == hd && cos.sizes() == sin.sizes() &&
+                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous(),
+              "llama_layer: cos/sin must be contiguous float32 (>= ", L, ", ", hd, "), got ", cos.sizes());
+  for (const at::Tensor* n : {&ln1, &ln2})
+    TORCH_CHECK(n->dim() == 1 && n->size(0) == H && n->scalar_type() == at::kFloat && n->is_contiguous(),
+                "llama_layer: norm weights must be float32 (", H, ",)");
+  const Linear qkv_p = linear_at(w, meta, 0), o_p = linear_at(w, meta, 1), gu_p = linear_at(w, meta, 2),
+               down_p = linear_at(w, meta, 3);
+  const int64_t nq = nh * hd, nk = nkv * hd, n_qkv = nq + 2 * nk;
+  TORCH_CHECK(qkv_p.out == n_qkv && o_p.out == H && gu_p.out % 2 == 0 && down_p.out == H,
+              "llama_layer: projection widths (", qkv_p.out, ", ", o_p.out, ", ", gu_p.out, ", ", down_p.out,
+              ") do not match hidden=", H, " heads=", nh, " kv_heads=", nkv, " head_dim=", hd);
+  const int64_t I = gu_p.out / 2;
+
+  // attention
+  const at::Tensor x2 = x.view({M, H});
+  at::Tensor qkv = qkv_p(rms_norm(x2, ln1, eps));                   // (M, nq + 2 nk)
+  float* qp = qkv.data_ptr<float>();
+  float* kcp = k_cache.data_ptr<float>();
+  float* vcp = v_cache.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = qp + (b * T + t) * n_qkv;
+      const int64_t p = pos + t;
+      rope(row, nh + nkv, hd, cp + p * hd, sp + p * hd);               // q and k heads are adjacent
+      for (int64_t g = 0; g < nkv; ++g) {
+        std::memcpy(kcp + ((b * nkv + g) * S + p) * hd, row + nq + g * hd, hd * sizeof(float));
+        std::memcpy(vcp + ((b * nkv + g) * S + p) * hd, row + nq + nk + g * hd, hd * sizeof(float));
+      }
+    }
+  at::Tensor attn;
+  if (T == 1) {
+    attn = at::empty({M, nq}, x.options());
+    attend_decode(qp, n_qkv, kcp, vcp, B, nh, nkv, S, hd, L, float(scale), attn.data_ptr<float>());
+  } else {
+    const at::Tensor q = qkv.view({B, T, nh + 2 * nkv, hd}).narrow(2, 0, nh).transpose(1, 2);
+    at::Tensor k = k_cache.narrow(2, 0, L), v = v_cache.narrow(2, 0, L);
+    if (nkv < nh) {
+      k = k.repeat_interleave(nh / nkv, 1);
+      v = v.repeat_interleave(nh / nkv, 1);
+    }
+    std::optional<at::Tensor> mask;
+    if (pos > 0)   // a later chunk: row t sees positions <= pos + t
+      mask = at::arange(L, x.options().dtype(at::kLong)).unsqueeze(0) <=
+             at::arange(pos, L, x.options().dtype(at::kLong)).unsqueeze(1);
+    attn = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/pos == 0, scale)
+               .transpose(1, 2).reshape({M, nq});
+  }
+  at::Tensor h = x2 + o_p(attn);
+
+  // MLP
+  at::Tensor gu = gu_p(rms_norm(h, ln2, eps));                       // (M, 2 I): gate, then up
+  at::Tensor act = at::silu(gu.narrow(1, 0, I)).mul_(gu.narrow(1, I, I));
+  h.add_(down_p(act));
+  return h.view({B, T, H});
+}
+
+}  // namespace
+}  // namespace compressor
+
+TORCH_LIBRARY_IMPL(compressor, CPU, m) { m.impl("llama_layer", &compressor::llama_layer); }
