@@ -39,9 +39,10 @@ from compressor.worker import ProcessWorker, WorkerError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB = ROOT.parent / "shared" / "data" / "wikitext2-valid.tokens"
-TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
-        "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
-        "the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure. ") * 8
+PROMPT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+          "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
+          "the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure.")
+TEXT = (PROMPT + " ") * 8            # long enough for the 512-token prefill and eight batch prompts
 
 
 def peak_rss_mib() -> float:

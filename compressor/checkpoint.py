@@ -399,7 +399,10 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
         raise CheckpointError(f"{path}: config.json and {META} do not describe a model that can be built "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     expected = model.state_dict()
+    half_embed = _half_embedding_key(model) if for_inference and dtype == torch.float32 else None
     for k, t in sd.items():
+        if k == half_embed and t.dtype == torch.float16:
+            continue                 # kept in fp16: prepare_ runs the tied head and embedding on it (HalfLinear)
         if k in expected and t.is_floating_point() and expected[k].is_floating_point():
             sd[k] = t.to(dtype)
     try:
@@ -417,12 +420,26 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
                               f"unexpected {unexpected[:3]}")
     model.eval().requires_grad_(False)       # for inference; a trainer turns on what it trains
     if for_inference and dtype == torch.float32:
+        from .machine import release_memory
         from .nn import prepare_
-        prepare_(model)
+        sd.clear()                   # the model holds the tensors now; released layers must free theirs
+        prepare_(model, release=True)
+        release_memory()
     _report_kernels(model, path)
     if with_tokenizer:
         return model, AutoTokenizer.from_pretrained(path)
     return model
+
+
+def _half_embedding_key(model: nn.Module) -> str | None:
+    """The state-dict key of a float input embedding tied to the output head, which `load` may leave in
+    fp16 for inference (the fp16 kernels run the head on it), or None."""
+    from . import kernels
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    cfg = getattr(model, "config", None)
+    if kernels.extension is None or type(emb) is not nn.Embedding or not getattr(cfg, "tie_word_embeddings", False):
+        return None
+    return next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
 
 
 def _report_kernels(model: nn.Module, path: Path) -> None:

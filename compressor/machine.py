@@ -84,6 +84,11 @@ def machine_info(threads: int | None = None, packages: Sequence[str] = DEFAULT_P
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim)."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim; nothing elsewhere)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -25,9 +25,9 @@ import torch
 
 from .dispatch import BACKENDS, current_backend, unavailable, use_backend
 from .ops import OPS, cuda_extension, extension, reference
-from .repack import PackedWeight, pack
+from .repack import PackedWeight, pack, pack_gptq
 
-__all__ = ["pack_for", "pack", "PackedWeight", "LAYOUTS", "DTYPES", "OPS", "reference", "extension", "backend",
+__all__ = ["pack_for", "pack", "pack_gptq", "PackedWeight", "LAYOUTS", "DTYPES", "OPS", "reference", "extension", "backend",
            "cuda_extension", "BACKENDS", "current_backend", "use_backend", "unavailable"]
 
 # device type -> activation dtypes its kernels take (others go to the caller's reference path).

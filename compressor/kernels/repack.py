@@ -18,7 +18,7 @@ import torch
 
 from .ops import OPS, TILE_N
 
-__all__ = ["PackedWeight", "pack", "channel_order", "fuse"]
+__all__ = ["PackedWeight", "pack", "pack_gptq", "channel_order", "fuse"]
 
 
 @dataclass(frozen=True)
@@ -100,16 +100,17 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, gr
         raise ValueError(f"in_features={k} and group_size={group_size} must be multiples of {per}, "
                          "and the group must divide in_features")
     perm = channel_order(g_idx, k, group)
-    if perm is not None:
-        q = q[:, perm]                                                    # (N, K), groups contiguous
     nt = -(-n // TILE_N)
     pad = nt * TILE_N - n
-    q = torch.nn.functional.pad(q.to(torch.int64), (0, 0, 0, pad))      # (Npad, K), padded codes 0
+    words = torch.zeros(nt * TILE_N, k // per, dtype=torch.int32)      # padded columns: codes 0
+    for lo in range(0, n, 1024):   # in row slices: int64 temporaries of ~1024 rows, not of the layer
+        rows = q[lo:lo + 1024]
+        words[lo:lo + rows.shape[0]] = _words(rows if perm is None else rows[:, perm], bits)  # groups contiguous
     scale = torch.nn.functional.pad(scale.float(), (0, 0, 0, pad))       # (Npad, G), padded scale 0
     zero = zero.float()
     sym = bool((zero == 2 ** (bits - 1)).all())
     zeros = None if sym else _tiles(torch.nn.functional.pad(zero, (0, 0, 0, pad)).half(), nt)
-    return PackedWeight(bits=bits, qweight=_tiles(_words(q, bits), nt), scales=_tiles(scale.half(), nt),
+    return PackedWeight(bits=bits, qweight=_tiles(words, nt), scales=_tiles(scale.half(), nt),
                         zeros=zeros, perm=perm, group_size=group_size, in_features=k, out_features=n)
 
 
@@ -137,3 +138,31 @@ def fuse(parts: list[PackedWeight | None]) -> PackedWeight | None:
         zeros = None
     return PackedWeight(first.bits, torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
                         zeros, first.perm, first.group_size, first.in_features, sum(p.out_features for p in parts))
+
+
+def pack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+              sym: bool) -> PackedWeight:
+    """GPTQ checkpoint buffers (`compressor.quant.packing`, static groups: ``g_idx = k // group``) -> the
+    same `PackedWeight` as `pack` on their codes, without unpacking them: a GPTQ word already holds P
+    consecutive input channels of one output column, so the kernel layout is its (K / P, N) words cut
+    into column tiles. Only the zero points (packed along N, stored minus one) are unpacked. Memory: the
+    result plus one layer's scales, where `pack` goes through int64 codes (8 bytes per weight)."""
+    if bits not in OPS:
+        raise ValueError(f"bits={bits}: the kernels support {sorted(OPS)}")
+    kw, n = qweight.shape
+    per = 32 // bits
+    k = kw * per
+    group = k if group_size == -1 else group_size
+    if group <= 0 or k % group or group % per:
+        raise ValueError(f"in_features={k} and group_size={group_size} must be multiples of {per}, "
+                         "and the group must divide in_features")
+    nt = -(-n // TILE_N)
+    pad = nt * TILE_N - n
+    tiles = lambda t: torch.nn.functional.pad(t, (0, pad)).view(t.shape[0], nt, TILE_N).transpose(0, 1).contiguous()  # noqa: E731
+    zeros = None
+    if not sym:
+        shifts = torch.arange(per, dtype=torch.int32) * bits
+        z = ((qzeros.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(qzeros.shape[0], -1)[:, :n] + 1
+        zeros = tiles(z.to(torch.float16))
+    return PackedWeight(bits=bits, qweight=tiles(qweight), scales=tiles(scales.to(torch.float16)), zeros=zeros,
+                        perm=None, group_size=group_size, in_features=k, out_features=n)

@@ -33,6 +33,7 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 _HONOURED = {"max_new_tokens", "min_new_tokens", "max_length", "min_length", "eos_token_id", "pad_token_id",
              "bos_token_id", "do_sample", "temperature", "top_k", "top_p", "use_cache", "num_beams",
              "cache_implementation", "transformers_version", "_from_model_config"}
+_NEUTRAL = (None, False, 0, 1, 1.0, "", [], {})
 
 
 def _packed(m) -> PackedWeight | None:
@@ -85,8 +86,8 @@ class FastDecoder:
         self.layers = []
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            projs = [fuse([_packed(a.q_proj), _packed(a.k_proj), _packed(a.v_proj)]), _packed(a.o_proj),
-                     fuse([_packed(m.gate_proj), _packed(m.up_proj)]), _packed(m.down_proj)]
+            projs = [_fuse_shared([a.q_proj, a.k_proj, a.v_proj]), _packed(a.o_proj),
+                     _fuse_shared([m.gate_proj, m.up_proj]), _packed(m.down_proj)]
             biases = [_cat([a.q_proj, a.k_proj, a.v_proj]), a.o_proj.bias, _cat([m.gate_proj, m.up_proj]), m.down_proj.bias]
             w, meta = [], []
             for p, b in zip(projs, biases):
@@ -159,6 +160,21 @@ class FastDecoder:
         return torch.cat(out, dim=1)
 
 
+def _fuse_shared(linears: list) -> PackedWeight:
+    """The fused layout of `linears`, each of which then runs on its slice of it (a view, no copy):
+    the weights are held once."""
+    fused = fuse([_packed(m) for m in linears])
+    t0 = 0
+    for m in linears:
+        p = _packed(m)
+        nt = p.qweight.shape[0]
+        view = lambda x: None if x is None else x.narrow(0, t0, nt)  # noqa: E731
+        m.use_packed_(PackedWeight(p.bits, view(fused.qweight), view(fused.scales), view(fused.zeros), p.perm,
+                                   p.group_size, p.in_features, p.out_features))
+        t0 += nt
+    return fused
+
+
 def _cat(linears: list) -> torch.Tensor | None:
     """The fused bias of `linears` (zeros where one has none), or None when none has a bias."""
     if all(m.bias is None for m in linears):
@@ -182,7 +198,8 @@ def fast_path_refusal(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any
     if isinstance(gc, str):
         return gc
     diff = gc.to_diff_dict()
-    other = sorted(k for k in diff if k not in _HONOURED)
+    # neutral values (False, None, 0, a penalty of 1.0, ...) change nothing greedy search does
+    other = sorted(k for k, v in diff.items() if k not in _HONOURED and v not in _NEUTRAL)
     if other:
         return f"generation settings {', '.join(other)}"
     if gc.do_sample:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..kernels import ops  # noqa: F401  (registers compressor::f16_linear)
 
-__all__ = ["HalfLinear"]
+__all__ = ["HalfLinear", "HalfEmbedding"]
 
 
 class HalfLinear(nn.Module):
@@ -29,6 +29,8 @@ class HalfLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> "HalfLinear | None":
         """A `HalfLinear` equal to `linear`, or None if its weight is not exactly fp16 (then nothing is lost)."""
         w = linear.weight.detach()
+        if w.dtype == torch.float16 and w.device.type == "cpu":
+            return cls(w, linear.bias)             # already fp16 (a checkpoint loaded for inference): shared
         if w.dtype != torch.float32 or w.device.type != "cpu":
             return None
         h = w.to(torch.float16)
@@ -42,3 +44,20 @@ class HalfLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class HalfEmbedding(nn.Module):
+    """The input embedding tied to a `HalfLinear` head: rows of its fp16 weight, widened to fp32 (exact),
+    so the tied matrix is held once, in fp16, instead of once per dtype."""
+
+    def __init__(self, head: HalfLinear):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.weight.shape
+        self.__dict__["head"] = head          # not a submodule: the tensor belongs to the head
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, self.head.weight).float()

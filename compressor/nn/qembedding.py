@@ -61,6 +61,8 @@ class TiedQuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the head's weight, ``(q - zero) * scale``, in float32, shape ``ids.shape + (hidden,)``."""
         h = self._head()
+        if h._released:
+            return self._from_kernel_layout(h, ids)
         bits, per = h.bits, 32 // h.bits
         cols = ids.reshape(-1).long()
         mask = (1 << bits) - 1
@@ -73,6 +75,26 @@ class TiedQuantEmbedding(nn.Module):
         g = h.g_idx.long()
         w = (q.float() - zero.float()[g]) * scale[g]                                 # (K, n)
         return w.t().contiguous().view(*ids.shape, h.in_features)
+
+    @staticmethod
+    def _from_kernel_layout(h: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
+        """The same rows gathered from the head's kernel layout (`compressor.kernels.ops`), when the
+        GPTQ buffers were released for inference."""
+        pw = h.packed()
+        cols = ids.reshape(-1).long()
+        t, c = torch.div(cols, 32, rounding_mode="floor"), cols % 32
+        per, k = 32 // h.bits, h.in_features
+        shifts = torch.arange(per, dtype=torch.int32) * h.bits
+        q = ((pw.qweight[t, :, c].unsqueeze(-1) >> shifts) & ((1 << h.bits) - 1)).reshape(-1, k)   # (n, K)
+        s = pw.scales[t, :, c].float()                                                           # (n, G)
+        z = pw.zeros[t, :, c].float() if pw.zeros is not None else torch.full_like(s, 2 ** (h.bits - 1))
+        g = s.shape[1]
+        w = ((q.view(-1, g, k // g).float() - z[..., None]) * s[..., None]).view(-1, k)
+        if pw.perm is not None:                    # packed order -> the checkpoint's channel order
+            out = torch.empty_like(w)
+            out[:, pw.perm] = w
+            w = out
+        return w.view(*ids.shape, k)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, tied_to={self.tied_to!r}"

@@ -81,6 +81,7 @@ class QuantLinear(nn.Module):
             self.bias = None
         self._kernel_state: dict[str, _KernelState] = {}   # device type -> packed layout, built lazily
         self._last: _KernelState | None = None             # the one used last
+        self._released = False                              # GPTQ buffers dropped for inference (`release_`)
 
     # --- checkpoint format -------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
@@ -125,6 +126,7 @@ class QuantLinear(nn.Module):
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q (N, K), scale (N, G), zero (N, G), g_idx (K,))."""
+        self._check_not_released("its codes")
         return unpack_gptq({"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales,
                             "g_idx": self.g_idx}, self.bits)
 
@@ -150,6 +152,8 @@ class QuantLinear(nn.Module):
         """This layer's `compressor.kernels.PackedWeight` for the device its buffers are on, or None
         where that device has no kernel layout for it. Built once per device and cached; rebuilt when
         the buffers were replaced (``load_state_dict(assign=True)``) or written (``copy_``)."""
+        if self._released:
+            return self._last.packed
         if torch.compiler.is_compiling():   # built eagerly by `prepare_` or an earlier call
             state = self._kernel_state.get(self.qweight.device.type)
             return None if state is None else state.packed
@@ -164,8 +168,14 @@ class QuantLinear(nn.Module):
                 self._last = state
             return state.packed
         dev = self.qweight.device.type
-        q, scale, zero, g_idx = self.codes()
-        packed = kernels.pack_for(dev, q, scale, zero, self.bits, self.group_size, g_idx)
+        if dev in kernels.LAYOUTS and self.bits in kernels.OPS and not self.desc_act():
+            # static groups: straight from the GPTQ words, no unpacking (`pack_gptq`)
+            cpu = lambda t: t.cpu()  # noqa: E731
+            packed = kernels.pack_gptq(cpu(self.qweight), cpu(self.qzeros), cpu(self.scales), self.bits,
+                                       self.group_size, self.is_sym()).to(self.qweight.device)
+        else:
+            q, scale, zero, g_idx = self.codes()
+            packed = kernels.pack_for(dev, q, scale, zero, self.bits, self.group_size, g_idx)
         self._last = self._kernel_state[dev] = _KernelState(packed, src, _versions(src), dev)
         return packed
 
@@ -182,7 +192,44 @@ class QuantLinear(nn.Module):
         return packed(x, self.bias)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._released:        # the pure-PyTorch oracle on the kernel layout
+            return kernels.reference(x, *self._last.packed.args(self.bias), bits=self.bits)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    # --- inference only --------------------------------------------------------------------------
+    def use_packed_(self, packed) -> None:
+        """Run on `packed` (the same weight in kernel layout, e.g. a view into a fused q/k/v weight)
+        instead of the layout built from the buffers."""
+        state = self._kernel_state.get(packed.qweight.device.type)
+        if state is None:
+            raise ValueError("use_packed_: build this layer's own layout first (packed())")
+        state.packed = packed
+        self._last = state
+
+    def release_(self) -> "QuantLinear":
+        """Drop the GPTQ checkpoint buffers and keep only the kernel layout (`compressor.load` does this
+        for inference: otherwise every weight is held twice). The layer still runs, on the kernels or
+        on their reference; its codes and its state dict are gone: saving refuses."""
+        if self._released:
+            return self
+        if self.packed() is None:
+            return self                       # no kernel layout here: the buffers are the weight
+        self.is_sym(), self.desc_act()        # the spec reads them off the buffers unless recorded
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            setattr(self, name, torch.empty(0, dtype=getattr(self, name).dtype))
+        self._last.sources = self._last.versions = ()       # the state must not keep the buffers alive
+        self._kernel_state = {self._last.device: self._last}
+        self._released = True
+        return self
+
+    def _check_not_released(self, what: str) -> None:
+        if self._released:
+            raise RuntimeError(f"{what}: this QuantLinear was loaded for inference and keeps only its kernel layout; "
+                               f"load with compressor.load(..., for_inference=False) to read or save the checkpoint")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._check_not_released("state_dict")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -37,8 +37,8 @@ constexpr int64_t kGemmMinRows = 32;
 // Dequantized block size for the GEMM path: each thread dequantizes blocks of this size into its own
 // buffer and multiplies them with a single-threaded GEMM; small enough to stay in L2/L3 meanwhile.
 constexpr int64_t kGemmBlockBytes = 2 << 20;
-constexpr int64_t kMinBytesPerThread = 96 << 10;
-constexpr int64_t kChunkBytes = 256 << 10;  // decode: packed bytes a thread takes from the queue at once
+constexpr int64_t kMinBytesPerThread = 32 << 10;
+constexpr int64_t kChunkBytes = 32 << 10;  // decode: packed bytes a thread takes from the queue at once
 
 // Sum of n floats with eight independent partial sums: a single running sum is one dependent add
 // per element (~4 cycles each, 16 us for K = 4096), this the compiler vectorizes.
