@@ -32,10 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
-
-from compressor.worker import ProcessWorker, WorkerError  # noqa: E402
+from compressor.worker import ProcessWorker, WorkerError  # torch-free: the llama.cpp worker's RSS is its own
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB = ROOT.parent / "shared" / "data" / "wikitext2-valid.tokens"
@@ -58,13 +55,14 @@ class Runtime:
     """One row in a worker process: `load` it, then `greedy` / `prefill` calls time it."""
 
     def __init__(self, threads: int):
-        import torch
-        torch.set_num_threads(threads)
         self.threads = threads
         self.model = self.llm = None
 
     def load(self, kind: str, path: str | None) -> dict:
         t0 = time.perf_counter()
+        if kind != "llama.cpp":          # the llama.cpp row never imports torch: its memory is llama.cpp's
+            import torch
+            torch.set_num_threads(self.threads)
         if kind == "llama.cpp":
             from llama_cpp import Llama
             self.llm = Llama(model_path=path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=self.threads,
@@ -177,6 +175,11 @@ def _llama_ggufs(work: Path) -> dict[str, str]:
     return out
 
 
+def _harness():
+    import harness
+    return harness
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -197,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "out" / "bench_decode"))
     ap.add_argument("--out", default="out/bench_decode.json")
     args = ap.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import harness
 
     info = harness.machine_info(args.threads)
     print(harness.header(f"bench_decode: SmolLM2-135M greedy, {args.threads} threads, median of {args.runs} "
@@ -265,14 +270,14 @@ def main(argv=None) -> int:
         if llama and llama.get("peak_rss_mib") and row.get("peak_rss_mib"):
             row["rss_x_q4_0"] = row["peak_rss_mib"] / llama["peak_rss_mib"]
     print()
-    harness.print_table([r for r in rows if "error" not in r], [
+    _harness().print_table([r for r in rows if "error" not in r], [
         ("runtime", "runtime", ""), ("b1_tok_s", "decode b1 tok/s", ".1f"), ("b1_x_fp32", "×fp32", ".2f"),
         ("b1_x_q4_0", "×llama Q4_0", ".2f"), ("b8_tok_s", f"decode b{args.batch} tok/s", ".1f"),
         ("b8_over_b1", f"b{args.batch}/b1", ".2f"), ("prefill_tok_s", f"prefill {args.prefill} tok/s", ".0f"),
         ("prefill_x_q4_0", "prefill ×llama Q4_0", ".2f"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
         ("rss_x_q4_0", "RSS ×llama Q4_0", ".2f"), ("same_tokens", "tokens = eager", ".0%")])
     ok = _acceptance(by, args)
-    harness.write_json(args.out, info, [{k: v for k, v in r.items() if k != "tokens"} for r in rows])
+    _harness().write_json(args.out, info, [{k: v for k, v in r.items() if k != "tokens"} for r in rows])
     print(f"\nwrote {args.out}")
     return 0 if ok else 1
 

@@ -4,7 +4,7 @@ For each 4-bit checkpoint (``--rtn``, ``--gptq``; built into out/ckpt/ if absent
 wikitext-2 test (the first ``--windows`` windows of ``--seqlen`` tokens) with the head as the
 checkpoint stores it (fp16, tied) and with the ``head`` pass applied in memory: int8 per channel
 (symmetric, the default) and 4-bit g64 (asymmetric). Prints ppl, its change against the fp16 head
-and the head's stored bytes. The bar: the int8 head costs <= 0.3% ppl.
+and the head's stored bytes. The bar (issue 24): an int8 head costs <= 0.3% ppl; int8 g64 is the recipes' default.
 
     python benchmarks/head_quant.py [--windows 40] [--out out/head_quant.json]
 """
@@ -24,6 +24,7 @@ from bench_decode import DEFAULT_CALIB, _checkpoint  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EVAL = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
 CHOICES = {"fp16 (tied embedding)": None, "int8 per channel": {"bits": 8, "group_size": -1, "sym": True},
+           "int8 g64": {"bits": 8, "group_size": 64, "sym": True},
            "4-bit g64": {"bits": 4, "group_size": 64, "sym": False}}
 
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
             rows.append({"checkpoint": recipe, "head": label, "ppl": ppl, "d_ppl": ppl / base - 1,
                          "head_mb": head_bytes(model) / 1e6})
             print(f"# {recipe} {label}: ppl {ppl:.4f}", flush=True)
-            if label.startswith("int8"):
+            if label == "int8 g64":
                 ok &= rows[-1]["d_ppl"] <= 0.003
     harness.print_table(rows, [("checkpoint", "checkpoint", ""), ("head", "head", ""), ("ppl", "ppl", ".4f"),
                                ("d_ppl", "Δppl", "+.2%"), ("head_mb", "head MB", ".1f")])

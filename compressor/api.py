@@ -138,7 +138,7 @@ def _commit_pass(model: nn.Module, ctx: Context, index: int, streamed: bool = Fa
     """The model after pass `index`, whole, and the context the later passes read: `OUT.work/pass-NN.done`.
     The pass's block commits are dropped after (the whole model supersedes them). A streamed run commits
     the context alone: its blocks stay where the pass committed them, for the next pass to read."""
-    tensors, meta = ({}, {}) if streamed else workdir.save_modules(model)
+    tensors, meta = _stem_modules(model) if streamed else workdir.save_modules(model)
     meta["context"] = {k: getattr(ctx, k) for k in _CTX_STATE}
     meta["pass"] = ctx.applied[-1]
     workdir.commit(workdir.done_dir(ctx.work_dir, index), tensors, meta)
@@ -146,6 +146,19 @@ def _commit_pass(model: nn.Module, ctx: Context, index: int, streamed: bool = Fa
         shutil.rmtree(workdir.pass_dir(ctx.work_dir, index, ctx.applied[-1]), ignore_errors=True)
     if index:
         shutil.rmtree(workdir.done_dir(ctx.work_dir, index - 1), ignore_errors=True)
+
+
+def _stem_modules(model: nn.Module) -> tuple[dict, dict]:
+    """A streamed pass's commit: the modules outside the decoder blocks that hold real tensors (a quantized
+    head; the float stem is re-read from the source), as `workdir.save_modules` records them."""
+    from .nn.formats import format_of, module_spec
+    from .sequential import find_blocks
+    prefix, _ = find_blocks(model)
+    outside = lambda n: n != prefix and not n.startswith(prefix + ".")  # noqa: E731
+    keep = {n: t.detach().cpu() for n, t in workdir._tensors(model) if outside(n) and not t.is_meta}
+    mods = {n: module_spec(m) for n, m in model.named_modules()
+            if n and outside(n) and format_of(m) is not None and type(m) is not nn.Linear}
+    return keep, {"modules": mods, "ties": {}, "partial": True}
 
 
 def _resume_passes(model: nn.Module, ctx: Context) -> int:
@@ -156,8 +169,12 @@ def _resume_passes(model: nn.Module, ctx: Context) -> int:
     tensors, meta = workdir.read_commit(workdir.done_dir(ctx.work_dir, done[-1]))
     if ctx.stream is not None:
         ctx.stream.resume_after(done[-1], meta["pass"])
-    else:
+    if meta.get("modules") is not None:       # a streamed commit holds what changed outside the blocks (a head)
         workdir.restore_modules(model, tensors, meta)
+        from .nn.qembedding import TiedQuantEmbedding, tie_quant_embeddings_
+        tie_quant_embeddings_(model)
+        if any(isinstance(m, TiedQuantEmbedding) for m in model.modules()):
+            model.config.tie_word_embeddings = False
     for k in _CTX_STATE:
         setattr(ctx, k, meta["context"][k])
     log.info("resuming after pass %d (%s)", done[-1], ctx.applied[-1] if ctx.applied else "?")

@@ -291,6 +291,8 @@ def write_description(tmp: Path, config, specs: dict[str, dict[str, Any]], block
     """Everything of a checkpoint but its weights: config.json (with ``quantization_config``), the tokenizer
     and compression.json (`save`, and `compressor.stream.write_checkpoint`)."""
     cfg = config.to_dict()
+    if any(s["type"] == "gptq-tied-embedding" for s in specs.values()):
+        cfg["tie_word_embeddings"] = False      # the tie is the embedding's spec: transformers must not tie floats
     qc = _quantization_config(specs, blocks)
     if qc:
         cfg["quantization_config"] = qc

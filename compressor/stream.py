@@ -100,15 +100,23 @@ class Stream:
         self.store = LoopStore(pass_dir(self.work, index, name) / "layerwise")
 
     def end_pass(self) -> None:
-        """The running pass's blocks become what the next pass reads; the ones before are dropped."""
-        old, self.prev, self.store = self.prev, self.store, None
-        if old is not None:
-            shutil.rmtree(old.root.parent, ignore_errors=True)
+        """The running pass's blocks become what the next pass reads; the ones before are dropped. A pass
+        that swept no block (the head pass works on the stem) leaves the previous pass's blocks current."""
+        store, self.store = self.store, None
+        if self.prev is None or (store.root.is_dir() and any(store.root.iterdir())):
+            old, self.prev = self.prev, store
+            if old is not None:
+                shutil.rmtree(old.root.parent, ignore_errors=True)
+        else:
+            shutil.rmtree(store.root.parent, ignore_errors=True)
         self.free_stem()
 
     def resume_after(self, index: int, name: str) -> None:
-        """Continue after committed pass `index` (`name`): its blocks are what the next pass reads."""
-        self.prev = LoopStore(pass_dir(self.work, index, name) / "layerwise")
+        """Continue after committed pass `index` (`name`): the blocks of the last pass up to it that swept
+        them are what the next pass reads."""
+        swept = sorted(d for d in self.work.glob("pass-??-*/layerwise") if int(d.parent.name[5:7]) <= index
+                       and any(d.iterdir()))
+        self.prev = LoopStore(swept[-1] if swept else pass_dir(self.work, index, name) / "layerwise")
 
     # --- tensors --------------------------------------------------------------------------------------
     def _outside(self) -> list[tuple[str, torch.Tensor]]:

@@ -203,6 +203,8 @@ def restore_modules(module: nn.Module, tensors: dict[str, torch.Tensor], meta: d
         else:
             old = slots[leaf] = t.to(_device(old))
         placed[name] = old
+    if meta.get("partial"):          # a streamed commit: the stem's changed modules only, the rest is meta
+        return
     missing = [n for n, t in _tensors(module) if n not in placed and n not in ties or t.is_meta]
     if missing:
         raise WorkDirError(f"the committed state does not fit the model: it lacks {missing[:3]}; run with "

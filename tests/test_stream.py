@@ -82,6 +82,27 @@ def test_streamed_checkpoint_is_byte_identical(sharded, calib, tmp_path, recipe)
         assert torch.equal(compressor.load(a.out)(input_ids=x).logits, compressor.load(b.out)(input_ids=x).logits)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_streamed_quantized_head(tmp_path, calib, monkeypatch, tie):
+    """The head pass (in rtn-w4g64) on the stem of a streamed run: the same bytes as in memory, and a run
+    killed in the write after the head pass committed resumes to them."""
+    src = make_tiny_llama(tmp_path / "src", layers=2, tie=tie, vocab=320, dtype=torch.float16, max_shard_size="100KB")
+    a = _run(src, "rtn-w4g64", tmp_path / "mem", calib, stream=False)
+    assert "lm_head" in json.loads((a.out / "compression.json").read_text())["modules"]
+    b = _run(src, "rtn-w4g64", tmp_path / "stream", calib, stream=True)
+    for f in ("model.safetensors", "config.json", "compression.json"):
+        if f != "compression.json":
+            assert (a.out / f).read_bytes() == (b.out / f).read_bytes(), f
+    import compressor.stream as st
+    real = st.write_checkpoint
+    monkeypatch.setattr(st, "write_checkpoint", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        _run(src, "rtn-w4g64", tmp_path / "out", calib, stream=True)
+    monkeypatch.setattr(st, "write_checkpoint", real)
+    c = _run(src, "rtn-w4g64", tmp_path / "out", calib, stream=True, resume=True)
+    assert (c.out / "model.safetensors").read_bytes() == (a.out / "model.safetensors").read_bytes()
+
+
 def test_streamed_tied_model(tmp_path, calib):
     src = make_tiny_llama(tmp_path / "tied", layers=2, tie=True, max_shard_size="100KB")
     a = _run(src, "gptq-w4g64", tmp_path / "mem", calib, stream=False)

@@ -1,0 +1,84 @@
+"""compressor::llama_layer (csrc/cpu/layer.cpp) against its pure-PyTorch reference, on every ISA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.kernels import extension, layer, pack
+from compressor.quant.primitives import choose_qparams, quantize
+
+from test_ops import isa  # noqa: F401  (fixture: every instruction set this CPU has)
+
+H, NH, NKV, HD, INTER = 128, 4, 2, 32, 256
+
+
+def _lin(n: int, k: int, bits: int, group: int, sym: bool, seed: int, perm: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    order = torch.randperm(k, generator=g) if perm else torch.arange(k)
+    scale, zero = choose_qparams(w[:, order], bits, group, sym)
+    qo = quantize(w[:, order], scale, zero, bits, group)      # groups contiguous in `order`
+    q = torch.empty_like(qo)
+    q[:, order] = qo
+    g_idx = torch.empty(k, dtype=torch.int32)              # act-order: channel order[i] is in group i // group
+    g_idx[order] = (torch.arange(k) // (k if group == -1 else group)).to(torch.int32)
+    return pack(q, scale, zero, bits, group, g_idx if perm else None)
+
+
+def _weights(bits=4, group=64, sym=False, bias=False, perm=False):
+    w, meta = [], []
+    for i, (n, k) in enumerate([((NH + 2 * NKV) * HD, H), (H, NH * HD), (2 * INTER, H), (H, INTER)]):
+        p = _lin(n, k, bits, group, sym, seed=i, perm=perm and i != 1)
+        w += [p.qweight, p.scales, p.zeros, p.perm, torch.randn(n) * 0.1 if bias else None]
+        meta += [bits, group, n]
+    return w, meta + [NH, NKV, HD]
+
+
+def _tables(n: int):
+    inv = 1.0 / (10000 ** (torch.arange(0, HD, 2).float() / HD))
+    f = torch.outer(torch.arange(n).float(), inv)
+    emb = torch.cat([f, f], dim=-1)
+    return emb.cos().contiguous(), emb.sin().contiguous()
+
+
+@pytest.mark.skipif(extension is None, reason="the C++ extension is not built")
+@pytest.mark.parametrize("bits,group,sym,bias,perm", [(4, 64, False, False, False), (4, 32, True, True, False),
+                                                      (8, -1, True, False, False), (4, 64, False, False, True)])
+@pytest.mark.parametrize("batch,steps", [(1, [7, 1, 1]), (3, [5, 2, 1])])
+def test_matches_reference(isa, bits, group, sym, bias, perm, batch, steps):  # noqa: F811
+    """Prefill, a later chunk and single-token decode: output and caches equal the reference within fp32
+    rounding (the kernels' own tolerance); the caches are written at the right positions only."""
+    torch.manual_seed(0)
+    w, meta = _weights(bits, group, sym, bias, perm)
+    ln1, ln2 = torch.rand(H) + 0.5, torch.rand(H) + 0.5
+    cos, sin = _tables(32)
+    s = 16
+    kc, vc = torch.zeros(batch, NKV, s, HD), torch.zeros(batch, NKV, s, HD)
+    kr, vr = kc.clone(), vc.clone()
+    pos = 0
+    for t in steps:
+        x = torch.randn(batch, t, H)
+        y = torch.ops.compressor.llama_layer(x, kc, vc, pos, cos, sin, ln1, ln2, w, meta, 1e-5, HD ** -0.5)
+        ref = layer.reference(x, kr, vr, pos, cos, sin, ln1, ln2, w, meta, 1e-5, HD ** -0.5)
+        assert y.shape == x.shape
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(kc, kr, rtol=1e-4, atol=1e-5)    # the kernels: ~3e-6 of a block's largest
+        torch.testing.assert_close(vc, vr, rtol=1e-4, atol=1e-5)
+        pos += t
+    assert kc[:, :, pos:].abs().sum() == 0 and vc[:, :, pos:].abs().sum() == 0
+
+
+@pytest.mark.skipif(extension is None, reason="the C++ extension is not built")
+def test_refuses_bad_shapes():
+    w, meta = _weights()
+    cos, sin = _tables(8)
+    ln = torch.ones(H)
+    kc = torch.zeros(1, NKV, 8, HD)
+    x = torch.randn(1, 4, H)
+    with pytest.raises(RuntimeError, match="do not fit the cache"):
+        torch.ops.compressor.llama_layer(x, kc, kc.clone(), 6, cos, sin, ln, ln, w, meta, 1e-5, 0.1)
+    with pytest.raises(RuntimeError, match="caches must be"):
+        torch.ops.compressor.llama_layer(x, torch.zeros(1, NKV, 8, HD + 1), kc, 0, cos, sin, ln, ln, w, meta, 1e-5, 0.1)
+    with pytest.raises(RuntimeError, match="projection widths"):
+        torch.ops.compressor.llama_layer(x, kc, kc.clone(), 0, cos, sin, ln, ln, w, meta[:12] + [NH // 2, NKV, HD],
+                                         1e-5, 0.1)

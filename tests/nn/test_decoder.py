@@ -1,0 +1,101 @@
+"""FastDecoder (compressor.nn.decoder): the default generate path of `compressor.load`."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import compressor
+from compressor.kernels import extension
+from compressor.nn import HalfLinear, QuantLinear
+from compressor.nn.half import HalfEmbedding
+from compressor.nn.decoder import FastDecoder, fast_path_refusal, unsupported
+
+pytestmark = pytest.mark.skipif(extension is None, reason="the fast path runs on the C++ extension")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dec") / "rtn"
+    compressor.compress(str(tiny_llama), "rtn-w4g64", out, progress=False)
+    return out
+
+
+def test_load_installs_it_and_holds_each_weight_once(ckpt):
+    m = compressor.load(ckpt)
+    assert hasattr(m.generate, "fast") and unsupported(m) is None
+    assert isinstance(m.lm_head, HalfLinear) and isinstance(m.model.embed_tokens, HalfEmbedding)
+    assert m.model.embed_tokens.weight is m.lm_head.weight                      # the tie, in fp16, once
+    q = m.model.layers[0].self_attn.q_proj
+    assert q.qweight.numel() == 0 and q._released                             # GPTQ buffers dropped
+    fused = m.generate.fast.layers[0][2][0]
+    assert q.packed().qweight.data_ptr() == fused.data_ptr()                  # q runs on a view of fused qkv
+    with pytest.raises(RuntimeError, match="for_inference=False"):
+        m.state_dict()
+    plain = compressor.load(ckpt, for_inference=False)
+    assert not hasattr(plain.generate, "fast") and plain.model.layers[0].self_attn.q_proj.qweight.numel() > 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_tokens_and_logits_equal_hf(ckpt, batch):
+    """The same greedy tokens as HF's generate on the same kernels, logits within fp32 rounding."""
+    m = compressor.load(ckpt)
+    plain = compressor.load(ckpt, for_inference=False)
+    ids = torch.randint(3, 250, (batch, 9), generator=torch.Generator().manual_seed(batch))
+    fast = m.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    hf = m.generate.hf_generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert torch.equal(fast, hf)
+    with torch.inference_mode():
+        ref = plain(fast[:, :-1]).logits[:, -1]
+        dec = m.generate.fast
+        logits = dec.forward(fast[:, :-1], 0, dec.caches(batch, 40))
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_eos_stops_and_pads_as_hf(ckpt):
+    m = compressor.load(ckpt)
+    ids = torch.randint(3, 250, (2, 6), generator=torch.Generator().manual_seed(5))
+    free = m.generate(ids, max_new_tokens=12, do_sample=False)
+    eos = int(free[0, 8])                            # a token row 0 emits: make it the end of sequence
+    fast = m.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    hf = m.generate.hf_generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(fast, hf)
+
+
+def test_other_requests_go_to_hf(ckpt, caplog):
+    m = compressor.load(ckpt)
+    ids = torch.randint(3, 250, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    assert fast_path_refusal(m, (ids,), {"do_sample": True}) == "sampling (do_sample=True)"
+    assert fast_path_refusal(m, (ids,), {"attention_mask": mask}) == "an attention mask with padding"
+    assert "repetition_penalty" in fast_path_refusal(m, (ids,), {"repetition_penalty": 1.3})
+    assert fast_path_refusal(m, (ids,), {"num_beams": 2}) == "beam search"
+    assert fast_path_refusal(m, (ids,), {"max_new_tokens": 3, "attention_mask": torch.ones_like(ids)}) is None
+    torch.manual_seed(0)
+    out = m.generate(ids, max_new_tokens=4, do_sample=True, top_k=5)       # served by HF, on our kernels
+    assert out.shape == (2, 9)
+
+
+def test_unsupported_models_say_why(tiny_llama):
+    from compressor.models import load_hf
+    model, _ = load_hf(tiny_llama)
+    assert "not a packed" in unsupported(model)
+    with pytest.raises(ValueError, match="cannot run this model"):
+        FastDecoder(model)
+
+
+def test_act_order_checkpoint(tmp_path, data_dir):
+    """Act-order (desc_act) layers: one permutation per shared input, gathered inside the op."""
+    from compressor.testing import make_tiny_llama
+    src = make_tiny_llama(tmp_path / "src", hidden=128, inter=256)      # two groups of 64: a real permutation
+    out = tmp_path / "gptq"
+    compressor.compress(str(src), "gptq-w4g64", out, calib_data=str(data_dir / "wikitext2-valid.tokens"),
+                        progress=False)
+    m = compressor.load(out)
+    q = m.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantLinear) and q.desc_act() and q.packed().perm is not None
+    ids = torch.randint(3, 250, (1, 7))
+    assert torch.equal(m.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False),
+                       m.generate.hf_generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False))
