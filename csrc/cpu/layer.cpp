@@ -12,6 +12,10 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <atomic>
+#include <memory>
 
 #include <cmath>
 #include <limits>
@@ -42,13 +46,8 @@ Linear linear_at(const c10::List<std::optional<at::Tensor>>& w, at::IntArrayRef 
   return {*get(0), *get(1), get(2), get(3), get(4), meta[3 * i], meta[3 * i + 1], meta[3 * i + 2]};
 }
 
-// y = x * rsqrt(mean(x^2) + eps) * w over each of M rows of H (HF's LlamaRMSNorm, in fp32).
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  const int64_t H = x.size(-1), M = x.numel() / H;
-  at::Tensor y = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// yp = x * rsqrt(mean(x^2) + eps) * w over each of M rows of H (HF's LlamaRMSNorm, in fp32).
+void rms_norm_into(const float* xp, const float* wp, float* yp, int64_t M, int64_t H, double eps) {
   for (int64_t m = 0; m < M; ++m) {
     const float* r = xp + m * H;
     float acc[8] = {};
@@ -60,6 +59,11 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
     const float inv = 1.0f / std::sqrt(ss / float(H) + float(eps));
     for (int64_t i = 0; i < H; ++i) yp[m * H + i] = wp[i] * (r[i] * inv);
   }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  at::Tensor y = at::empty_like(x);
+  rms_norm_into(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), x.numel() / x.size(-1), x.size(-1), eps);
   return y;
 }
 
@@ -81,6 +85,30 @@ inline float dot(const float* a, const float* b, int64_t n) {
     for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
   for (; i < n; ++i) acc[0] += a[i] * b[i];
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// One query row of (batch b, head h) against the first L cached positions: softmax(q K^T * scale) V.
+void attend_one(const float* qkv, int64_t ld_qkv, const float* kc, const float* vc, int64_t b, int64_t h,
+                int64_t nh, int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out, float* p) {
+  const int64_t g = h / (nh / nkv);
+  const float* q = qkv + b * ld_qkv + h * hd;
+  const float* k = kc + ((b * nkv + g) * S) * hd;
+  const float* v = vc + ((b * nkv + g) * S) * hd;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) {
+    p[j] = dot(q, k + j * hd, hd) * scale;
+    mx = std::max(mx, p[j]);
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
+  float* o = out + b * nh * hd + h * hd;
+  for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < L; ++j) {
+    const float w = p[j] * inv;
+    const float* vj = v + j * hd;
+    for (int64_t d = 0; d < hd; ++d) o[d] += w * vj[d];
+  }
 }
 
 // One query row per (batch, head) against the first L cached positions: out = softmax(q K^T * scale) V.
@@ -112,6 +140,128 @@ void attend_decode(const float* qkv, int64_t ld_qkv, const float* kc, const floa
       }
     }
   });
+}
+
+inline void spin_until(const std::atomic<int>& flag) {
+  while (!flag.load(std::memory_order_acquire)) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+}
+
+inline void add_bias(float* y, const std::optional<at::Tensor>& bias, int64_t M, int64_t N) {
+  if (!bias) return;
+  const at::Tensor b = bias->to(at::kFloat).contiguous();
+  const float* bp = b.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) y[m * N + n] += bp[n];
+}
+
+// One token per row (T == 1, B rows) in a single parallel region: every thread walks the same phases.
+// A phase one thread must do alone (norms, the activations' preparation, rotary, residuals) goes to
+// whichever thread claims it first while the others wait for it; the projections and the attention
+// heads are shared through counters, and a thread that runs out of work waits until all of it is done.
+// No phase waits for a number of threads, so a region that runs on fewer threads than asked (nested,
+// or one thread) still completes. This replaces ~10 fork/joins and ~15 ATen calls per block.
+at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
+                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& ln1, const at::Tensor& ln2,
+                        const Linear& qkv_p, const Linear& o_p, const Linear& gu_p, const Linear& down_p, int64_t nh,
+                        int64_t nkv, int64_t hd, double eps, double scale) {
+  const int64_t M = x.size(0), H = x.size(2), S = k_cache.size(2), L = pos + 1;
+  const int64_t nq = nh * hd, nk = nkv * hd, n_qkv = qkv_p.out, I = gu_p.out / 2;
+  const auto opts = x.options();
+  at::Tensor h1 = at::empty({M, H}, opts), qkv = at::empty({M, n_qkv}, opts), attn = at::empty({M, nq}, opts);
+  at::Tensor o = at::empty({M, H}, opts), h = at::empty({M, H}, opts), h2 = at::empty({M, H}, opts);
+  at::Tensor gu = at::empty({M, 2 * I}, opts), act = at::empty({M, I}, opts), dn = at::empty({M, H}, opts);
+  const auto gemv = [&](const Linear& l, at::Tensor& y) {
+    return std::make_unique<DecodeGemv>(l.qweight, l.scales, l.zeros, l.perm, l.group, l.out, int(l.bits), M,
+                                        y.data_ptr<float>());
+  };
+  auto g_qkv = gemv(qkv_p, qkv), g_o = gemv(o_p, o), g_gu = gemv(gu_p, gu), g_dn = gemv(down_p, dn);
+  const float* xp = x.data_ptr<float>();
+  float* kcp = k_cache.data_ptr<float>();
+  float* vcp = v_cache.data_ptr<float>();
+  std::atomic<int> claimed[6] = {}, done[6] = {};
+  std::atomic<int64_t> attn_next{0}, attn_done{0};
+  const at::ThreadLocalState tls;
+  const auto serial = [&](int i, const auto& fn) {
+    if (claimed[i].exchange(1, std::memory_order_acq_rel) == 0) {
+      fn();
+      done[i].store(1, std::memory_order_release);
+    } else {
+      spin_until(done[i]);
+    }
+  };
+  const auto project = [&](DecodeGemv& g) {
+    g.run();
+    while (!g.finished()) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  };
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard guard(tls);
+    serial(0, [&] {
+      rms_norm_into(xp, ln1.data_ptr<float>(), h1.data_ptr<float>(), M, H, eps);
+      g_qkv->prepare(h1.data_ptr<float>());
+    });
+    project(*g_qkv);
+    serial(1, [&] {
+      float* qp = qkv.data_ptr<float>();
+      add_bias(qp, qkv_p.bias, M, n_qkv);
+      const float* c = cos.data_ptr<float>() + pos * hd;
+      const float* sn = sin.data_ptr<float>() + pos * hd;
+      for (int64_t b = 0; b < M; ++b) {
+        float* row = qp + b * n_qkv;
+        rope(row, nh + nkv, hd, c, sn);
+        for (int64_t g = 0; g < nkv; ++g) {
+          std::memcpy(kcp + ((b * nkv + g) * S + pos) * hd, row + nq + g * hd, hd * sizeof(float));
+          std::memcpy(vcp + ((b * nkv + g) * S + pos) * hd, row + nq + nk + g * hd, hd * sizeof(float));
+        }
+      }
+    });
+    {
+      std::vector<float> p(L);
+      for (int64_t i; (i = attn_next.fetch_add(1, std::memory_order_relaxed)) < M * nh;) {
+        attend_one(qkv.data_ptr<float>(), n_qkv, kcp, vcp, i / nh, i % nh, nh, nkv, S, hd, L, float(scale),
+                   attn.data_ptr<float>(), p.data());
+        attn_done.fetch_add(1, std::memory_order_acq_rel);
+      }
+      while (attn_done.load(std::memory_order_acquire) < M * nh) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      }
+    }
+    serial(2, [&] { g_o->prepare(attn.data_ptr<float>()); });
+    project(*g_o);
+    serial(3, [&] {
+      float* op = o.data_ptr<float>();
+      add_bias(op, o_p.bias, M, H);
+      float* hp = h.data_ptr<float>();
+      for (int64_t i = 0; i < M * H; ++i) hp[i] = xp[i] + op[i];
+      rms_norm_into(hp, ln2.data_ptr<float>(), h2.data_ptr<float>(), M, H, eps);
+      g_gu->prepare(h2.data_ptr<float>());
+    });
+    project(*g_gu);
+    serial(4, [&] {
+      add_bias(gu.data_ptr<float>(), gu_p.bias, M, 2 * I);
+      at::Tensor gate = gu.narrow(1, 0, I);
+      at::silu_out(act, gate);                  // ATen's vectorized exp; one thread here
+      act.mul_(gu.narrow(1, I, I));
+      g_dn->prepare(act.data_ptr<float>());
+    });
+    project(*g_dn);
+    serial(5, [&] {
+      float* dp = dn.data_ptr<float>();
+      add_bias(dp, down_p.bias, M, H);
+      float* hp = h.data_ptr<float>();
+      for (int64_t i = 0; i < M * H; ++i) hp[i] += dp[i];
+    });
+  });
+  return h.view({M, 1, H});
 }
 
 at::Tensor llama_layer(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
@@ -149,6 +299,9 @@ at::Tensor llama_layer(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_c
               "llama_layer: projection widths (", qkv_p.out, ", ", o_p.out, ", ", gu_p.out, ", ", down_p.out,
               ") do not match hidden=", H, " heads=", nh, " kv_heads=", nkv, " head_dim=", hd);
   const int64_t I = gu_p.out / 2;
+  if (T == 1 && M < 32)            // decode: one parallel region for the whole block
+    return decode_block(x, k_cache, v_cache, pos, cos, sin, ln1, ln2, qkv_p, o_p, gu_p, down_p, nh, nkv, hd, eps,
+                        scale);
 
   // attention
   const at::Tensor x2 = x.view({M, H});

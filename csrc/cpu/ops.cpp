@@ -104,6 +104,111 @@ std::string set_isa(const std::string& name) {
 
 std::string isa() { return kernels()->name; }
 
+}  // namespace
+
+DecodeGemv::DecodeGemv(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                       const std::optional<at::Tensor>& perm, int64_t group_size, int64_t out_features, int bits,
+                       int64_t M, float* y)
+    : ks_(kernels()), M_(M), N_(out_features), y_(y) {
+  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && (!zeros || zeros->is_contiguous()) &&
+                  (!perm || perm->is_contiguous()), "DecodeGemv: the packed tensors must be contiguous");
+  const int P = 32 / bits;
+  K_ = qweight.size(1) * P;
+  Nt_ = qweight.size(0);
+  const int64_t group = group_size == -1 ? K_ : group_size;
+  G_ = K_ / group;
+  base_ = TileArgs{};
+  base_.K = K_;
+  base_.G = G_;
+  base_.group = group;
+  base_.bits = bits;
+  qw_ = qweight.data_ptr<int32_t>();
+  sc_ = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  zp_ = zeros ? reinterpret_cast<const uint16_t*>(zeros->data_ptr<at::Half>()) : nullptr;
+  perm_ = perm ? perm->data_ptr<int64_t>() : nullptr;
+  // Partial sums run over blocks of <= 256 channels that divide the group (kernels.h explains).
+  int64_t block = std::min<int64_t>(group, 256) / P * P;
+  while (group % block) block -= P;
+  base_.block = block;
+  NB_ = K_ / block;
+  xsum_.resize(M * NB_);
+  // Waking a second thread costs a few microseconds, as much as streaming ~100 KB, so small layers
+  // (e.g. a 576x192 projection) stay on one thread.
+  const int64_t tile_bytes = (K_ / P) * kTileN * 4 + 2 * G_ * kTileN * 2;
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / tile_bytes);
+  workers_ = std::min<int64_t>(at::get_num_threads(), (Nt_ + grain - 1) / grain);
+  // Threads take chunks of tiles from a shared counter instead of one fixed share each: on a shared
+  // machine one core is often slower for a while, and a static split leaves the other one idle.
+  // A whole number of max_tiles per chunk: the kernel streams that many tiles at once.
+  chunk_ = (std::max<int64_t>(1, kChunkBytes / tile_bytes) + ks_->max_tiles - 1) / ks_->max_tiles * ks_->max_tiles;
+  TORCH_CHECK(ks_->max_rows <= 4 && ks_->max_tiles <= 4, "kernel set ", ks_->name, " exceeds the output block");
+}
+
+void DecodeGemv::prepare(const float* x) {
+  const int P = 32 / base_.bits, bits = base_.bits;
+  const int64_t K = K_, M = M_, block = base_.block, NB = NB_;
+  if (perm_) {  // act-order: channels were sorted by group at repack
+    xperm_.resize(M * K);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xperm_[m * K + k] = x[m * K + perm_[k]];
+    x = xperm_.data();
+  }
+  if (ks_->xform != XForm::kInt8x3)  // there prep_x writes the sums of the slices
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < NB; ++b) xsum_[m * NB + b] = block_sum(x + m * K + b * block, block);
+  xg_ = x;
+  if (ks_->xform == XForm::kScaled) {
+    float pow2[8];
+    for (int j = 0; j < P; ++j) pow2[j] = j == P - 1 ? 1.0f : std::ldexp(1.0f, -bits * j);
+    xscaled_.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) xscaled_[i] = x[i] * pow2[i % P];
+    xg_ = xscaled_.data();
+  } else if (ks_->xform == XForm::kInt8x3) {
+    xq_.resize(M * 3 * K);
+    xsigma_.resize(M * NB);
+    ks_->prep_x(x, M, K, block, bits, xq_.data(), xsigma_.data(), xsum_.data());
+  }
+  next_.store(0, std::memory_order_relaxed);
+  done_.store(0, std::memory_order_release);
+}
+
+void DecodeGemv::run() {
+  const int P = 32 / base_.bits;
+  const int64_t K = K_, N = N_, NB = NB_, G = G_, Nt = Nt_;
+  // (rows, tiles * kTileN): the output of the tiles one call streams, before the N tail is cut
+  alignas(64) float out[4 * 4 * kTileN];
+  for (int64_t t0; (t0 = next_.fetch_add(chunk_, std::memory_order_relaxed)) < Nt;) {
+    const int64_t t_end = std::min(Nt, t0 + chunk_);
+    for (int64_t t = t0; t < t_end;) {
+      const int tiles = int(std::min<int64_t>(ks_->max_tiles, t_end - t));
+      TileArgs a = base_;
+      a.qw = qw_ + t * (K / P) * kTileN;
+      a.sc = sc_ + t * G * kTileN;
+      a.zp = zp_ ? zp_ + t * G * kTileN : nullptr;
+      a.ldx = K;
+      a.y = out;
+      a.ldy = tiles * kTileN;
+      const int64_t cols = std::min<int64_t>(tiles * kTileN, N - t * kTileN);
+      for (int64_t m0 = 0; m0 < M_; m0 += ks_->max_rows) {
+        const int rows = int(std::min<int64_t>(ks_->max_rows, M_ - m0));
+        a.x = xg_ + m0 * K;
+        a.xsum = xsum_.data() + m0 * NB;
+        a.xq = xq_.data() + m0 * 3 * K;
+        a.xsigma = xsigma_.data() + m0 * NB;
+        ks_->gemv(a, rows, tiles);
+        for (int r = 0; r < rows; ++r)
+          std::memcpy(y_ + (m0 + r) * N + t * kTileN, out + r * a.ldy, cols * sizeof(float));
+      }
+      t += tiles;
+    }
+    done_.fetch_add(t_end - t0, std::memory_order_acq_rel);
+  }
+}
+
+bool DecodeGemv::finished() const { return done_.load(std::memory_order_acquire) >= Nt_; }
+
+namespace {
+
 at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& perm,
                      const std::optional<at::Tensor>& bias, int64_t group_size, int64_t out_features,
@@ -160,65 +265,10 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   if (M < kGemmMinRows) {
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
     at::Tensor y = at::empty({M, N}, xf.options());
-    const float* xp = xf.data_ptr<float>();
-    // Partial sums run over blocks of <= 256 channels that divide the group (kernels.h explains).
-    int64_t block = std::min<int64_t>(group, 256) / P * P;
-    while (group % block) block -= P;
-    base.block = block;
-    const int64_t NB = K / block;
-    std::vector<float> xsum(M * NB);  // (M, NB): the zero-point term needs sum(x) per block
-    if (ks->xform != XForm::kInt8x3)  // there prep_x writes the sums of the slices
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t b = 0; b < NB; ++b) xsum[m * NB + b] = block_sum(xp + m * K + b * block, block);
-    std::vector<float> xscaled, xsigma;
-    std::vector<int8_t> xq;
-    if (ks->xform == XForm::kScaled) {
-      float pow2[8];
-      for (int j = 0; j < P; ++j) pow2[j] = j == P - 1 ? 1.0f : std::ldexp(1.0f, -bits * j);
-      xscaled.resize(M * K);
-      for (int64_t i = 0; i < M * K; ++i) xscaled[i] = xp[i] * pow2[i % P];
-    } else if (ks->xform == XForm::kInt8x3) {
-      xq.resize(M * 3 * K);
-      xsigma.resize(M * NB);
-      ks->prep_x(xp, M, K, block, bits, xq.data(), xsigma.data(), xsum.data());
-    }
-    const float* xg = ks->xform == XForm::kScaled ? xscaled.data() : xp;
-    float* yp = y.data_ptr<float>();
-    // Waking a second thread costs a few microseconds, as much as streaming ~100 KB, so small layers
-    // (e.g. a 576x192 projection) stay on one thread.
-    const int64_t tile_bytes = (K / P) * kTileN * 4 + 2 * G * kTileN * 2;
-    const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / tile_bytes);
-    const int64_t workers = std::min<int64_t>(at::get_num_threads(), (Nt + grain - 1) / grain);
-    // Threads take chunks of tiles from a shared counter instead of one fixed share each: on a shared
-    // machine one core is often slower for a while, and a static split leaves the other one idle.
-    // A whole number of max_tiles per chunk: the kernel streams that many tiles at once.
-    const int64_t chunk = (std::max<int64_t>(1, kChunkBytes / tile_bytes) + ks->max_tiles - 1) / ks->max_tiles * ks->max_tiles;
-    TORCH_CHECK(ks->max_rows <= 4 && ks->max_tiles <= 4, "kernel set ", ks->name, " exceeds the output block");
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      // (rows, tiles * kTileN): the output of the tiles one call streams, before the N tail is cut
-      alignas(64) float block[4 * 4 * kTileN];
-      for (int64_t t0; (t0 = next.fetch_add(chunk, std::memory_order_relaxed)) < Nt;)
-      for (int64_t t = t0, t_end = std::min(Nt, t0 + chunk); t < t_end;) {
-        const int tiles = int(std::min<int64_t>(ks->max_tiles, t_end - t));
-        TileArgs a = tile(base, t);
-        a.ldx = K;
-        a.y = block;
-        a.ldy = tiles * kTileN;
-        const int64_t cols = std::min<int64_t>(tiles * kTileN, N - t * kTileN);
-        for (int64_t m0 = 0; m0 < M; m0 += ks->max_rows) {
-          const int rows = int(std::min<int64_t>(ks->max_rows, M - m0));
-          a.x = xg + m0 * K;
-          a.xsum = xsum.data() + m0 * NB;
-          a.xq = xq.data() + m0 * 3 * K;
-          a.xsigma = xsigma.data() + m0 * NB;
-          ks->gemv(a, rows, tiles);
-          for (int r = 0; r < rows; ++r)
-            std::memcpy(yp + (m0 + r) * N + t * kTileN, block + r * a.ldy, cols * sizeof(float));
-        }
-        t += tiles;
-      }
-    });
+    DecodeGemv g(qw, sc, zp.defined() ? std::optional<at::Tensor>(zp) : std::nullopt, std::nullopt, group_size, N,
+                 bits, M, y.data_ptr<float>());
+    g.prepare(xf.data_ptr<float>());
+    at::parallel_for(0, g.workers(), 1, [&](int64_t, int64_t) { g.run(); });
     if (bias) y.add_(bias->to(at::kFloat));
     return y.to(x.scalar_type()).reshape(out_shape);
   }
