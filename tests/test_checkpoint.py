@@ -20,7 +20,7 @@ def test_save_load_exact(tiny_llama, tmp_path, recipe):
     meta = json.loads((out / "compression.json").read_text())
     assert meta["source"]["sha256"] and meta["versions"]["torch"] and meta["recipe"]["passes"][0]["pass"] == "rtn"
     assert all("sqnr_db" in meta["layers"][n] for n in meta["modules"])
-    loaded = compressor.load(out)
+    loaded = compressor.load(out, for_inference=False)
     n_q = sum(isinstance(m, QuantLinear) for m in loaded.modules())
     assert n_q == 14  # 2 layers x 7 linears; lm_head and embedding stay float
     x = torch.randint(0, 200, (2, 33))
@@ -109,7 +109,7 @@ def _save(model, tok, out, **kw):
 def _check_shrunk_reload(model, tok, out, widths, full):
     _save(model, tok, out)
     meta = json.loads((out / "compression.json").read_text())
-    loaded = compressor.load(out)
+    loaded = compressor.load(out, for_inference=False)
     ids = torch.randint(3, 200, (2, 19))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
@@ -185,7 +185,7 @@ def test_a_registered_module_type_round_trips(tiny_llama, tmp_path, scaled_linea
     meta = json.loads((tmp_path / "o" / "compression.json").read_text())
     assert meta["modules"] == {"model.layers.1.self_attn.o_proj": {"type": "test-scaled", "in_features": 64,
                                                                    "out_features": 64}}
-    loaded = compressor.load(tmp_path / "o")
+    loaded = compressor.load(tmp_path / "o", for_inference=False)
     assert type(loaded.model.layers[1].self_attn.o_proj) is scaled_linear_type
     ids = torch.randint(3, 200, (1, 11))
     with torch.no_grad():
@@ -205,7 +205,7 @@ def test_mixed_bits_save_gptq_dynamic_overrides(tiny_llama, tmp_path):
     assert (qc["bits"], qc["group_size"], qc["sym"]) == (4, 32, False)     # the most common settings
     assert qc["dynamic"] == {rf"+:^model\.layers\.{i}\.mlp\.down_proj$": {"bits": 8, "group_size": -1, "sym": True,
                                                                         "desc_act": False} for i in range(2)}
-    loaded = compressor.load(out)
+    loaded = compressor.load(out, for_inference=False)
     assert {(m.bits, m.group_size) for m in loaded.modules() if isinstance(m, QuantLinear)} == {(4, 32), (8, -1)}
     ids = torch.randint(3, 200, (2, 9))
     with torch.no_grad():

@@ -79,7 +79,7 @@ def test_api_measures_what_the_cli_prints(tiny_llama, tmp_path):
     assert rep.original == perplexity(model, tok, text, 64, 2, progress=False)
     assert rep.compressed == perplexity(res.model, tok, text, 64, 2, progress=False)
     assert rep.reloaded == rep.compressed and rep.reload_gap_pct == 0
-    assert rep.stages == [("rtn (reloaded)", rep.reloaded)]
+    assert rep.stages == [("rtn + head (reloaded)", rep.reloaded)]   # head: skipped here (vocab 259), still a pass
 
 
 def test_recipes_listing(capsys):

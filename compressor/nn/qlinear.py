@@ -49,6 +49,27 @@ def _versions(sources) -> tuple:
     return tuple(-1 if t.is_inference() else t._version for t in sources[:2])
 
 
+def _codes_of(p, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`QuantLinear.codes` from a `PackedWeight` (exact: the layout holds the same codes and fp16 qparams)."""
+    nt, kw, t = p.qweight.shape
+    per = 32 // bits
+    n, k = p.out_features, kw * per
+    shifts = torch.arange(per, dtype=torch.int32).view(1, 1, per, 1) * bits
+    q = ((p.qweight.cpu().unsqueeze(2) >> shifts) & ((1 << bits) - 1)).reshape(nt, k, t)
+    q = q.permute(0, 2, 1).reshape(nt * t, k)[:n].to(torch.uint8)
+    scale = p.scales.cpu().float().permute(0, 2, 1).reshape(nt * t, -1)[:n]
+    zero = (p.zeros.cpu().float().permute(0, 2, 1).reshape(nt * t, -1)[:n] if p.zeros is not None
+            else torch.full_like(scale, float(2 ** (bits - 1))))
+    group = k // scale.shape[1]
+    g_idx = (torch.arange(k) // group).to(torch.int32)
+    if p.perm is not None:                       # packed order -> the checkpoint's channel order
+        perm = p.perm.cpu()
+        q_orig, g_orig = torch.empty_like(q), torch.empty_like(g_idx)
+        q_orig[:, perm], g_orig[perm] = q, g_idx
+        q, g_idx = q_orig, g_orig
+    return q.contiguous(), scale.contiguous(), zero.contiguous(), g_idx
+
+
 @register_module("gptq")
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
@@ -125,8 +146,9 @@ class QuantLinear(nn.Module):
         return m
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q (N, K), scale (N, G), zero (N, G), g_idx (K,))."""
-        self._check_not_released("its codes")
+        """(q (N, K), scale (N, G), zero (N, G), g_idx (K,)); after `release_`, read back from the kernel layout."""
+        if self._released:
+            return _codes_of(self._last.packed, self.bits)
         return unpack_gptq({"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales,
                             "g_idx": self.g_idx}, self.bits)
 

@@ -99,3 +99,7 @@ def test_act_order_checkpoint(tmp_path, data_dir):
     ids = torch.randint(3, 250, (1, 7))
     assert torch.equal(m.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False),
                        m.generate.hf_generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False))
+    plain = compressor.load(out, for_inference=False)        # codes read back from the kernel layout: exact
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        for a, b in zip(plain.get_submodule(name).codes(), m.get_submodule(name).codes()):
+            assert torch.equal(a, b)

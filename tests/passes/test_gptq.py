@@ -81,7 +81,7 @@ def test_act_order_g_idx_round_trips(tiny_llama, tmp_path):
     res = compressor.compress(str(tiny_llama), recipe, out, calib_data=str(calib), progress=False)
     import json
     assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True
-    loaded = compressor.load(out)
+    loaded = compressor.load(out, for_inference=False)
     g = loaded.model.layers[0].mlp.down_proj.g_idx
     assert not torch.equal(g, torch.arange(g.numel(), dtype=torch.int32) // 32)   # really permuted
     assert torch.equal(torch.bincount(g.long()), torch.full((g.numel() // 32,), 32))

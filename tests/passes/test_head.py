@@ -27,7 +27,8 @@ def test_tied_head_round_trip(src, tmp_path, head):
     """Stored once under lm_head, the embedding reads exactly the head's dequantized rows, and the
     reloaded model (plain and for inference) gives the in-memory model's logits."""
     base = tmp_path / "base"
-    compressor.compress(str(src), "rtn-w4g64", base, progress=False)
+    compressor.compress(str(src), Recipe.from_dict({"passes": [{"pass": "rtn", "bits": 4, "group_size": 64}]}), base,
+                        progress=False)
     out = tmp_path / "out"
     compressor.compress(str(src), _recipe(**head), out, progress=False)
     with safe_open(str(out / "model.safetensors"), "pt") as f:

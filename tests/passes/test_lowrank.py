@@ -116,7 +116,7 @@ def test_save_reload_exact_and_ranks_recorded(tiny_llama, calib_file, tmp_path, 
     x = torch.randint(0, 200, (1, 24))
     with torch.no_grad():
         mem = res.model(x).logits
-        back = compressor.load(tmp_path / "out")
+        back = compressor.load(tmp_path / "out", for_inference=False)
         assert torch.equal(back(x).logits, mem)
     low = [m for m in back.modules() if isinstance(m, LowRankLinear)]
     assert low and all(m.rank % 8 == 0 for m in low)
@@ -150,7 +150,7 @@ def test_lowrank_then_gptq_quantizes_both_factors(tiny_llama, calib_file, tmp_pa
     assert low and all(isinstance(m.a, QuantLinear) and isinstance(m.b, QuantLinear) for m in low)
     x = torch.randint(0, 200, (1, 24))
     with torch.no_grad():
-        assert torch.equal(compressor.load(tmp_path / "out")(x).logits, res.model(x).logits)
+        assert torch.equal(compressor.load(tmp_path / "out", for_inference=False)(x).logits, res.model(x).logits)
         m = low[0]                                    # the dense view dequantizes both factors
         xin = torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(xin @ m.weight.T, m(xin), rtol=2e-2, atol=2e-2)
@@ -206,7 +206,7 @@ def test_lowrank_then_distill_trains_the_factors_and_keeps_the_ranks(tiny_llama,
     assert any(not torch.equal(m.a.weight, before[n].a.weight) for n, m in after.items())
     x = torch.randint(0, 200, (1, 24))
     with torch.no_grad():
-        assert torch.equal(compressor.load(tmp_path / "o")(x).logits, res.model(x).logits)
+        assert torch.equal(compressor.load(tmp_path / "o", for_inference=False)(x).logits, res.model(x).logits)
 
 
 def test_factorizing_a_pruned_layer_is_refused_before_work():

@@ -28,13 +28,13 @@ def test_mlp_and_heads_shrink_and_load_in_transformers(tiny_llama, calib_file, t
     x = torch.randint(0, 200, (1, 20))
     with torch.no_grad():
         assert torch.equal(hf(x).logits, res.model(x).logits)
-        assert torch.equal(compressor.load(tmp_path / "out")(x).logits, res.model(x).logits)
+        assert torch.equal(compressor.load(tmp_path / "out", for_inference=False)(x).logits, res.model(x).logits)
 
 
 def test_kv_group_removal_then_rtn(tiny_llama, calib_file, tmp_path, one_thread):
     r = _recipe({"prune-structured": {"kv_groups": 1}}, {"rtn": {"bits": 4, "group_size": 32}})
     res = compress(str(tiny_llama), r, tmp_path / "out", calib_data=str(calib_file), progress=False)
-    back = compressor.load(tmp_path / "out")
+    back = compressor.load(tmp_path / "out", for_inference=False)
     attn = back.model.layers[0].self_attn
     assert (attn.k_proj.out_features, attn.q_proj.out_features) == (16, 32)   # 1 KV group, its 2 query heads
     x = torch.randint(0, 200, (1, 20))
@@ -47,7 +47,7 @@ def test_per_layer_widths_reload_through_compressor_load(tiny_llama, calib_file,
     res = compress(str(tiny_llama), r, tmp_path / "out", calib_data=str(calib_file), progress=False)
     widths = [m.mlp.down_proj.in_features for m in res.model.model.layers]
     assert all(w % 16 == 0 and w <= 128 for w in widths) and sum(widths) < 256
-    back = compressor.load(tmp_path / "out")
+    back = compressor.load(tmp_path / "out", for_inference=False)
     assert [m.mlp.down_proj.in_features for m in back.model.layers] == widths
     x = torch.randint(0, 200, (1, 20))
     with torch.no_grad():
