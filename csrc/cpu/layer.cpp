@@ -111,34 +111,14 @@ void attend_one(const float* qkv, int64_t ld_qkv, const float* kc, const float* 
   }
 }
 
-// One query row per (batch, head) against the first L cached positions: out = softmax(q K^T * scale) V.
+// One query row per (batch, head) against the first L cached positions (a batch too large for decode_block).
 void attend_decode(const float* qkv, int64_t ld_qkv, const float* kc, const float* vc, int64_t B, int64_t nh,
                    int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out) {
-  const int64_t per_kv = nh / nkv;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, L * hd));
   at::parallel_for(0, B * nh, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(L);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / nh, h = i % nh, g = h / per_kv;
-      const float* q = qkv + b * ld_qkv + h * hd;
-      const float* k = kc + ((b * nkv + g) * S) * hd;
-      const float* v = vc + ((b * nkv + g) * S) * hd;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < L; ++j) {
-        p[j] = dot(q, k + j * hd, hd) * scale;
-        mx = std::max(mx, p[j]);
-      }
-      float sum = 0.f;
-      for (int64_t j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
-      float* o = out + b * nh * hd + h * hd;
-      for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j < L; ++j) {
-        const float w = p[j] * inv;
-        const float* vj = v + j * hd;
-        for (int64_t d = 0; d < hd; ++d) o[d] += w * vj[d];
-      }
-    }
+    for (int64_t i = i0; i < i1; ++i)
+      attend_one(qkv, ld_qkv, kc, vc, i / nh, i % nh, nh, nkv, S, hd, L, scale, out, p.data());
   });
 }
 

@@ -44,7 +44,7 @@ def _tables(n: int):
 @pytest.mark.skipif(extension is None, reason="the C++ extension is not built")
 @pytest.mark.parametrize("bits,group,sym,bias,perm", [(4, 64, False, False, False), (4, 32, True, True, False),
                                                       (8, -1, True, False, False), (4, 64, False, False, True)])
-@pytest.mark.parametrize("batch,steps", [(1, [7, 1, 1]), (3, [5, 2, 1])])
+@pytest.mark.parametrize("batch,steps", [(1, [7, 1, 1]), (3, [5, 2, 1]), (33, [2, 1])])   # 33: past decode_block
 def test_matches_reference(isa, bits, group, sym, bias, perm, batch, steps):  # noqa: F811
     """Prefill, a later chunk and single-token decode: output and caches equal the reference within fp32
     rounding (the kernels' own tolerance); the caches are written at the right positions only."""
