@@ -48,8 +48,10 @@ def test_gptq_v1_is_the_checkpoint(quantized, tmp_path):
 
 @pytest.mark.parametrize("setting", ["head8", "head4", "head8-untied"])
 def test_gptq_exports_keep_the_quantized_head_and_write_the_tied_embedding(quantized, tmp_path, setting):
-    """lm_head stays GPTQ (the same bytes, ``lm_head: true`` for GPTQ loaders); the tied embedding, which no
-    loader knows, is its head's rows dequantized exactly; compressor.load reads the v1 copy back."""
+    """A head of the decoder's width stays GPTQ (the same bytes, ``lm_head: true`` for GPTQ loaders); an int8
+    head of a 4-bit model becomes its float rows (GPTQModel's CPU kernels take one width); the tied
+    embedding, which no loader knows, is its head's rows dequantized exactly; compressor.load reads the v1
+    copy back."""
     import compressor
     ck = quantized(setting)
     src = load_file(str(ck / "model.safetensors"))
@@ -57,10 +59,25 @@ def test_gptq_exports_keep_the_quantized_head_and_write_the_tied_embedding(quant
     v1, v2 = export(ck, "gptq", tmp_path / "v1"), export(ck, "gptq-v2", tmp_path / "v2")
     t1, t2 = load_file(str(v1 / "model.safetensors")), load_file(str(v2 / "model.safetensors"))
     emb = ref.lm_head.dequantized_weight() if "untied" not in setting else ref.model.embed_tokens.weight
+    bits = json.loads((ck / "compression.json").read_text())["modules"]["lm_head"]["bits"]
     for t in (t1, t2):
         assert torch.equal(t["model.embed_tokens.weight"].float(), emb)
+    if bits == 8:                                         # the decoder is 4-bit: a float head
+        head = {f"lm_head.{k}" for k in ("qweight", "qzeros", "scales", "g_idx")}
+        for t in (t1, t2):
+            assert set(t) == (set(src) - head) | {"model.embed_tokens.weight", "lm_head.weight"}
+            assert torch.equal(t["lm_head.weight"].float(), ref.lm_head.dequantized_weight())
+        for out in (v1, v2):
+            qc = json.loads((out / "config.json").read_text())["quantization_config"]
+            assert "lm_head" not in qc and not any("lm_head" in k for k in qc.get("dynamic", {}))
+        assert "lm_head" not in json.loads((v1 / "compression.json").read_text())["modules"]
+        x = torch.randint(0, 300, (1, 12))
+        with torch.no_grad():
+            got, want = compressor.load(v1)(x).logits, compressor.load(ck, for_inference=False)(x).logits
+        torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=0)
+        return
+    for t in (t1, t2):
         assert set(t) == set(src) | {"model.embed_tokens.weight"}
-    bits = json.loads((ck / "compression.json").read_text())["modules"]["lm_head"]["bits"]
     for k in ("qweight", "scales", "g_idx"):
         assert all(torch.equal(t[f"lm_head.{k}"], src[f"lm_head.{k}"]) for t in (t1, t2)), k
     z1, z2 = (_unpack_nibbles_rows(t["lm_head.qzeros"], bits) for t in (src, t2))
@@ -71,7 +88,7 @@ def test_gptq_exports_keep_the_quantized_head_and_write_the_tied_embedding(quant
     assert "model.embed_tokens" not in json.loads((v1 / "compression.json").read_text())["modules"]
     x = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
-        got, want = compressor.load(v1)(x).logits, compressor.load(ck)(x).logits
+        got, want = compressor.load(v1)(x).logits, compressor.load(ck, for_inference=False)(x).logits
     # the same numbers; TiedQuantEmbedding's output is not contiguous, so the sums run in another order
     torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=0)
 
