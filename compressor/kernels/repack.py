@@ -18,7 +18,7 @@ import torch
 
 from .ops import OPS, TILE_N
 
-__all__ = ["PackedWeight", "pack", "pack_gptq", "channel_order", "fuse"]
+__all__ = ["PackedWeight", "pack", "pack_gptq", "channel_order", "fuse", "fusable"]
 
 
 @dataclass(frozen=True)
@@ -114,21 +114,29 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, gr
                         zeros=zeros, perm=perm, group_size=group_size, in_features=k, out_features=n)
 
 
+def fusable(parts: list[PackedWeight | None]) -> bool:
+    """Whether `fuse` can join `parts` (the check alone, no copy)."""
+    if not parts or any(p is None for p in parts):
+        return False
+    first = parts[0]
+    for p in parts:
+        if (p.bits, p.group_size, p.in_features) != (first.bits, first.group_size, first.in_features):
+            return False
+        if (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm)):
+            return False
+        if p.out_features % TILE_N and p is not parts[-1]:
+            return False
+    return True
+
+
 def fuse(parts: list[PackedWeight | None]) -> PackedWeight | None:
     """Layers that read the same input (q/k/v, gate/up) as one `PackedWeight` whose outputs are theirs
     side by side, or None when they cannot be: a missing layout, different bits, group size, input
     width or act-order permutation, or a width that is not whole tiles (the join would pad inside).
     One call then streams x once and runs one parallel region for all of them."""
-    if not parts or any(p is None for p in parts):
+    if not fusable(parts):
         return None
     first = parts[0]
-    for p in parts:
-        if (p.bits, p.group_size, p.in_features) != (first.bits, first.group_size, first.in_features):
-            return None
-        if (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm)):
-            return None
-        if p.out_features % TILE_N and p is not parts[-1]:
-            return None
     if len(parts) == 1:
         return first
     if any(p.zeros is not None for p in parts):     # mixed symmetric / asymmetric: spell the zeros out

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..kernels.repack import PackedWeight, fuse
+from ..kernels.repack import PackedWeight, fusable
 from .qlinear import QuantLinear
 
 __all__ = ["FastDecoder", "unsupported", "install"]
@@ -63,9 +63,9 @@ def unsupported(model: torch.nn.Module) -> str | None:
                           ("gate_proj", m.gate_proj), ("up_proj", m.up_proj), ("down_proj", m.down_proj)):
             if _packed(lin) is None:
                 return f"layers.{i}.{name} is {type(lin).__name__}, not a packed 4/8-bit QuantLinear"
-        if fuse([_packed(a.q_proj), _packed(a.k_proj), _packed(a.v_proj)]) is None:
+        if not fusable([_packed(a.q_proj), _packed(a.k_proj), _packed(a.v_proj)]):
             return f"layers.{i}: q/k/v projections differ in bits, group size or act-order permutation"
-        if fuse([_packed(m.gate_proj), _packed(m.up_proj)]) is None:
+        if not fusable([_packed(m.gate_proj), _packed(m.up_proj)]):
             return f"layers.{i}: gate/up projections differ in bits, group size or act-order permutation"
     return None
 
@@ -197,22 +197,26 @@ class _Arena:
         self.off = (-self.buf.data_ptr()) % _HUGE
         _advise_huge(self.buf.data_ptr() + self.off, nbytes)
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        n = like.nbytes
-        t = self.buf[self.off:self.off + n].view(like.dtype).view(like.shape)
+    def take(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        n = dtype.itemsize * int(torch.Size(shape).numel())
+        t = self.buf[self.off:self.off + n].view(dtype).view(shape)
         self.off += _align(n)
         return t
 
     def place(self, linears: list) -> PackedWeight:
-        """`fuse` of the linears' layouts, written into the arena; each linear then runs on its slice."""
+        """What `fuse` makes of the linears' layouts, written straight into the arena (the parts side by side
+        along the tiles, no intermediate copy); each linear then runs on its slice."""
         parts = [_packed(m) for m in linears]
-        fused = fuse(parts)
+        if not fusable(parts):
+            raise ValueError("these layers cannot share one packed weight")
+        first, nt_all = parts[0], sum(p.qweight.shape[0] for p in parts)
         out = {}
         for name in ("qweight", "scales", "zeros"):
-            if name == "zeros" and fused.zeros is None:
+            if name == "zeros" and all(p.zeros is None for p in parts):
                 out[name] = None
                 continue
-            dst = self.take(getattr(fused, name))
+            like = first.qweight if name == "qweight" else first.scales
+            dst = self.take((nt_all, *like.shape[1:]), like.dtype)
             t0 = 0
             for p in parts:
                 src = getattr(p, name)
@@ -223,8 +227,8 @@ class _Arena:
                     dst.narrow(0, t0, nt).copy_(src)
                 t0 += nt
             out[name] = dst
-        placed = PackedWeight(fused.bits, out["qweight"], out["scales"], out["zeros"], fused.perm, fused.group_size,
-                              fused.in_features, fused.out_features)
+        placed = PackedWeight(first.bits, out["qweight"], out["scales"], out["zeros"], first.perm, first.group_size,
+                              first.in_features, sum(p.out_features for p in parts))
         t0 = 0
         for m, p in zip(linears, parts):
             nt = p.qweight.shape[0]
