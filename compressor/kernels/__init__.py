@@ -15,7 +15,9 @@ Marlin (Frantar et al., 2024) do for the GPTQ format (Frantar et al., 2022). On 
 products run on the integer dot-product unit, with the fp32 activations split into three int8
 slices per block (exact to ~2^-21 of the block's largest entry, measured error <= 3e-6 relative:
 not a lossy int8-activation mode), the error-free splitting of Ozaki et al. (2012) that emulates
-high-precision GEMM on integer units.
+high-precision GEMM on integer units. Batched decoding (`compressor.nn.decoder.FastDecoder`, 2-31 rows of
+one new token each) is bound by those products instead, and opts in to one int8 slice per block
+(`int8_activations`), as llama.cpp's Q8 activations are.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ from typing import Callable
 import torch
 
 from .dispatch import BACKENDS, current_backend, unavailable, use_backend
-from .ops import OPS, cuda_extension, extension, reference
+from .ops import OPS, cuda_extension, extension, int8_activations, reference
 from .repack import PackedWeight, pack, pack_gptq
 
 __all__ = ["pack_for", "pack", "pack_gptq", "PackedWeight", "LAYOUTS", "DTYPES", "OPS", "reference", "extension", "backend",
+           "int8_activations",
            "cuda_extension", "BACKENDS", "current_backend", "use_backend", "unavailable"]
 
 # device type -> activation dtypes its kernels take (others go to the caller's reference path).

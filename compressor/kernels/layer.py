@@ -43,8 +43,11 @@ def _rotate_half(t: torch.Tensor) -> torch.Tensor:
     return torch.cat((-t[..., h:], t[..., :h]), dim=-1)
 
 
-def reference(x, k_cache, v_cache, pos, cos, sin, ln1, ln2, w, meta, eps, scale):
+def reference(x, k_cache, v_cache, pos, cos, sin, ln1, ln2, w, meta, eps, scale, *, linear=None):
+    """The block in plain PyTorch. `linear` (default `compressor.kernels.ops.reference`) computes each
+    projection; tests pass `int8_activation_reference` where the CPU kernels take int8 activations."""
     from .ops import reference as linear_ref
+    linear_ref = linear or linear_ref
 
     def lin(i: int, t: torch.Tensor) -> torch.Tensor:
         qw, sc, zp, perm, bias = w[PER_LINEAR * i:PER_LINEAR * (i + 1)]

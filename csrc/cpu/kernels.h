@@ -36,7 +36,8 @@ struct TileArgs {
   float* y;              // (M, kTileN) fp32 output block, row stride ldy; overwritten
   int64_t ldy;
   // XForm::kInt8x3 only (see PrepXFn): x as three int8 slices per row, (M, 3, K) bytes, and the
-  // slice scale of each (row, block), (M, K / block).
+  // slice scale of each (row, block), (M, K / block). For KernelSet::batch (PrepX1Fn): one slice per
+  // row, (M, K) bytes, and its scale per (row, block).
   const int8_t* xq;
   const float* xsigma;
 };
@@ -88,6 +89,41 @@ enum class XForm { kPlain, kScaled, kInt8x3 };
 using PrepXFn = void (*)(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8_t* xq,
                          float* xsigma, float* xsum);
 
+// Batch decode (KernelSet::batch): x as one int8 slice per block, the way llama.cpp's Q8 activations
+// and every W4A8 kernel take it, so that each product is one byte of one vpdpbusd instead of three:
+// at 5-31 rows the three-slice gemv is bound by its multiply-adds, not by the weight stream. For each
+// block b of `block` channels of row m, with d = max|x_b| / 127 (a float, not a power of two):
+//   q_k = round_half_even(x_k * (127 / max|x_b|)) in [-127, 127],  x_k ~ d * q_k,
+// an error of at most d / 2 per channel: ~2^-8 of the block maximum (a bf16 activation: 2^-9 of
+// itself). The P bytes of row m that meet word w (P = 32 / bits channels, in the gemv's byte order as
+// for PrepXFn) go to xq[(w ldm + m) P]: all rows of a word side by side (ldm >= M: the rows of the
+// whole call, when a thread prepares some of them with xq at its first row). d goes to xsigma[m NB + b],
+// d * sum_k q_k to xsum[m NB + b]. Non-finite x in a block: d and the sum are NaN. The gemv reads row r
+// of word w at a.xq + w * a.ldx + r * P (a.ldx = M P, a.xq at the call's first row).
+using PrepX1Fn = void (*)(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8_t* xq,
+                          int64_t ldm, float* xsigma, float* xsum);
+
+struct BatchGemv {
+  int min_rows = 0;   // calls with at least this many rows (and fewer than the prefill GEMM's) use it, when
+                      // the calling thread allows int8 activations (ops.cpp, set_int8_activations)
+  int max_rows = 0;   // rows one gemv call holds
+  PrepX1Fn prep = nullptr;
+  GemvTileFn gemv = nullptr;  // gemv(a, rows, tiles): a.xq / a.xsigma / a.xsum from prep, rows <= max_rows
+};
+
+// Decode attention (layer.cpp), one cached KV head and the G query heads that share it:
+// out (G, hd) = softmax(q k^T * scale) v over its first L positions, in fp32. q, out: G rows of hd
+// floats, contiguous; k, v: L rows of hd, contiguous; p: scratch for G * L floats.
+using AttendFn = void (*)(const float* q, const float* k, const float* v, int64_t G, int64_t L, int64_t hd,
+                          float scale, float* out, float* p);
+// The portable one (kernels_scalar.cpp), used by the sets without their own and for shapes theirs refuse.
+void attend_ref(const float* q, const float* k, const float* v, int64_t G, int64_t L, int64_t hd, float scale,
+                float* out, float* p);
+
+// The gated MLP's activation (layer.cpp): out[i] = silu(gate[i]) * up[i] for i < n, silu(g) = g / (1 + e^-g).
+using SiluMulFn = void (*)(const float* gate, const float* up, float* out, int64_t n);
+void silu_mul_ref(const float* gate, const float* up, float* out, int64_t n);
+
 struct KernelSet {
   const char* name;
   int max_rows;   // rows one gemv call can hold in registers
@@ -98,6 +134,9 @@ struct KernelSet {
   DequantTileFn dequant;
   GemmTileFn gemm;  // or nullptr
   GemvF16Fn gemv_f16;
+  BatchGemv batch = {};
+  AttendFn attend = attend_ref;
+  SiluMulFn silu_mul = silu_mul_ref;
 };
 
 // The AVX2 fp16 gemv, also used by the AVX-512 set (it is bound by memory, not by vector width).

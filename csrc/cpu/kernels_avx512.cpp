@@ -10,6 +10,8 @@
 
 #include <immintrin.h>
 
+#include <utility>
+
 #include "kernels.h"
 
 namespace compressor {
@@ -153,25 +155,33 @@ void gemv_any(const TileArgs& a, int rows, int tiles) {
   else gemv<8>(a, rows, tiles);
 }
 
+// max |x| over a block of n floats (n a multiple of 4, not always of 16: the tail is masked), and
+// whether any is NaN or infinite.
+inline float block_amax(const float* xb, int64_t n, bool* bad) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  __m512 mx = _mm512_setzero_ps();
+  __mmask16 nonfinite = 0;
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mk = n - k >= 16 ? 0xFFFF : __mmask16((1u << (n - k)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(mk, xb + k);
+    mx = _mm512_max_ps(mx, _mm512_and_ps(v, absmask));
+    nonfinite |= _mm512_fpclass_ps_mask(v, 0x99);  // QNaN | +inf | -inf | SNaN
+  }
+  *bad = nonfinite != 0;
+  return _mm512_reduce_max_ps(mx);
+}
+
 // See PrepXFn in kernels.h. 16 channels at a time; a block's tail (blocks are multiples of 4 or 8
 // channels, not always of 16) is masked.
 void prep_x(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8_t* xq, float* xsigma, float* xsum) {
   const int64_t NB = K / block;
   // 4-bit: within each 8 channels, the even ones then the odd ones (the low and high nibbles).
   const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
-  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < NB; ++b) {
       const float* xb = x + m * K + b * block;
-      __m512 mx = _mm512_setzero_ps();
-      __mmask16 bad = 0;  // NaN or infinity anywhere in the block
-      for (int64_t k = 0; k < block; k += 16) {
-        const __mmask16 mk = block - k >= 16 ? 0xFFFF : __mmask16((1u << (block - k)) - 1);
-        const __m512 v = _mm512_maskz_loadu_ps(mk, xb + k);
-        mx = _mm512_max_ps(mx, _mm512_and_ps(v, absmask));
-        bad |= _mm512_fpclass_ps_mask(v, 0x99);  // QNaN | +inf | -inf | SNaN
-      }
-      const float amax = _mm512_reduce_max_ps(mx);
+      bool bad;  // NaN or infinity anywhere in the block
+      const float amax = block_amax(xb, block, &bad);
       int e = 0;
       if (!bad && amax > 0) {
         const float m127 = __builtin_frexpf(amax / 127.0f, &e);  // amax / 127 = m127 * 2^e, m127 in [0.5, 1)
@@ -200,6 +210,122 @@ void prep_x(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8_
       xsum[m * NB + b] = bad ? __builtin_nanf("") : sigma * (_mm512_reduce_add_ps(qsum[0]) + (_mm512_reduce_add_ps(qsum[1]) / 128 +
                                                                     _mm512_reduce_add_ps(qsum[2]) / 16384));
     }
+}
+
+// See PrepX1Fn in kernels.h: one int8 slice per block, for the batch gemv, rows interleaved per word.
+void prep_x1(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8_t* xq, int64_t ldm, float* xsigma,
+             float* xsum) {
+  const int64_t NB = K / block, P = 32 / bits;
+  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < NB; ++b) {
+      const float* xb = x + m * K + b * block;
+      bool bad;
+      const float amax = block_amax(xb, block, &bad);
+      const __m512 inv = _mm512_set1_ps(amax > 0 && !bad ? 127.0f / amax : 0.0f);
+      __m512i qsum = _mm512_setzero_si512();
+      for (int64_t k = 0; k < block; k += 16) {
+        const int64_t n = block - k >= 16 ? 16 : block - k;  // a multiple of P
+        const __mmask16 mk = n == 16 ? 0xFFFF : __mmask16((1u << n) - 1);
+        const __m512i q = _mm512_cvtps_epi32(  // nearest even, as roundscale; |q| <= 127 by construction
+            _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xb + k), inv),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        qsum = _mm512_add_epi32(qsum, q);
+        __m128i bytes = _mm512_cvtepi32_epi8(q);
+        if (bits == 4) bytes = _mm_shuffle_epi8(bytes, order);
+        alignas(16) int8_t tmp[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(tmp), bytes);
+        const int64_t w0 = (b * block + k) / P;  // the word of channel k: its P bytes go to (w, m)
+        for (int64_t j = 0; j < n / P; ++j) __builtin_memcpy(xq + ((w0 + j) * ldm + m) * P, tmp + j * P, P);
+      }
+      const float d = amax / 127.0f;
+      xsigma[m * NB + b] = bad ? __builtin_nanf("") : d;
+      xsum[m * NB + b] = bad ? __builtin_nanf("") : d * float(_mm512_reduce_add_epi32(qsum));
+    }
+}
+
+// Batch decode: one tile, ROWS <= 16 rows of one int8 slice each (prep_x1), one half-tile (16
+// columns) at a time so that ROWS int32 sums fit the registers with the codes. Per 16 words: one
+// load, three instructions to split the nibbles, then 2 * ROWS vpdpbusd with the activations as
+// {1to16} memory operands, all rows' bytes of a word side by side (a.xq + w * a.ldx + r * P: one
+// base register, constant offsets); per block and half the epilogue of gemv_tiles, one slice.
+// acc += u8 codes . s8 x[off .. off + 3] broadcast, as one vpdpbusd with a {1to16} memory operand. Inline
+// asm because gcc, given the intrinsic, hoists the broadcasts into registers and spills the sums
+// (16 rows: 16 sums + the codes already take 20 of the 32 registers).
+template <int OFF>
+__attribute__((always_inline)) inline void dpbusd_bcast(__m512i& acc, __m512i codes, const int8_t* x) {
+  asm("vpdpbusd %c[off](%[x])%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [off] "i"(OFF), [x] "r"(x), [w] "v"(codes));
+}
+
+template <int BITS, int ROWS, int... R>
+__attribute__((always_inline)) inline void dot_word(__m512i (&acc)[ROWS], __m512i lo, __m512i hi, const int8_t* x,
+                                                    std::integer_sequence<int, R...>) {
+  constexpr int P = 32 / BITS;
+  if constexpr (BITS == 4) ((dpbusd_bcast<R * P>(acc[R], lo, x), dpbusd_bcast<R * P + 4>(acc[R], hi, x)), ...);
+  else (dpbusd_bcast<R * P>(acc[R], lo, x), ...);
+}
+
+template <int BITS, int ROWS>
+__attribute__((always_inline)) inline void dot_block(const int32_t* q, const int8_t* x, int64_t wpb, int64_t ldx,
+                                                     __m512i (&acc)[ROWS]) {
+  const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
+  for (int64_t w = 0; w < wpb; ++w, q += kTileN, x += ldx) {
+    _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
+    const __m512i wv = _mm512_loadu_si512(q);
+    if constexpr (BITS == 4) {
+      const __m512i lo = _mm512_and_si512(wv, nib), hi = _mm512_and_si512(_mm512_srli_epi32(wv, 4), nib);
+      dot_word<BITS, ROWS>(acc, lo, hi, x, std::make_integer_sequence<int, ROWS>{});
+    } else {
+      dot_word<BITS, ROWS>(acc, wv, wv, x, std::make_integer_sequence<int, ROWS>{});
+    }
+  }
+}
+
+template <int BITS, int ROWS>
+void gemv_rows_int8(const TileArgs& a) {
+  constexpr int P = 32 / BITS;
+  const __m512 zero_sym = _mm512_set1_ps(float(1 << (BITS - 1)));
+  const int64_t wpb = a.block / P, blocks_per_group = a.group / a.block, NB = a.K / a.block;
+  alignas(64) float out[ROWS][kTileN] = {};
+  for (int64_t b = 0; b < NB; ++b) {
+    const int64_t g = b / blocks_per_group;
+    for (int h = 0; h < 2; ++h) {
+      __m512i acc[ROWS];
+      for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_si512();
+      dot_block<BITS, ROWS>(a.qw + b * wpb * kTileN + 16 * h, a.xq + b * wpb * a.ldx, wpb, a.ldx, acc);
+      const __m512 sh = load_half16(a.sc + g * kTileN + 16 * h);
+      const __m512 zs = _mm512_mul_ps(a.zp ? load_half16(a.zp + g * kTileN + 16 * h) : zero_sym, sh);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512 sig = _mm512_set1_ps(a.xsigma[r * NB + b]), xs = _mm512_set1_ps(a.xsum[r * NB + b]);
+        __m512 o = _mm512_load_ps(out[r] + 16 * h);
+        o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_mul_ps(sh, sig), o);
+        _mm512_store_ps(out[r] + 16 * h, _mm512_fnmadd_ps(zs, xs, o));
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int h = 0; h < 2; ++h) _mm512_storeu_ps(a.y + r * a.ldy + 16 * h, _mm512_load_ps(out[r] + 16 * h));
+}
+
+template <int BITS, int... R>
+void gemv_rows_int8_n(const TileArgs& a, int rows, std::integer_sequence<int, R...>) {
+  ((rows == R + 1 ? gemv_rows_int8<BITS, R + 1>(a) : void()), ...);
+}
+
+constexpr int kBatchMaxRows = 16;
+constexpr int kBatchMinRows = 2;  // from 2 rows: at 2-4 rows the three-slice gemv already takes ~2x as long (4096x4096)
+
+void gemv_batch(const TileArgs& a, int rows, int tiles) {
+  const int64_t tile_words = a.K / (32 / a.bits) * kTileN, tile_groups = a.G * kTileN;
+  for (int t = 0; t < tiles; ++t) {
+    TileArgs at = a;
+    at.qw = a.qw + t * tile_words;
+    at.sc = a.sc + t * tile_groups;
+    at.zp = a.zp ? a.zp + t * tile_groups : nullptr;
+    at.y = a.y + t * kTileN;
+    if (a.bits == 4) gemv_rows_int8_n<4>(at, rows, std::make_integer_sequence<int, kBatchMaxRows>{});
+    else gemv_rows_int8_n<8>(at, rows, std::make_integer_sequence<int, kBatchMaxRows>{});
+  }
 }
 
 // Channels k0 .. k0 + kc of the tile dequantized: out[(k - k0) * ld + c] = (q[k, c] - zero) * scale,
@@ -303,7 +429,101 @@ void gemm(const TileArgs& a, int64_t M) {
   }
 }
 
-const KernelSet kSet{"avx512", kMaxRows, /*max_tiles=*/4, XForm::kInt8x3, prep_x, gemv_any, dequant_any, gemm, gemv_f16_avx2};
+// e^x for x <= 0 (scores minus their maximum), ~1 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its
+// degree-6 Taylor polynomial (truncation < 1.3e-7 relative), times 2^n by vscalefps (0 far below).
+inline __m512 exp_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // e^-104 is 0 in fp32; keeps n small; NaN passes
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: n * hi is exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 e = _mm512_set1_ps(1.0f / 720);
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 120));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 24));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f / 6));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(e, n);
+}
+
+// See AttendFn in kernels.h. Per query head: the L scores (hd / 16 FMAs and one horizontal sum each, q
+// and its scale in registers), softmax 16 at a time, then out = sum_j p_j v_j with two sets of
+// accumulators (even and odd j) against the FMA latency. Head sizes other than 32, 64, 80, 96 and
+// 128 take the portable loop.
+template <int D>
+void attend_heads(const float* q, const float* k, const float* v, int64_t G, int64_t L, float scale, float* out,
+                  float* p) {
+  constexpr int64_t hd = 16 * D;
+  for (int64_t g = 0; g < G; ++g, q += hd, out += hd, p += L) {
+    __m512 qv[D];
+    for (int d = 0; d < D; ++d) qv[d] = _mm512_loadu_ps(q + 16 * d);
+    __m512 mxv = _mm512_set1_ps(-__builtin_inff());
+    for (int64_t j = 0; j < L; ++j) {
+      const float* kj = k + j * hd;
+      __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+      for (int d = 1; d < D; ++d) acc = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + 16 * d), acc);
+      p[j] = _mm512_reduce_add_ps(acc) * scale;
+    }
+    int64_t j = 0;
+    for (; j + 16 <= L; j += 16) mxv = _mm512_max_ps(mxv, _mm512_loadu_ps(p + j));
+    if (j < L) mxv = _mm512_mask_max_ps(mxv, __mmask16((1u << (L - j)) - 1), mxv, _mm512_loadu_ps(p + j));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
+    __m512 sumv = _mm512_setzero_ps();
+    for (j = 0; j < L; j += 16) {
+      const __mmask16 mk = L - j >= 16 ? 0xFFFF : __mmask16((1u << (L - j)) - 1);
+      const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, p + j), mx));
+      sumv = _mm512_add_ps(sumv, _mm512_maskz_mov_ps(mk, e));
+      _mm512_mask_storeu_ps(p + j, mk, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sumv);
+    __m512 a0[D], a1[D];
+    for (int d = 0; d < D; ++d) a0[d] = a1[d] = _mm512_setzero_ps();
+    for (j = 0; j + 2 <= L; j += 2) {
+      const __m512 w0 = _mm512_set1_ps(p[j]), w1 = _mm512_set1_ps(p[j + 1]);
+      for (int d = 0; d < D; ++d) {
+        a0[d] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(v + j * hd + 16 * d), a0[d]);
+        a1[d] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(v + (j + 1) * hd + 16 * d), a1[d]);
+      }
+    }
+    if (j < L) {
+      const __m512 w0 = _mm512_set1_ps(p[j]);
+      for (int d = 0; d < D; ++d) a0[d] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(v + j * hd + 16 * d), a0[d]);
+    }
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (int d = 0; d < D; ++d) _mm512_storeu_ps(out + 16 * d, _mm512_mul_ps(_mm512_add_ps(a0[d], a1[d]), iv));
+  }
+}
+
+void attend(const float* q, const float* k, const float* v, int64_t G, int64_t L, int64_t hd, float scale, float* out,
+            float* p) {
+  switch (hd) {
+    case 32: return attend_heads<2>(q, k, v, G, L, scale, out, p);
+    case 64: return attend_heads<4>(q, k, v, G, L, scale, out, p);
+    case 80: return attend_heads<5>(q, k, v, G, L, scale, out, p);
+    case 96: return attend_heads<6>(q, k, v, G, L, scale, out, p);
+    case 128: return attend_heads<8>(q, k, v, G, L, scale, out, p);
+    default: return attend_ref(q, k, v, G, L, hd, scale, out, p);
+  }
+}
+
+// See SiluMulFn in kernels.h: g / (1 + e^-g) as g * sigmoid(g) with t = e^-|g| <= 1, so that the
+// exponential never overflows: sigmoid = 1 / (1 + t) for g >= 0, t / (1 + t) below.
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = n - i >= 16 ? 0xFFFF : __mmask16((1u << (n - i)) - 1);
+    const __m512 g = _mm512_maskz_loadu_ps(mk, gate + i), u = _mm512_maskz_loadu_ps(mk, up + i);
+    const __m512 t = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_and_ps(g, absmask)));
+    const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(neg, one, t), _mm512_add_ps(one, t));
+    _mm512_mask_storeu_ps(out + i, mk, _mm512_mul_ps(_mm512_mul_ps(g, sig), u));
+  }
+}
+
+const KernelSet kSet{"avx512", kMaxRows, /*max_tiles=*/4, XForm::kInt8x3, prep_x, gemv_any, dequant_any, gemm, gemv_f16_avx2,
+                     BatchGemv{kBatchMinRows, kBatchMaxRows, prep_x1, gemv_batch}, attend, silu_mul};
 
 }  // namespace
 

@@ -1,6 +1,9 @@
 // Portable tile kernels: any CPU, baseline flags. Slow but exact; used when neither AVX2 nor
 // AVX-512 is available, and as a readable statement of what the vector kernels compute.
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "kernels.h"
 
@@ -83,6 +86,41 @@ void gemv_f16(const float* x, int64_t ldx, int rows, const uint16_t* w, int64_t 
       y[r * ldy + n] = out;
     }
 }
+
+}  // namespace
+
+// See AttendFn in kernels.h. Eight partial sums per dot product (the compiler vectorizes them).
+void attend_ref(const float* q, const float* k, const float* v, int64_t G, int64_t L, int64_t hd, float scale,
+                float* out, float* p) {
+  for (int64_t g = 0; g < G; ++g, q += hd, out += hd, p += L) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < L; ++j) {
+      const float* kj = k + j * hd;
+      float acc[8] = {};
+      int64_t i = 0;
+      for (; i + 8 <= hd; i += 8)
+        for (int t = 0; t < 8; ++t) acc[t] += q[i + t] * kj[i + t];
+      for (; i < hd; ++i) acc[0] += q[i] * kj[i];
+      p[j] = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) * scale;
+      mx = std::max(mx, p[j]);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
+    for (int64_t d = 0; d < hd; ++d) out[d] = 0.f;
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < L; ++j) {
+      const float w = p[j] * inv;
+      const float* vj = v + j * hd;
+      for (int64_t d = 0; d < hd; ++d) out[d] += w * vj[d];
+    }
+  }
+}
+
+void silu_mul_ref(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+namespace {
 
 const KernelSet kSet{"scalar", 4, /*max_tiles=*/1, XForm::kPlain, nullptr, gemv, dequant, nullptr, gemv_f16};
 

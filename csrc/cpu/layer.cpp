@@ -78,70 +78,38 @@ inline void rope(float* v, int64_t heads, int64_t hd, const float* c, const floa
     }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  for (; i < n; ++i) acc[0] += a[i] * b[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+// Decode attention work: item i of M * nh / per is row b, query heads h0 .. h0 + per - 1, which share
+// one cached KV head (per divides nh / nkv); the kernel set's AttendFn (kernels.h) does the arithmetic.
+// `per` = nh / nkv (each KV head read once for its query heads) when there are enough items for the
+// threads, else 1 (more, smaller items: batch 1 has only nkv KV heads for 2 threads).
+int64_t heads_per_item(int64_t M, int64_t nh, int64_t nkv) {
+  return M * nkv >= 4 * at::get_num_threads() ? nh / nkv : 1;
 }
 
-// One query row of (batch b, head h) against the first L cached positions: softmax(q K^T * scale) V.
-void attend_one(const float* qkv, int64_t ld_qkv, const float* kc, const float* vc, int64_t b, int64_t h,
-                int64_t nh, int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out, float* p) {
-  const int64_t g = h / (nh / nkv);
-  const float* q = qkv + b * ld_qkv + h * hd;
-  const float* k = kc + ((b * nkv + g) * S) * hd;
-  const float* v = vc + ((b * nkv + g) * S) * hd;
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < L; ++j) {
-    p[j] = dot(q, k + j * hd, hd) * scale;
-    mx = std::max(mx, p[j]);
-  }
-  float sum = 0.f;
-  for (int64_t j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
-  float* o = out + b * nh * hd + h * hd;
-  for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
-  const float inv = 1.0f / sum;
-  for (int64_t j = 0; j < L; ++j) {
-    const float w = p[j] * inv;
-    const float* vj = v + j * hd;
-    for (int64_t d = 0; d < hd; ++d) o[d] += w * vj[d];
-  }
+void attend_item(const KernelSet* ks, const float* qkv, int64_t ld_qkv, const float* kc, const float* vc, int64_t i,
+                 int64_t per, int64_t nh, int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out,
+                 float* p) {
+  const int64_t b = i / (nh / per), h0 = (i % (nh / per)) * per, g = h0 / (nh / nkv);
+  ks->attend(qkv + b * ld_qkv + h0 * hd, kc + ((b * nkv + g) * S) * hd, vc + ((b * nkv + g) * S) * hd, per, L, hd,
+             scale, out + b * nh * hd + h0 * hd, p);
 }
 
-// One query row per (batch, head) against the first L cached positions (a batch too large for decode_block).
+// A batch too large for decode_block.
 void attend_decode(const float* qkv, int64_t ld_qkv, const float* kc, const float* vc, int64_t B, int64_t nh,
                    int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out) {
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, L * hd));
-  at::parallel_for(0, B * nh, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(L);
-    for (int64_t i = i0; i < i1; ++i)
-      attend_one(qkv, ld_qkv, kc, vc, i / nh, i % nh, nh, nkv, S, hd, L, scale, out, p.data());
+  const KernelSet* ks = kernel_set();
+  const int64_t per = heads_per_item(B, nh, nkv), items = B * nh / per;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, per * L * hd));
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(per * L);
+    for (int64_t i = i0; i < i1; ++i) attend_item(ks, qkv, ld_qkv, kc, vc, i, per, nh, nkv, S, hd, L, scale, out, p.data());
   });
 }
 
-inline void spin_until(const std::atomic<int>& flag) {
-  while (!flag.load(std::memory_order_acquire)) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
-}
-
-inline void add_bias(float* y, const std::optional<at::Tensor>& bias, int64_t M, int64_t N) {
-  if (!bias) return;
-  const at::Tensor b = bias->to(at::kFloat).contiguous();
-  const float* bp = b.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) y[m * N + n] += bp[n];
-}
-
 // One token per row (T == 1, B rows) in a single parallel region: every thread walks the same phases.
-// A phase one thread must do alone (norms, the activations' preparation, rotary, residuals) goes to
-// whichever thread claims it first while the others wait for it; the projections and the attention
-// heads are shared through counters, and a thread that runs out of work waits until all of it is done.
+// The per-row phases (norms, the activations' preparation, rotary, residuals) hand out rows, the
+// projections their tiles and the attention its heads through counters, and a thread that runs out of
+// work waits until all of that phase is done (batch 1: one thread does a row phase, the other waits).
 // No phase waits for a number of threads, so a region that runs on fewer threads than asked (nested,
 // or one thread) still completes. This replaces ~10 fork/joins and ~15 ATen calls per block.
 at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
@@ -162,15 +130,31 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
   const float* xp = x.data_ptr<float>();
   float* kcp = k_cache.data_ptr<float>();
   float* vcp = v_cache.data_ptr<float>();
-  std::atomic<int> claimed[6] = {}, done[6] = {};
-  std::atomic<int64_t> attn_next{0}, attn_done{0};
+  std::atomic<int64_t> row_next[6] = {}, row_done[6] = {}, attn_next{0}, attn_done{0};
+  const KernelSet* ks = kernel_set();
+  const int64_t per = heads_per_item(M, nh, nkv), items = M * nh / per;
+  // Biases as fp32 once, before the region (ATen calls do not belong inside it).
+  const auto f32 = [](const std::optional<at::Tensor>& b) { return b ? b->to(at::kFloat).contiguous() : at::Tensor(); };
+  const at::Tensor b_qkv = f32(qkv_p.bias), b_o = f32(o_p.bias), b_gu = f32(gu_p.bias), b_dn = f32(down_p.bias);
+  const auto add_bias = [](float* y, const at::Tensor& b, int64_t n) {
+    if (!b.defined()) return;
+    const float* bp = b.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) y[i] += bp[i];
+  };
+  float *qkvp = qkv.data_ptr<float>(), *attnp = attn.data_ptr<float>(), *op = o.data_ptr<float>();
+  float *hp = h.data_ptr<float>(), *h1p = h1.data_ptr<float>(), *h2p = h2.data_ptr<float>();
+  float *gup = gu.data_ptr<float>(), *actp = act.data_ptr<float>(), *dnp = dn.data_ptr<float>();
   const at::ThreadLocalState tls;
-  const auto serial = [&](int i, const auto& fn) {
-    if (claimed[i].exchange(1, std::memory_order_acq_rel) == 0) {
-      fn();
-      done[i].store(1, std::memory_order_release);
-    } else {
-      spin_until(done[i]);
+  // fn(m) for every row m < M, rows claimed one at a time by whichever thread comes; returns when all are done.
+  const auto rows = [&](int i, const auto& fn) {
+    for (int64_t m; (m = row_next[i].fetch_add(1, std::memory_order_relaxed)) < M;) {
+      fn(m);
+      row_done[i].fetch_add(1, std::memory_order_acq_rel);
+    }
+    while (row_done[i].load(std::memory_order_acquire) < M) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
     }
   };
   const auto project = [&](DecodeGemv& g) {
@@ -183,62 +167,50 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
   };
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     at::ThreadLocalStateGuard guard(tls);
-    serial(0, [&] {
-      rms_norm_into(xp, ln1.data_ptr<float>(), h1.data_ptr<float>(), M, H, eps);
-      g_qkv->prepare(h1.data_ptr<float>());
+    rows(0, [&](int64_t m) {
+      rms_norm_into(xp + m * H, ln1.data_ptr<float>(), h1p + m * H, 1, H, eps);
+      g_qkv->prepare_rows(h1p, m, m + 1);
     });
     project(*g_qkv);
-    serial(1, [&] {
-      float* qp = qkv.data_ptr<float>();
-      add_bias(qp, qkv_p.bias, M, n_qkv);
-      const float* c = cos.data_ptr<float>() + pos * hd;
-      const float* sn = sin.data_ptr<float>() + pos * hd;
-      for (int64_t b = 0; b < M; ++b) {
-        float* row = qp + b * n_qkv;
-        rope(row, nh + nkv, hd, c, sn);
-        for (int64_t g = 0; g < nkv; ++g) {
-          std::memcpy(kcp + ((b * nkv + g) * S + pos) * hd, row + nq + g * hd, hd * sizeof(float));
-          std::memcpy(vcp + ((b * nkv + g) * S + pos) * hd, row + nq + nk + g * hd, hd * sizeof(float));
-        }
+    rows(1, [&](int64_t b) {
+      float* row = qkvp + b * n_qkv;
+      add_bias(row, b_qkv, n_qkv);
+      rope(row, nh + nkv, hd, cos.data_ptr<float>() + pos * hd, sin.data_ptr<float>() + pos * hd);
+      for (int64_t g = 0; g < nkv; ++g) {
+        std::memcpy(kcp + ((b * nkv + g) * S + pos) * hd, row + nq + g * hd, hd * sizeof(float));
+        std::memcpy(vcp + ((b * nkv + g) * S + pos) * hd, row + nq + nk + g * hd, hd * sizeof(float));
       }
     });
     {
-      std::vector<float> p(L);
-      for (int64_t i; (i = attn_next.fetch_add(1, std::memory_order_relaxed)) < M * nh;) {
-        attend_one(qkv.data_ptr<float>(), n_qkv, kcp, vcp, i / nh, i % nh, nh, nkv, S, hd, L, float(scale),
-                   attn.data_ptr<float>(), p.data());
+      std::vector<float> p(per * L);
+      for (int64_t i; (i = attn_next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+        attend_item(ks, qkvp, n_qkv, kcp, vcp, i, per, nh, nkv, S, hd, L, float(scale), attnp, p.data());
         attn_done.fetch_add(1, std::memory_order_acq_rel);
       }
-      while (attn_done.load(std::memory_order_acquire) < M * nh) {
+      while (attn_done.load(std::memory_order_acquire) < items) {
 #if defined(__x86_64__) || defined(__i386__)
         __builtin_ia32_pause();
 #endif
       }
     }
-    serial(2, [&] { g_o->prepare(attn.data_ptr<float>()); });
+    rows(2, [&](int64_t m) { g_o->prepare_rows(attnp, m, m + 1); });
     project(*g_o);
-    serial(3, [&] {
-      float* op = o.data_ptr<float>();
-      add_bias(op, o_p.bias, M, H);
-      float* hp = h.data_ptr<float>();
-      for (int64_t i = 0; i < M * H; ++i) hp[i] = xp[i] + op[i];
-      rms_norm_into(hp, ln2.data_ptr<float>(), h2.data_ptr<float>(), M, H, eps);
-      g_gu->prepare(h2.data_ptr<float>());
+    rows(3, [&](int64_t m) {
+      add_bias(op + m * H, b_o, H);
+      for (int64_t i = m * H; i < (m + 1) * H; ++i) hp[i] = xp[i] + op[i];
+      rms_norm_into(hp + m * H, ln2.data_ptr<float>(), h2p + m * H, 1, H, eps);
+      g_gu->prepare_rows(h2p, m, m + 1);
     });
     project(*g_gu);
-    serial(4, [&] {
-      add_bias(gu.data_ptr<float>(), gu_p.bias, M, 2 * I);
-      at::Tensor gate = gu.narrow(1, 0, I);
-      at::silu_out(act, gate);                  // ATen's vectorized exp; one thread here
-      act.mul_(gu.narrow(1, I, I));
-      g_dn->prepare(act.data_ptr<float>());
+    rows(4, [&](int64_t m) {
+      add_bias(gup + m * 2 * I, b_gu, 2 * I);
+      ks->silu_mul(gup + m * 2 * I, gup + m * 2 * I + I, actp + m * I, I);  // at::silu_out + mul_: ~12 us of setup
+      g_dn->prepare_rows(actp, m, m + 1);
     });
     project(*g_dn);
-    serial(5, [&] {
-      float* dp = dn.data_ptr<float>();
-      add_bias(dp, down_p.bias, M, H);
-      float* hp = h.data_ptr<float>();
-      for (int64_t i = 0; i < M * H; ++i) hp[i] += dp[i];
+    rows(5, [&](int64_t m) {
+      add_bias(dnp + m * H, b_dn, H);
+      for (int64_t i = m * H; i < (m + 1) * H; ++i) hp[i] += dnp[i];
     });
   });
   return h.view({M, 1, H});

@@ -8,7 +8,9 @@
 //  * M < kGemmMinRows (decode): batch-1..16 matmul is bound by reading the weight, so a tile kernel
 //    streams the packed codes once and keeps up to `max_rows` activation rows in registers
 //    (kernels_*.cpp), `max_tiles` tiles at a time. Threads take chunks of output tiles (each tile
-//    one contiguous block of memory) from a shared counter.
+//    one contiguous block of memory) from a shared counter. On AVX-512 VNNI, calls of 2-31 rows from
+//    a thread that allowed it (set_int8_activations) take the set's batch gemv (int8 activations per
+//    block, 16 rows per pass: kernels.h, BatchGemv), ~3x the exact three-slice gemv at 2-16 rows.
 //  * M >= kGemmMinRows (prefill): the matmul is compute bound. Each thread takes whole blocks of
 //    columns, dequantizes one at a time into its own buffer (fp32, or bf16 where the CPU multiplies
 //    bf16 natively) and multiplies it with a single-threaded ATen GEMM (MKL / oneDNN), which beats
@@ -35,6 +37,7 @@ namespace compressor {
 namespace {
 
 constexpr int64_t kGemmMinRows = 32;
+constexpr int kMaxBatchRows = 16;  // DecodeGemv::run's output block
 // Dequantized block size for the GEMM path: each thread dequantizes blocks of this size into its own
 // buffer and multiplies them with a single-threaded GEMM; small enough to stay in L2/L3 meanwhile.
 constexpr int64_t kGemmBlockBytes = 2 << 20;
@@ -104,6 +107,19 @@ std::string set_isa(const std::string& name) {
 
 std::string isa() { return kernels()->name; }
 
+// Whether decode calls made on this thread may take the kernel set's batch gemv (int8 activations at
+// 2-31 rows, kernels.h): off unless the caller turns it on, as compressor.nn.decoder.FastDecoder does for
+// its batched single-token steps (compressor.kernels.int8_activations). Thread-local: DecodeGemv reads
+// it where it is built, on the calling thread, before any worker runs.
+thread_local bool t_int8 = false;
+bool set_int8_activations(bool on) {
+  const bool prev = t_int8;
+  t_int8 = on;
+  return prev;
+}
+// The fewest rows that take int8 activations on this thread now; 0: none (off, or no batch gemv here).
+int64_t batch_min_rows(const KernelSet* ks) { return t_int8 && ks->batch.gemv ? ks->batch.min_rows : 0; }
+
 }  // namespace
 
 DecodeGemv::DecodeGemv(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
@@ -141,42 +157,65 @@ DecodeGemv::DecodeGemv(const at::Tensor& qweight, const at::Tensor& scales, cons
   // machine one core is often slower for a while, and a static split leaves the other one idle.
   // A whole number of max_tiles per chunk: the kernel streams that many tiles at once.
   chunk_ = (std::max<int64_t>(1, kChunkBytes / tile_bytes) + ks_->max_tiles - 1) / ks_->max_tiles * ks_->max_tiles;
-  TORCH_CHECK(ks_->max_rows <= 4 && ks_->max_tiles <= 4, "kernel set ", ks_->name, " exceeds the output block");
+  const int64_t from = batch_min_rows(ks_);
+  batch_ = from > 0 && M >= from;
+  rows_ = batch_ ? ks_->batch.max_rows : ks_->max_rows;
+  // Buffers for prepare_rows, sized once: threads preparing different rows never reallocate them.
+  if (perm_) xperm_.resize(M * K_);
+  if (batch_) xq_.resize(M * K_);
+  else if (ks_->xform == XForm::kInt8x3) xq_.resize(M * 3 * K_);
+  xsigma_.resize(M * NB_);
+  if (!batch_ && ks_->xform == XForm::kScaled) {
+    xscaled_.resize(M * K_);
+    xg_ = xscaled_.data();
+  } else if (!batch_ && perm_) {
+    xg_ = xperm_.data();
+  }
+  TORCH_CHECK(ks_->max_rows <= 4 && ks_->max_tiles <= 4 && ks_->batch.max_rows <= kMaxBatchRows, "kernel set ",
+              ks_->name, " exceeds the output block");
 }
 
 void DecodeGemv::prepare(const float* x) {
+  prepare_rows(x, 0, M_);
+  next_.store(0, std::memory_order_relaxed);
+  done_.store(0, std::memory_order_release);
+}
+
+void DecodeGemv::prepare_rows(const float* x, int64_t m0, int64_t m1) {
   const int P = 32 / base_.bits, bits = base_.bits;
-  const int64_t K = K_, M = M_, block = base_.block, NB = NB_;
+  const int64_t K = K_, M = m1 - m0, block = base_.block, NB = NB_;
+  x += m0 * K;
   if (perm_) {  // act-order: channels were sorted by group at repack
-    xperm_.resize(M * K);
+    float* xp = xperm_.data() + m0 * K;
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xperm_[m * K + k] = x[m * K + perm_[k]];
-    x = xperm_.data();
+      for (int64_t k = 0; k < K; ++k) xp[m * K + k] = x[m * K + perm_[k]];
+    x = xp;
+  }
+  float* xsum = xsum_.data() + m0 * NB;
+  if (batch_) {  // one int8 slice per block (kernels.h, PrepX1Fn); prep writes the sums
+    ks_->batch.prep(x, M, K, block, bits, xq_.data() + m0 * P, M_, xsigma_.data() + m0 * NB, xsum);
+    return;
   }
   if (ks_->xform != XForm::kInt8x3)  // there prep_x writes the sums of the slices
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t b = 0; b < NB; ++b) xsum_[m * NB + b] = block_sum(x + m * K + b * block, block);
-  xg_ = x;
+      for (int64_t b = 0; b < NB; ++b) xsum[m * NB + b] = block_sum(x + m * K + b * block, block);
   if (ks_->xform == XForm::kScaled) {
     float pow2[8];
     for (int j = 0; j < P; ++j) pow2[j] = j == P - 1 ? 1.0f : std::ldexp(1.0f, -bits * j);
-    xscaled_.resize(M * K);
-    for (int64_t i = 0; i < M * K; ++i) xscaled_[i] = x[i] * pow2[i % P];
-    xg_ = xscaled_.data();
+    float* xs = xscaled_.data() + m0 * K;
+    for (int64_t i = 0; i < M * K; ++i) xs[i] = x[i] * pow2[i % P];
   } else if (ks_->xform == XForm::kInt8x3) {
-    xq_.resize(M * 3 * K);
-    xsigma_.resize(M * NB);
-    ks_->prep_x(x, M, K, block, bits, xq_.data(), xsigma_.data(), xsum_.data());
+    ks_->prep_x(x, M, K, block, bits, xq_.data() + m0 * 3 * K, xsigma_.data() + m0 * NB, xsum);
+  } else if (m0 == 0) {
+    xg_ = x;  // kPlain reads x in place (rows m0.. of the same buffer)
   }
-  next_.store(0, std::memory_order_relaxed);
-  done_.store(0, std::memory_order_release);
 }
 
 void DecodeGemv::run() {
   const int P = 32 / base_.bits;
   const int64_t K = K_, N = N_, NB = NB_, G = G_, Nt = Nt_;
   // (rows, tiles * kTileN): the output of the tiles one call streams, before the N tail is cut
-  alignas(64) float out[4 * 4 * kTileN];
+  alignas(64) float out[kMaxBatchRows * 4 * kTileN];
   for (int64_t t0; (t0 = next_.fetch_add(chunk_, std::memory_order_relaxed)) < Nt;) {
     const int64_t t_end = std::min(Nt, t0 + chunk_);
     for (int64_t t = t0; t < t_end;) {
@@ -189,13 +228,14 @@ void DecodeGemv::run() {
       a.y = out;
       a.ldy = tiles * kTileN;
       const int64_t cols = std::min<int64_t>(tiles * kTileN, N - t * kTileN);
-      for (int64_t m0 = 0; m0 < M_; m0 += ks_->max_rows) {
-        const int rows = int(std::min<int64_t>(ks_->max_rows, M_ - m0));
-        a.x = xg_ + m0 * K;
+      for (int64_t m0 = 0; m0 < M_; m0 += rows_) {
+        const int rows = int(std::min<int64_t>(rows_, M_ - m0));
+        a.x = xg_ ? xg_ + m0 * K : nullptr;
         a.xsum = xsum_.data() + m0 * NB;
-        a.xq = xq_.data() + m0 * 3 * K;
+        a.xq = batch_ ? xq_.data() + m0 * P : xq_.data() + m0 * 3 * K;
+        if (batch_) a.ldx = M_ * P;  // rows interleaved per word (kernels.h, PrepX1Fn)
         a.xsigma = xsigma_.data() + m0 * NB;
-        ks_->gemv(a, rows, tiles);
+        (batch_ ? ks_->batch.gemv : ks_->gemv)(a, rows, tiles);
         for (int r = 0; r < rows; ++r)
           std::memcpy(y_ + (m0 + r) * N + t * kTileN, out + r * a.ldy, cols * sizeof(float));
       }
@@ -424,6 +464,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   return dq_linear(x, qweight, scales, zeros, perm, bias, group_size, out_features, bits);
 }
 
+const KernelSet* kernel_set() { return kernels(); }
+
+int64_t batch_rows() { return batch_min_rows(kernels()); }
+
+bool int8_supported() { return kernels()->batch.gemv != nullptr; }
+
 at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   return f16_linear(x, weight, bias);
 }
@@ -440,5 +486,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "compressor CPU dequant-matmul kernels (registers compressor::int4_linear / int8_linear)";
   m.def("isa", &compressor::isa, "instruction set the kernels use");
   m.def("_set_isa", &compressor::set_isa, "force 'avx512', 'avx2', 'scalar' or 'auto' (tests)");
+  m.def("batch_rows", &compressor::batch_rows,
+        "calls from this thread with at least this many rows (and < 32) take int8 activations now; 0: none");
+  m.def("int8_supported", &compressor::int8_supported, "whether this CPU's kernel set has the int8 batch gemv");
+  m.def("_set_int8_activations", &compressor::set_int8_activations,
+        "allow int8 activations at 2-31 rows for calls from this thread; returns the previous setting");
   m.def("_stream_read", &compressor::stream_read, "benchmark probe: read an int32 tensor as N streams per thread");
 }

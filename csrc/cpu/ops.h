@@ -30,13 +30,17 @@ class DecodeGemv {
              const std::optional<at::Tensor>& perm, int64_t group_size, int64_t out_features, int bits, int64_t M,
              float* y);
   void prepare(const float* x);   // x (M, K) fp32 in the checkpoint's channel order; y is (M, N) fp32
+  // Rows m0 .. m1 - 1 of prepare(x) (x still points at row 0), for threads that split the rows; every row
+  // must be prepared before any thread calls run. The object must be fresh (or prepare()d before).
+  void prepare_rows(const float* x, int64_t m0, int64_t m1);
   void run();
   bool finished() const;
   int64_t workers() const { return workers_; }
 
  private:
   const KernelSet* ks_;
-  int64_t M_, N_, K_ = 0, Nt_ = 0, G_ = 0, NB_ = 0, workers_ = 1, chunk_ = 1;
+  int64_t M_, N_, K_ = 0, Nt_ = 0, G_ = 0, NB_ = 0, workers_ = 1, chunk_ = 1, rows_ = 1;
+  bool batch_ = false;  // int8 activations (KernelSet::batch)
   float* y_;
   const int32_t* qw_ = nullptr;
   const uint16_t* sc_ = nullptr;
@@ -48,6 +52,9 @@ class DecodeGemv {
   std::vector<int8_t> xq_;
   std::atomic<int64_t> next_{0}, done_{0};
 };
+
+// The kernel set in use (ops.cpp picks it from the CPU's features; tests may force one).
+const KernelSet* kernel_set();
 
 // compressor::f16_linear.
 at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
