@@ -46,7 +46,7 @@ from .layer import define as _define_layer
 __all__ = ["TILE_N", "OPS", "reference", "int8_activation_reference", "int8_activations", "quantize_activations",
            "activation_block",
            "f16_reference", "extension", "extension_source", "cuda_extension",
-           "cuda_extension_source", "unpack_weight"]
+           "cuda_extension_source", "unpack_weight", "layout_codes"]
 
 TILE_N = 32  # output columns per tile; must match kTileN in csrc/cpu/kernels.h
 
@@ -55,20 +55,33 @@ _SCHEMA = ("(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? per
 _BITS = {"int4_linear": 4, "int8_linear": 8}
 
 
+def layout_codes(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                 out_features: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, scale, zero) read back from the kernel layout, exactly, for output rows `rows` (a LongTensor;
+    default all `out_features`), input channels in packed (possibly permuted) order: q int32 (n, K),
+    scale and zero float32 (n, G). The one reader of the layout: `unpack_weight`, `QuantLinear.codes`
+    of a released layer and `TiedQuantEmbedding`'s row gather use it."""
+    nt, kw, t = qweight.shape
+    per = 32 // bits
+    if rows is None:
+        cut = lambda a: a.permute(0, 2, 1).reshape(nt * t, a.shape[1])[:out_features]  # noqa: E731
+    else:
+        tile, lane = torch.div(rows, t, rounding_mode="floor"), rows % t
+        cut = lambda a: a[tile, :, lane]  # noqa: E731
+    words = cut(qweight)                                                      # (n, K / P)
+    shifts = torch.arange(per, dtype=torch.int32, device=qweight.device) * bits
+    q = ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], kw * per)
+    scale = cut(scales).float()
+    zero = cut(zeros).float() if zeros is not None else torch.full_like(scale, float(2 ** (bits - 1)))
+    return q, scale, zero
+
+
 def unpack_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                   group_size: int, out_features: int) -> torch.Tensor:
     """Kernel layout -> (N, K) float32 weight in packed (possibly permuted) channel order."""
-    nt, kw, t = qweight.shape
-    per = 32 // bits
-    k = kw * per
-    n = out_features
-    shifts = (torch.arange(per, dtype=torch.int32, device=qweight.device) * bits).view(1, 1, per, 1)
-    q = (qweight.unsqueeze(2) >> shifts) & (2 ** bits - 1)                  # (Nt, K/P, P, T)
-    q = q.reshape(nt, k, t).permute(0, 2, 1).reshape(nt * t, k)[:n]        # (N, K)
-    g = 1 if group_size == -1 else k // group_size
-    s = scales.float().permute(0, 2, 1).reshape(nt * t, g)[:n]              # (N, G)
-    z = (zeros.float().permute(0, 2, 1).reshape(nt * t, g)[:n] if zeros is not None
-         else torch.full_like(s, float(2 ** (bits - 1))))
+    q, s, z = layout_codes(qweight, scales, zeros, bits, out_features)
+    n, k = q.shape
+    g = s.shape[1]
     w = (q.float().view(n, g, k // g) - z.unsqueeze(-1)) * s.unsqueeze(-1)  # (N, G, group)
     return w.reshape(n, k)
 

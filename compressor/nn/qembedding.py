@@ -80,14 +80,10 @@ class TiedQuantEmbedding(nn.Module):
     def _from_kernel_layout(h: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
         """The same rows gathered from the head's kernel layout (`compressor.kernels.ops`), when the
         GPTQ buffers were released for inference."""
+        from ..kernels.ops import layout_codes
         pw = h.packed()
-        cols = ids.reshape(-1).long()
-        t, c = torch.div(cols, 32, rounding_mode="floor"), cols % 32
-        per, k = 32 // h.bits, h.in_features
-        shifts = torch.arange(per, dtype=torch.int32) * h.bits
-        q = ((pw.qweight[t, :, c].unsqueeze(-1) >> shifts) & ((1 << h.bits) - 1)).reshape(-1, k)   # (n, K)
-        s = pw.scales[t, :, c].float()                                                           # (n, G)
-        z = pw.zeros[t, :, c].float() if pw.zeros is not None else torch.full_like(s, 2 ** (h.bits - 1))
+        k = h.in_features
+        q, s, z = layout_codes(pw.qweight, pw.scales, pw.zeros, h.bits, h.out_features, rows=ids.reshape(-1).long())
         g = s.shape[1]
         w = ((q.view(-1, g, k // g).float() - z[..., None]) * s[..., None]).view(-1, k)
         if pw.perm is not None:                    # packed order -> the checkpoint's channel order

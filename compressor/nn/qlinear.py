@@ -51,17 +51,12 @@ def _versions(sources) -> tuple:
 
 def _codes_of(p, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`QuantLinear.codes` from a `PackedWeight` (exact: the layout holds the same codes and fp16 qparams)."""
-    nt, kw, t = p.qweight.shape
-    per = 32 // bits
-    n, k = p.out_features, kw * per
-    shifts = torch.arange(per, dtype=torch.int32).view(1, 1, per, 1) * bits
-    q = ((p.qweight.cpu().unsqueeze(2) >> shifts) & ((1 << bits) - 1)).reshape(nt, k, t)
-    q = q.permute(0, 2, 1).reshape(nt * t, k)[:n].to(torch.uint8)
-    scale = p.scales.cpu().float().permute(0, 2, 1).reshape(nt * t, -1)[:n]
-    zero = (p.zeros.cpu().float().permute(0, 2, 1).reshape(nt * t, -1)[:n] if p.zeros is not None
-            else torch.full_like(scale, float(2 ** (bits - 1))))
-    group = k // scale.shape[1]
-    g_idx = (torch.arange(k) // group).to(torch.int32)
+    from ..kernels.ops import layout_codes
+    q, scale, zero = layout_codes(p.qweight.cpu(), p.scales.cpu(), None if p.zeros is None else p.zeros.cpu(), bits,
+                                  p.out_features)
+    q = q.to(torch.uint8)
+    k = q.shape[1]
+    g_idx = (torch.arange(k) // (k // scale.shape[1])).to(torch.int32)
     if p.perm is not None:                       # packed order -> the checkpoint's channel order
         perm = p.perm.cpu()
         q_orig, g_orig = torch.empty_like(q), torch.empty_like(g_idx)
