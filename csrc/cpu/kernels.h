@@ -36,8 +36,9 @@ struct TileArgs {
   float* y;              // (M, kTileN) fp32 output block, row stride ldy; overwritten
   int64_t ldy;
   // XForm::kInt8x3 only (see PrepXFn): x as three int8 slices per row, (M, 3, K) bytes, and the
-  // slice scale of each (row, block), (M, K / block). For KernelSet::batch (PrepX1Fn): one slice per
-  // row, (M, K) bytes, and its scale per (row, block).
+  // slice scale of each (row, block), (M, K / block). For KernelSet::batch (PrepX1Fn): one slice,
+  // the rows of each word side by side (row r of word w at xq + w * ldx + r * P), and its scale per
+  // (row, block).
   const int8_t* xq;
   const float* xsigma;
 };
