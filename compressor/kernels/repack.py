@@ -12,13 +12,13 @@ of channels again, which is what the kernel's per-group epilogue needs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .ops import OPS, TILE_N
 
-__all__ = ["PackedWeight", "pack", "pack_gptq", "channel_order", "fuse", "fusable"]
+__all__ = ["PackedWeight", "pack", "pack_gptq", "channel_order", "fuse", "fusable", "select_rows"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,23 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, gr
     zeros = None if sym else _tiles(torch.nn.functional.pad(zero, (0, 0, 0, pad)).half(), nt)
     return PackedWeight(bits=bits, qweight=_tiles(words, nt), scales=_tiles(scale.half(), nt),
                         zeros=zeros, perm=perm, group_size=group_size, in_features=k, out_features=n)
+
+
+def select_rows(p: PackedWeight, order: torch.Tensor) -> PackedWeight:
+    """`p` with its output channels in `order` (output i of the result is output ``order[i]`` of `p`): the
+    codes and qparams move whole, so the result is exact. For `compressor.nn.prepare`'s act-order fold."""
+    n, nt = p.out_features, p.qweight.shape[0]
+    order = order.long().cpu()
+    if order.shape != (n,) or not torch.equal(order.sort().values, torch.arange(n)):
+        raise ValueError(f"select_rows: order must be a permutation of the {n} output channels")
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        flat = t.permute(0, 2, 1).reshape(nt * TILE_N, t.shape[1])[:n][order.to(t.device)]
+        return _tiles(torch.nn.functional.pad(flat, (0, 0, 0, nt * TILE_N - n)), nt)   # padded columns: 0
+
+    return replace(p, qweight=rows(p.qweight), scales=rows(p.scales), zeros=rows(p.zeros))
 
 
 def fusable(parts: list[PackedWeight | None]) -> bool:

@@ -167,6 +167,8 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
   };
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     at::ThreadLocalStateGuard guard(tls);
+    g_o->prefetch_perm();   // act-order: ~1% of a token at batch 1 (SmolLM2, Zen 4); down has none left
+    g_gu->prefetch_perm();  // (compressor.nn.prepare.fold_act_order_), q/k/v's is needed at once
     rows(0, [&](int64_t m) {
       rms_norm_into(xp + m * H, ln1.data_ptr<float>(), h1p + m * H, 1, H, eps);
       g_qkv->prepare_rows(h1p, m, m + 1);

@@ -245,6 +245,11 @@ void DecodeGemv::run() {
   }
 }
 
+void DecodeGemv::prefetch_perm() const {
+  if (!perm_) return;
+  for (int64_t k = 0; k < K_; k += 64 / sizeof(int64_t)) __builtin_prefetch(perm_ + k, 0, 3);
+}
+
 bool DecodeGemv::finished() const { return done_.load(std::memory_order_acquire) >= Nt_; }
 
 namespace {

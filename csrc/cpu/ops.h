@@ -36,6 +36,9 @@ class DecodeGemv {
   void run();
   bool finished() const;
   int64_t workers() const { return workers_; }
+  // Start loading the act-order permutation (if any) into the cache: it is read once per token, so it
+  // comes from DRAM, and prepare_rows's gather waits on it.
+  void prefetch_perm() const;
 
  private:
   const KernelSet* ks_;

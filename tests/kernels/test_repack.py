@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from compressor.kernels import pack, pack_gptq
-from compressor.kernels.repack import fuse
+from compressor.kernels.repack import fuse, select_rows
 from compressor.quant.packing import pack_gptq as gptq_buffers
 
 
@@ -47,3 +47,19 @@ def test_fuse_refuses_what_it_cannot_join():
     assert fuse([a, pack(*_codes(64, k, 4, 32, False), 4, 32)]) is None          # group sizes differ
     assert fuse([pack(*_codes(40, k, 4, 64, False), 4, 64), a]) is None          # a padded tile inside
     assert fuse([a, None]) is None
+
+
+@pytest.mark.parametrize("bits,sym,n", [(4, False, 96), (4, True, 40), (8, False, 72)])
+def test_select_rows_moves_outputs_exactly(bits, sym, n):
+    k, x = 128, torch.randn(3, 128)
+    q, scale, zero = _codes(n, k, bits, 64, sym)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    g_idx = torch.randperm(k, generator=torch.Generator().manual_seed(1)) % 2    # act-order input: kept as is
+    p = pack(q, scale, zero, bits, 64, g_idx=g_idx)
+    moved, want = select_rows(p, order), pack(q[order], scale[order], zero[order], bits, 64, g_idx=g_idx)
+    for name in ("qweight", "scales", "zeros", "perm"):
+        a, b = getattr(moved, name), getattr(want, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    torch.testing.assert_close(moved(x), p(x)[:, order], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="permutation of the 96"):
+        select_rows(pack(*_codes(96, k, 4, 64, False), 4, 64), torch.zeros(96, dtype=torch.long))

@@ -125,6 +125,14 @@ def test_act_order_checkpoint(tmp_path, data_dir):
     assert torch.equal(m.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False),
                        m.generate.hf_generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False))
     plain = compressor.load(out, for_inference=False)        # codes read back from the kernel layout: exact
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-        for a, b in zip(plain.get_submodule(name).codes(), m.get_submodule(name).codes()):
-            assert torch.equal(a, b)
+    for a, b in zip(plain.model.layers[0].self_attn.q_proj.codes(), q.codes()):
+        assert torch.equal(a, b)
+    # fold_act_order_: down's permutation moved into gate/up's output order, rows and channels moved whole
+    mlp, ref = m.model.layers[1].mlp, plain.model.layers[1].mlp
+    order = ref.down_proj.packed().perm
+    assert order is not None and mlp.down_proj.packed().perm is None and m.generate.fast.layers[1][2][18] is None
+    for name in ("gate_proj", "up_proj"):
+        assert torch.equal(getattr(mlp, name).codes()[0], getattr(ref, name).codes()[0][order])
+    assert torch.equal(mlp.down_proj.codes()[0], ref.down_proj.codes()[0][:, order])
+    with torch.inference_mode():                             # the same model: logits as the unfolded one
+        torch.testing.assert_close(m(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
