@@ -8,6 +8,8 @@ rounds that take turns (A B C ... A B C ...), so a noisy stretch of the machine 
 * ``ours RECIPE eager``: ``compressor.load`` and HF's ``generate`` on our kernels (what a user got
   before the fast path: ``model.generate.hf_generate``);
 * ``ours RECIPE``: ``compressor.load`` and ``model.generate``, the default path (`FastDecoder`);
+* ``ours gptq-w4g64 Runtime``: `compressor.runtime.Runtime`, the same FastDecoder without transformers in
+  the process (its peak RSS is what a generation server pays);
 * ``llama.cpp Q4_0`` / ``Q8_0``: llama-cpp-python (the ``llama`` extra, scripts/install-llama-cpp.sh),
   the fp32 model written to an F16 GGUF by `compressor.export.to_gguf` and quantized by llama.cpp's own
   ``llama_model_quantize`` with its default settings (as ``llama-quantize model.gguf Q4_0``).
@@ -70,6 +72,10 @@ class Runtime:
         elif kind == "fp32":
             from compressor.models import load_hf, resolve
             self.model, _ = load_hf(resolve("smollm2-135m"))
+            self.gen = self.model.generate
+        elif kind == "runtime":          # compressor.runtime: no transformers in the process
+            import compressor.runtime
+            self.model = compressor.runtime.Runtime(path)
             self.gen = self.model.generate
         else:
             import compressor
@@ -197,6 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-eager", action="store_true", help="skip our eager rows")
+    ap.add_argument("--no-runtime", action="store_true", help="skip the compressor.runtime row")
     ap.add_argument("--work", default=str(ROOT / "out" / "bench_decode"))
     ap.add_argument("--out", default="out/bench_decode.json")
     args = ap.parse_args(argv)
@@ -213,6 +220,8 @@ def main(argv=None) -> int:
             if not args.no_eager:
                 specs.append((f"ours {recipe} eager", "eager", ck, None))
             specs.append((f"ours {recipe}", "fast", ck, f"ours {recipe} eager"))
+            if recipe == "gptq-w4g64" and not args.no_runtime:
+                specs.append((f"ours {recipe} Runtime", "runtime", ck, f"ours {recipe} eager"))
     for name, path in _llama_ggufs(Path(args.work)).items():
         specs.append((f"llama.cpp {name}", "llama.cpp", path, None))
 
@@ -296,6 +305,10 @@ def _acceptance(by: dict, args) -> bool:
         (f"greedy tokens = eager for all {args.tokens}: {g.get('same_tokens', float('nan')):.0%}",
          g.get("same_tokens") == 1.0),
     ]
+    rt = by.get("ours gptq-w4g64 Runtime")
+    if rt and rt.get("rss_x_q4_0"):
+        checks.append((f"peak RSS <= 1.3x llama.cpp Q4_0, compressor.runtime (no transformers): "
+                       f"{rt['rss_x_q4_0']:.2f}x", rt["rss_x_q4_0"] <= 1.3))
     if r and r.get("b1") and g.get("b1"):
         act = _median([a / b for a, b in zip(g["b1"], r["b1"])])
         checks.append((f"gptq-w4g64 (act-order) decode within 5% of rtn-w4g64: {act:.3f}x", act >= 0.95))

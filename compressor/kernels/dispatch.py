@@ -41,11 +41,16 @@ def _checked(name: str) -> str:
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("compressor_kernel_backend", default="")
 
 
-@torch.compiler.assume_constant_result
 def current_backend() -> str:
     """The backend of calls that name none: `use_backend`'s, else ``$COMPRESSOR_BACKEND``, else ``auto``.
     Under `torch.compile` it is read once, when the graph is traced, and the graph keeps it."""
     return _current.get() or _checked(os.environ.get("COMPRESSOR_BACKEND", "auto") or "auto")
+
+
+# What ``@torch.compiler.assume_constant_result`` does, without its ``import torch._dynamo``: that import (with
+# sympy and triton) is ~145 MiB of RSS and ~1 s, paid by every process that loads a model, compiling or not.
+# tests/nn/test_dispatch.py checks that the decorator still comes down to this flag.
+current_backend._dynamo_marked_constant = True
 
 
 @contextlib.contextmanager

@@ -94,9 +94,15 @@ class FastDecoder:
         groups = [g for layer in model.model.layers for g in _groups(layer)]
         head = model.lm_head if isinstance(model.lm_head, QuantLinear) and _packed(model.lm_head) is not None else None
         arena = _Arena(sum(_nbytes(g) for g in groups) + (_nbytes([head]) if head is not None else 0))
-        placed = {id(g[0]): arena.place(g) for g in groups}
+        from ..machine import trim_heap
+        placed = {}
+        for i, g in enumerate(groups):
+            placed[id(g[0])] = arena.place(g)
+            if i % 8 == 7:
+                trim_heap()      # the layouts just copied are free now: glibc keeps their pages otherwise
         if head is not None:
             arena.place([head])
+        trim_heap()
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
             projs = [placed[id(a.q_proj)], placed[id(a.o_proj)], placed[id(m.gate_proj)], placed[id(m.down_proj)]]

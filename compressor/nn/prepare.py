@@ -10,7 +10,7 @@ from .qlinear import QuantLinear
 __all__ = ["prepare_", "fold_act_order_"]
 
 # MLPs that compute down(act(gate(x)) * up(x)), elementwise between the three projections
-_GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+_GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "RuntimeMLP")   # RuntimeMLP: compressor.runtime
 
 
 def prepare_(model: torch.nn.Module, half_lm_head: bool = True, fast_generate: bool = True,

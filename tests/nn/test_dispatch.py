@@ -94,6 +94,20 @@ def test_prepare_and_compile():
     assert rel_err(compiled(x), ref) <= 1e-5
 
 
+def test_current_backend_is_marked_constant_without_importing_dynamo():
+    """dispatch sets the flag `torch.compiler.assume_constant_result` sets, so that loading a model does not
+    import torch._dynamo (~145 MiB with sympy and triton); the compile test above checks it takes effect."""
+    import subprocess
+    import sys
+    from compressor.kernels.dispatch import current_backend
+    marked = torch.compiler.assume_constant_result(lambda: "auto")
+    assert vars(marked) == {"_dynamo_marked_constant": True} and current_backend._dynamo_marked_constant is True
+    code = ("import sys, torch, compressor.nn, compressor.nn.decoder, compressor.kernels; "
+            "print(sorted(m for m in ('torch._dynamo', 'sympy', 'triton', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_module_built_in_inference_mode():
     with torch.inference_mode():
         m = make_qlinear(64, 128, 4, 64)
