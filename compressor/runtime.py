@@ -208,6 +208,8 @@ def _build(path: Path, cfg: SimpleNamespace, specs: dict[str, dict[str, Any]]) -
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         model, inner = nn.Module(), nn.Module()
         model.config, model.model = cfg, inner
+        _head_and_embedding(model, specs, read)      # first: its repacking's transient copy (~28 MB for
+        trim_heap()                                  # SmolLM2's int8 head) then sits on less than the model
         inner.layers = nn.ModuleList()
         for i in range(cfg.num_hidden_layers):
             block, attn, mlp = nn.Module(), nn.Module(), RuntimeMLP()
@@ -224,7 +226,6 @@ def _build(path: Path, cfg: SimpleNamespace, specs: dict[str, dict[str, Any]]) -
             trim_heap()                      # repacking's temporaries: glibc keeps freed pages otherwise
         inner.norm = _Norm(read("model.norm.weight"), cfg.rms_norm_eps)
         inner.rotary_emb = _Rotary(head_dim, cfg.rope_theta)
-        _head_and_embedding(model, specs, read)
         left = sorted(set(read.header) - read.used - {"__metadata__"})
         if left:
             raise CheckpointError(f"{path / WEIGHTS}: tensors Runtime does not model ({', '.join(left[:4])}...); "

@@ -9,8 +9,10 @@ row of the batch), HF's ``LlamaDecoderLayer`` (also Mistral's and Qwen2's)::
     h = x + o(attention(rope(qkv(rms_norm(x, ln1)))))      # writes k, v into the caches at pos..pos+T-1
     y = h + down(silu(gate(n)) * up(n)),  n = rms_norm(h, ln2)
 
-* ``k_cache``, ``v_cache``: float32 ``(B, kv_heads, S, head_dim)``, updated in place; attention
-  reads positions ``< pos + T``, causally.
+* ``k_cache``, ``v_cache``: float32 or float16 (both the same) ``(B, kv_heads, S, head_dim)``, updated
+  in place; attention reads positions ``< pos + T``, causally, in fp32. An fp16 cache holds the keys and
+  values rounded to fp16 (half the bytes attention reads); a prompt (``pos == 0``) still attends to its
+  own keys and values unrounded.
 * ``cos``, ``sin``: float32 ``(>= pos + T, head_dim)``, the rotary tables of HF's rotary module
   (rotate-half convention, any rope scaling already applied).
 * ``w``: 20 tensors, five per projection in the order qkv (q, k and v fused along the output),
@@ -66,8 +68,8 @@ def reference(x, k_cache, v_cache, pos, cos, sin, ln1, ln2, w, meta, eps, scale,
     k_cache[:, :, pos:pos + t] = k
     v_cache[:, :, pos:pos + t] = v
     length = pos + t
-    kk = k_cache[:, :, :length].repeat_interleave(nh // nkv, 1)
-    vv = v_cache[:, :, :length].repeat_interleave(nh // nkv, 1)
+    kk, vv = (k, v) if pos == 0 else (k_cache[:, :, :length].float(), v_cache[:, :, :length].float())
+    kk, vv = kk.repeat_interleave(nh // nkv, 1), vv.repeat_interleave(nh // nkv, 1)
     mask = torch.arange(length) <= torch.arange(pos, length).unsqueeze(1)
     attn = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)
     h = x + lin(1, attn.transpose(1, 2).reshape(b, t, nq))

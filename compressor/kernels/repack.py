@@ -183,7 +183,10 @@ def pack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                          "and the group must divide in_features")
     nt = -(-n // TILE_N)
     pad = nt * TILE_N - n
-    tiles = lambda t: torch.nn.functional.pad(t, (0, pad)).view(t.shape[0], nt, TILE_N).transpose(0, 1).contiguous()  # noqa: E731
+    def tiles(t: torch.Tensor) -> torch.Tensor:      # one copy (no padded intermediate unless it needs padding)
+        t = torch.nn.functional.pad(t, (0, pad)) if pad else t
+        return t.view(t.shape[0], nt, TILE_N).transpose(0, 1).contiguous()
+
     zeros = None
     if not sym:
         shifts = torch.arange(per, dtype=torch.int32) * bits

@@ -120,6 +120,11 @@ using AttendFn = void (*)(const float* q, const float* k, const float* v, int64_
 // The portable one (kernels_scalar.cpp), used by the sets without their own and for shapes theirs refuse.
 void attend_ref(const float* q, const float* k, const float* v, int64_t G, int64_t L, int64_t hd, float scale,
                 float* out, float* p);
+// The same over an fp16 cache (k, v: IEEE half bits), each element widened to fp32 exactly.
+using AttendF16Fn = void (*)(const float* q, const uint16_t* k, const uint16_t* v, int64_t G, int64_t L, int64_t hd,
+                             float scale, float* out, float* p);
+void attend_f16_ref(const float* q, const uint16_t* k, const uint16_t* v, int64_t G, int64_t L, int64_t hd,
+                    float scale, float* out, float* p);
 
 // The gated MLP's activation (layer.cpp): out[i] = silu(gate[i]) * up[i] for i < n, silu(g) = g / (1 + e^-g).
 using SiluMulFn = void (*)(const float* gate, const float* up, float* out, int64_t n);
@@ -138,6 +143,7 @@ struct KernelSet {
   BatchGemv batch = {};
   AttendFn attend = attend_ref;
   SiluMulFn silu_mul = silu_mul_ref;
+  AttendF16Fn attend_f16 = attend_f16_ref;
 };
 
 // The AVX2 fp16 gemv, also used by the AVX-512 set (it is bound by memory, not by vector width).

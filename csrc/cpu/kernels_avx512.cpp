@@ -451,8 +451,12 @@ inline __m512 exp_nonpos(__m512 x) {
 // and its scale in registers), softmax 16 at a time, then out = sum_j p_j v_j with two sets of
 // accumulators (even and odd j) against the FMA latency. Head sizes other than 32, 64, 80, 96 and
 // 128 take the portable loop.
-template <int D>
-void attend_heads(const float* q, const float* k, const float* v, int64_t G, int64_t L, float scale, float* out,
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) { return load_half16(p); }
+
+// T: float, or uint16_t for an fp16 cache (widened exactly by vcvtph2ps).
+template <int D, typename T>
+void attend_heads(const float* q, const T* k, const T* v, int64_t G, int64_t L, float scale, float* out,
                   float* p) {
   constexpr int64_t hd = 16 * D;
   for (int64_t g = 0; g < G; ++g, q += hd, out += hd, p += L) {
@@ -460,9 +464,9 @@ void attend_heads(const float* q, const float* k, const float* v, int64_t G, int
     for (int d = 0; d < D; ++d) qv[d] = _mm512_loadu_ps(q + 16 * d);
     __m512 mxv = _mm512_set1_ps(-__builtin_inff());
     for (int64_t j = 0; j < L; ++j) {
-      const float* kj = k + j * hd;
-      __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
-      for (int d = 1; d < D; ++d) acc = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(kj + 16 * d), acc);
+      const T* kj = k + j * hd;
+      __m512 acc = _mm512_mul_ps(qv[0], load16(kj));
+      for (int d = 1; d < D; ++d) acc = _mm512_fmadd_ps(qv[d], load16(kj + 16 * d), acc);
       p[j] = _mm512_reduce_add_ps(acc) * scale;
     }
     int64_t j = 0;
@@ -482,13 +486,13 @@ void attend_heads(const float* q, const float* k, const float* v, int64_t G, int
     for (j = 0; j + 2 <= L; j += 2) {
       const __m512 w0 = _mm512_set1_ps(p[j]), w1 = _mm512_set1_ps(p[j + 1]);
       for (int d = 0; d < D; ++d) {
-        a0[d] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(v + j * hd + 16 * d), a0[d]);
-        a1[d] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(v + (j + 1) * hd + 16 * d), a1[d]);
+        a0[d] = _mm512_fmadd_ps(w0, load16(v + j * hd + 16 * d), a0[d]);
+        a1[d] = _mm512_fmadd_ps(w1, load16(v + (j + 1) * hd + 16 * d), a1[d]);
       }
     }
     if (j < L) {
       const __m512 w0 = _mm512_set1_ps(p[j]);
-      for (int d = 0; d < D; ++d) a0[d] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(v + j * hd + 16 * d), a0[d]);
+      for (int d = 0; d < D; ++d) a0[d] = _mm512_fmadd_ps(w0, load16(v + j * hd + 16 * d), a0[d]);
     }
     const __m512 iv = _mm512_set1_ps(inv);
     for (int d = 0; d < D; ++d) _mm512_storeu_ps(out + 16 * d, _mm512_mul_ps(_mm512_add_ps(a0[d], a1[d]), iv));
@@ -504,6 +508,18 @@ void attend(const float* q, const float* k, const float* v, int64_t G, int64_t L
     case 96: return attend_heads<6>(q, k, v, G, L, scale, out, p);
     case 128: return attend_heads<8>(q, k, v, G, L, scale, out, p);
     default: return attend_ref(q, k, v, G, L, hd, scale, out, p);
+  }
+}
+
+void attend_f16(const float* q, const uint16_t* k, const uint16_t* v, int64_t G, int64_t L, int64_t hd, float scale,
+                float* out, float* p) {
+  switch (hd) {
+    case 32: return attend_heads<2>(q, k, v, G, L, scale, out, p);
+    case 64: return attend_heads<4>(q, k, v, G, L, scale, out, p);
+    case 80: return attend_heads<5>(q, k, v, G, L, scale, out, p);
+    case 96: return attend_heads<6>(q, k, v, G, L, scale, out, p);
+    case 128: return attend_heads<8>(q, k, v, G, L, scale, out, p);
+    default: return attend_f16_ref(q, k, v, G, L, hd, scale, out, p);
   }
 }
 
@@ -523,7 +539,7 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
 }
 
 const KernelSet kSet{"avx512", kMaxRows, /*max_tiles=*/4, XForm::kInt8x3, prep_x, gemv_any, dequant_any, gemm, gemv_f16_avx2,
-                     BatchGemv{kBatchMinRows, kBatchMaxRows, prep_x1, gemv_batch}, attend, silu_mul};
+                     BatchGemv{kBatchMinRows, kBatchMaxRows, prep_x1, gemv_batch}, attend, silu_mul, attend_f16};
 
 }  // namespace
 

@@ -90,17 +90,22 @@ void gemv_f16(const float* x, int64_t ldx, int rows, const uint16_t* w, int64_t 
 }  // namespace
 
 // See AttendFn in kernels.h. Eight partial sums per dot product (the compiler vectorizes them).
-void attend_ref(const float* q, const float* k, const float* v, int64_t G, int64_t L, int64_t hd, float scale,
-                float* out, float* p) {
+namespace {
+inline float widen(float f) { return f; }
+inline float widen(uint16_t h) { return half_to_float(h); }
+
+template <typename T>
+void attend_any(const float* q, const T* k, const T* v, int64_t G, int64_t L, int64_t hd, float scale, float* out,
+                float* p) {
   for (int64_t g = 0; g < G; ++g, q += hd, out += hd, p += L) {
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < L; ++j) {
-      const float* kj = k + j * hd;
+      const T* kj = k + j * hd;
       float acc[8] = {};
       int64_t i = 0;
       for (; i + 8 <= hd; i += 8)
-        for (int t = 0; t < 8; ++t) acc[t] += q[i + t] * kj[i + t];
-      for (; i < hd; ++i) acc[0] += q[i] * kj[i];
+        for (int t = 0; t < 8; ++t) acc[t] += q[i + t] * widen(kj[i + t]);
+      for (; i < hd; ++i) acc[0] += q[i] * widen(kj[i]);
       p[j] = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) * scale;
       mx = std::max(mx, p[j]);
     }
@@ -110,10 +115,21 @@ void attend_ref(const float* q, const float* k, const float* v, int64_t G, int64
     const float inv = 1.0f / sum;
     for (int64_t j = 0; j < L; ++j) {
       const float w = p[j] * inv;
-      const float* vj = v + j * hd;
-      for (int64_t d = 0; d < hd; ++d) out[d] += w * vj[d];
+      const T* vj = v + j * hd;
+      for (int64_t d = 0; d < hd; ++d) out[d] += w * widen(vj[d]);
     }
   }
+}
+}  // namespace
+
+void attend_ref(const float* q, const float* k, const float* v, int64_t G, int64_t L, int64_t hd, float scale,
+                float* out, float* p) {
+  attend_any(q, k, v, G, L, hd, scale, out, p);
+}
+
+void attend_f16_ref(const float* q, const uint16_t* k, const uint16_t* v, int64_t G, int64_t L, int64_t hd,
+                    float scale, float* out, float* p) {
+  attend_any(q, k, v, G, L, hd, scale, out, p);
 }
 
 void silu_mul_ref(const float* gate, const float* up, float* out, int64_t n) {

@@ -86,16 +86,38 @@ int64_t heads_per_item(int64_t M, int64_t nh, int64_t nkv) {
   return M * nkv >= 4 * at::get_num_threads() ? nh / nkv : 1;
 }
 
-void attend_item(const KernelSet* ks, const float* qkv, int64_t ld_qkv, const float* kc, const float* vc, int64_t i,
+// A K or V cache (B, nkv, S, hd), float32 or fp16 (the decoder's batched generation: half the bytes attention
+// reads): rows are written from fp32 and widened back exactly by the kernel set's attention.
+struct Cache {
+  void* data;
+  bool half;
+  explicit Cache(at::Tensor& t) : data(t.data_ptr()), half(t.scalar_type() == at::kHalf) {}
+  void put(int64_t row, const float* src, int64_t hd) const {  // row: (b * nkv + g) * S + position
+    if (half) {
+      at::Half* d = static_cast<at::Half*>(data) + row * hd;
+      for (int64_t i = 0; i < hd; ++i) d[i] = at::Half(src[i]);
+    } else {
+      std::memcpy(static_cast<float*>(data) + row * hd, src, hd * sizeof(float));
+    }
+  }
+  template <typename T>
+  const T* at_row(int64_t row, int64_t hd) const { return static_cast<const T*>(data) + row * hd; }
+};
+
+void attend_item(const KernelSet* ks, const float* qkv, int64_t ld_qkv, const Cache& kc, const Cache& vc, int64_t i,
                  int64_t per, int64_t nh, int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out,
                  float* p) {
-  const int64_t b = i / (nh / per), h0 = (i % (nh / per)) * per, g = h0 / (nh / nkv);
-  ks->attend(qkv + b * ld_qkv + h0 * hd, kc + ((b * nkv + g) * S) * hd, vc + ((b * nkv + g) * S) * hd, per, L, hd,
-             scale, out + b * nh * hd + h0 * hd, p);
+  const int64_t b = i / (nh / per), h0 = (i % (nh / per)) * per, row = (b * nkv + h0 / (nh / nkv)) * S;
+  const float* q = qkv + b * ld_qkv + h0 * hd;
+  float* o = out + b * nh * hd + h0 * hd;
+  if (kc.half)
+    ks->attend_f16(q, kc.at_row<uint16_t>(row, hd), vc.at_row<uint16_t>(row, hd), per, L, hd, scale, o, p);
+  else
+    ks->attend(q, kc.at_row<float>(row, hd), vc.at_row<float>(row, hd), per, L, hd, scale, o, p);
 }
 
 // A batch too large for decode_block.
-void attend_decode(const float* qkv, int64_t ld_qkv, const float* kc, const float* vc, int64_t B, int64_t nh,
+void attend_decode(const float* qkv, int64_t ld_qkv, const Cache& kc, const Cache& vc, int64_t B, int64_t nh,
                    int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out) {
   const KernelSet* ks = kernel_set();
   const int64_t per = heads_per_item(B, nh, nkv), items = B * nh / per;
@@ -128,8 +150,7 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
   };
   auto g_qkv = gemv(qkv_p, qkv), g_o = gemv(o_p, o), g_gu = gemv(gu_p, gu), g_dn = gemv(down_p, dn);
   const float* xp = x.data_ptr<float>();
-  float* kcp = k_cache.data_ptr<float>();
-  float* vcp = v_cache.data_ptr<float>();
+  const Cache kc(k_cache), vc(v_cache);
   std::atomic<int64_t> row_next[6] = {}, row_done[6] = {}, attn_next{0}, attn_done{0};
   const KernelSet* ks = kernel_set();
   const int64_t per = heads_per_item(M, nh, nkv), items = M * nh / per;
@@ -179,14 +200,14 @@ at::Tensor decode_block(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_
       add_bias(row, b_qkv, n_qkv);
       rope(row, nh + nkv, hd, cos.data_ptr<float>() + pos * hd, sin.data_ptr<float>() + pos * hd);
       for (int64_t g = 0; g < nkv; ++g) {
-        std::memcpy(kcp + ((b * nkv + g) * S + pos) * hd, row + nq + g * hd, hd * sizeof(float));
-        std::memcpy(vcp + ((b * nkv + g) * S + pos) * hd, row + nq + nk + g * hd, hd * sizeof(float));
+        kc.put((b * nkv + g) * S + pos, row + nq + g * hd, hd);
+        vc.put((b * nkv + g) * S + pos, row + nq + nk + g * hd, hd);
       }
     });
     {
       std::vector<float> p(per * L);
       for (int64_t i; (i = attn_next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-        attend_item(ks, qkvp, n_qkv, kcp, vcp, i, per, nh, nkv, S, hd, L, float(scale), attnp, p.data());
+        attend_item(ks, qkvp, n_qkv, kc, vc, i, per, nh, nkv, S, hd, L, float(scale), attnp, p.data());
         attn_done.fetch_add(1, std::memory_order_acq_rel);
       }
       while (attn_done.load(std::memory_order_acquire) < items) {
@@ -233,9 +254,11 @@ at::Tensor llama_layer(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_c
   TORCH_CHECK(nh > 0 && nkv > 0 && nh % nkv == 0 && hd > 0 && hd % 2 == 0,
               "llama_layer: heads=", nh, " kv_heads=", nkv, " head_dim=", hd, " are not a valid attention shape");
   for (const at::Tensor* c : {&k_cache, &v_cache})
-    TORCH_CHECK(c->dim() == 4 && c->scalar_type() == at::kFloat && c->is_contiguous() && c->size(0) == B &&
+    TORCH_CHECK(c->dim() == 4 && (c->scalar_type() == at::kFloat || c->scalar_type() == at::kHalf) &&
+                    c->scalar_type() == k_cache.scalar_type() && c->is_contiguous() && c->size(0) == B &&
                     c->size(1) == nkv && c->size(3) == hd,
-                "llama_layer: caches must be contiguous float32 (", B, ", ", nkv, ", S, ", hd, "), got ", c->sizes());
+                "llama_layer: caches must be contiguous float32 or float16, both the same (", B, ", ", nkv, ", S, ",
+                hd, "), got ", c->scalar_type(), " ", c->sizes());
   const int64_t S = k_cache.size(2), L = pos + T;
   TORCH_CHECK(pos >= 0 && L <= S && v_cache.size(2) == S, "llama_layer: positions ", pos, "..", L - 1,
               " do not fit the cache of ", S);
@@ -261,8 +284,7 @@ at::Tensor llama_layer(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_c
   const at::Tensor x2 = x.view({M, H});
   at::Tensor qkv = qkv_p(rms_norm(x2, ln1, eps));                   // (M, nq + 2 nk)
   float* qp = qkv.data_ptr<float>();
-  float* kcp = k_cache.data_ptr<float>();
-  float* vcp = v_cache.data_ptr<float>();
+  const Cache kc(k_cache), vc(v_cache);
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b)
@@ -271,17 +293,22 @@ at::Tensor llama_layer(const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_c
       const int64_t p = pos + t;
       rope(row, nh + nkv, hd, cp + p * hd, sp + p * hd);               // q and k heads are adjacent
       for (int64_t g = 0; g < nkv; ++g) {
-        std::memcpy(kcp + ((b * nkv + g) * S + p) * hd, row + nq + g * hd, hd * sizeof(float));
-        std::memcpy(vcp + ((b * nkv + g) * S + p) * hd, row + nq + nk + g * hd, hd * sizeof(float));
+        kc.put((b * nkv + g) * S + p, row + nq + g * hd, hd);
+        vc.put((b * nkv + g) * S + p, row + nq + nk + g * hd, hd);
       }
     }
   at::Tensor attn;
   if (T == 1) {
     attn = at::empty({M, nq}, x.options());
-    attend_decode(qp, n_qkv, kcp, vcp, B, nh, nkv, S, hd, L, float(scale), attn.data_ptr<float>());
+    attend_decode(qp, n_qkv, kc, vc, B, nh, nkv, S, hd, L, float(scale), attn.data_ptr<float>());
   } else {
     const at::Tensor q = qkv.view({B, T, nh + 2 * nkv, hd}).narrow(2, 0, nh).transpose(1, 2);
     at::Tensor k = k_cache.narrow(2, 0, L), v = v_cache.narrow(2, 0, L);
+    if (kc.half) {  // a prompt attends to its own keys at full precision; later chunks widen the cached ones
+      const at::Tensor fresh = qkv.view({B, T, nh + 2 * nkv, hd});
+      k = pos == 0 ? fresh.narrow(2, nh, nkv).transpose(1, 2) : k.to(at::kFloat);
+      v = pos == 0 ? fresh.narrow(2, nh + nkv, nkv).transpose(1, 2) : v.to(at::kFloat);
+    }
     if (nkv < nh) {
       k = k.repeat_interleave(nh / nkv, 1);
       v = v.repeat_interleave(nh / nkv, 1);

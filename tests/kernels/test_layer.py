@@ -47,7 +47,8 @@ def _tables(n: int, hd: int = HD):
                                                       (8, -1, True, False, False), (4, 64, False, False, True)])
 @pytest.mark.parametrize("batch,steps", [(1, [7, 1, 1]), (3, [5, 2, 1]), (8, [3, 1, 1]),
                                          (33, [2, 1])])   # 33: past decode_block
-def test_matches_reference(isa, act, bits, group, sym, bias, perm, batch, steps):  # noqa: F811
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+def test_matches_reference(isa, act, bits, group, sym, bias, perm, batch, steps, kv):  # noqa: F811
     """Prefill, a later chunk and single-token decode: output and caches equal the reference within fp32
     rounding (the kernels' own tolerance; int8-activation calls: see below); the caches are written at
     the right positions only."""
@@ -56,8 +57,11 @@ def test_matches_reference(isa, act, bits, group, sym, bias, perm, batch, steps)
     ln1, ln2 = torch.rand(H) + 0.5, torch.rand(H) + 0.5
     cos, sin = _tables(32)
     s = 16
-    kc, vc = torch.zeros(batch, NKV, s, HD), torch.zeros(batch, NKV, s, HD)
+    kc, vc = torch.zeros(batch, NKV, s, HD, dtype=kv), torch.zeros(batch, NKV, s, HD, dtype=kv)
     kr, vr = kc.clone(), vc.clone()
+    # an fp16 cache: an element whose fp32 value differs from the reference's in the last bits may round
+    # to the neighbouring fp16 value (1/1024 relative), and attention reads it back
+    tol = {"rtol": 1e-4, "atol": 1e-5} if kv == torch.float32 else {"rtol": 2e-3, "atol": 2e-4}
     pos = 0
     for t in steps:
         x = torch.randn(batch, t, H)
@@ -71,13 +75,14 @@ def test_matches_reference(isa, act, bits, group, sym, bias, perm, batch, steps)
             fp32 = layer.reference(x, kr.clone(), vr.clone(), pos, cos, sin, ln1, ln2, w, meta, 1e-5, HD ** -0.5)
             ref = layer.reference(x, kr, vr, pos, cos, sin, ln1, ln2, w, meta, 1e-5, HD ** -0.5,
                                   linear=int8_activation_reference)
-            assert rel_err(y, ref) <= 1e-3 and rel_err(kc, kr) <= 1e-3 and rel_err(vc, vr) <= 1e-3
+            assert rel_err(y, ref) <= 1e-3 and rel_err(kc.float(), kr.float()) <= 1e-3
+            assert rel_err(vc.float(), vr.float()) <= 1e-3
             assert rel_err(y - x, fp32 - x) <= 3e-2          # measured 1.0-1.6e-2
         else:
             ref = layer.reference(x, kr, vr, pos, cos, sin, ln1, ln2, w, meta, 1e-5, HD ** -0.5)
-            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(kc, kr, rtol=1e-4, atol=1e-5)    # the kernels: ~3e-6 of a block's largest
-            torch.testing.assert_close(vc, vr, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(y, ref, **tol)
+            torch.testing.assert_close(kc, kr, **tol)    # the kernels: ~3e-6 of a block's largest
+            torch.testing.assert_close(vc, vr, **tol)
         pos += t
     assert kc[:, :, pos:].abs().sum() == 0 and vc[:, :, pos:].abs().sum() == 0
 
@@ -85,22 +90,23 @@ def test_matches_reference(isa, act, bits, group, sym, bias, perm, batch, steps)
 @pytest.mark.skipif(extension is None, reason="the C++ extension is not built")
 @pytest.mark.parametrize("nh,nkv,hd", [(2, 1, 64), (2, 2, 128), (4, 2, 80), (4, 1, 48)])   # 48: the portable loop
 @pytest.mark.parametrize("batch", [1, 4])
-def test_decode_attention_head_sizes(isa, act, nh, nkv, hd, batch):  # noqa: F811
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+def test_decode_attention_head_sizes(isa, act, nh, nkv, hd, batch, kv):  # noqa: F811
     """Decode attention (the kernel set's AttendFn) at the head sizes it has code for and one it has not,
     over 40 cached positions (two and a half vectors of scores), one query head per KV head or several."""
     torch.manual_seed(1)
     w, meta = _weights(nh=nh, nkv=nkv, hd=hd)
     ln = torch.rand(H) + 0.5
     cos, sin = _tables(48, hd)
-    kc = torch.randn(batch, nkv, 48, hd)
-    vc = torch.randn(batch, nkv, 48, hd)
+    kc = torch.randn(batch, nkv, 48, hd).to(kv)      # fp16: the AttendF16Fn path, widened exactly
+    vc = torch.randn(batch, nkv, 48, hd).to(kv)
     kr, vr = kc.clone(), vc.clone()
     x = torch.randn(batch, 1, H)
     y = torch.ops.compressor.llama_layer(x, kc, vc, 40, cos, sin, ln, ln, w, meta, 1e-5, hd ** -0.5)
     lin = int8_activation_reference if batch_mode(batch) else None
     ref = layer.reference(x, kr, vr, 40, cos, sin, ln, ln, w, meta, 1e-5, hd ** -0.5, linear=lin)
     assert rel_err(y - x, ref - x) <= (1e-3 if lin else 1e-5)
-    assert torch.equal(kc[:, :, :40], kr[:, :, :40]) and rel_err(kc, kr) <= 1e-5
+    assert torch.equal(kc[:, :, :40], kr[:, :, :40]) and rel_err(kc.float(), kr.float()) <= 1e-5
 
 
 @pytest.mark.skipif(extension is None, reason="the C++ extension is not built")
@@ -114,6 +120,8 @@ def test_refuses_bad_shapes():
         torch.ops.compressor.llama_layer(x, kc, kc.clone(), 6, cos, sin, ln, ln, w, meta, 1e-5, 0.1)
     with pytest.raises(RuntimeError, match="caches must be"):
         torch.ops.compressor.llama_layer(x, torch.zeros(1, NKV, 8, HD + 1), kc, 0, cos, sin, ln, ln, w, meta, 1e-5, 0.1)
+    with pytest.raises(RuntimeError, match="both the same"):
+        torch.ops.compressor.llama_layer(x, kc, kc.half(), 0, cos, sin, ln, ln, w, meta, 1e-5, 0.1)
     with pytest.raises(RuntimeError, match="projection widths"):
         torch.ops.compressor.llama_layer(x, kc, kc.clone(), 0, cos, sin, ln, ln, w, meta[:12] + [NH // 2, NKV, HD],
                                          1e-5, 0.1)
