@@ -7,8 +7,9 @@ each block as one C++ op on the packed weights. `Runtime(path)` builds exactly w
 config.json, compression.json and model.safetensors: torch, the kernels and the weights, read layer by layer
 (no mmap of the whole file, each layer's GPTQ buffers dropped once repacked).
 
-    rt = Runtime("out/smollm2-gptq-w4g64")
-    ids = rt.generate(torch.tensor([[1, 504, 3458]]), max_new_tokens=64)
+    rt = compressor.Runtime("out/smollm2-gptq-w4g64")
+    ids = rt.generate(torch.tensor([rt.tokenizer.encode("The tower is").ids]), max_new_tokens=64)
+    print(rt.tokenizer.decode(ids[0].tolist()))
 
 Same modules, same ops, same arithmetic as ``compressor.load(path).generate`` on its fast path: the same tokens
 and logits (tests/test_runtime.py). Scope: llama, mistral and qwen2 checkpoints whose seven projections per
@@ -86,6 +87,18 @@ class Runtime:
             raise CheckpointError(f"{self.path}: Runtime cannot run this model ({why}); use compressor.load")
         self.decoder = FastDecoder(self.model)
 
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` (the Rust library transformers' fast
+        tokenizers wrap; no transformers import): ``tokenizer.encode(text).ids``, ``tokenizer.decode(ids)``."""
+        if getattr(self, "_tokenizer", None) is None:
+            from tokenizers import Tokenizer
+            f = self.path / "tokenizer.json"
+            if not f.is_file():
+                raise CheckpointError(f"{self.path}: no tokenizer.json; pass token ids to generate")
+            self._tokenizer = Tokenizer.from_file(str(f))
+        return self._tokenizer
+
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, vocab) float32 logits after the last of `input_ids` (B, T)."""
         ids = _ids(input_ids)
@@ -123,13 +136,15 @@ def _read_description(path: Path) -> tuple[SimpleNamespace, dict[str, dict[str, 
         raise CheckpointError(f"{str(path)!r} is not a compressed checkpoint (no {META})")
     meta = read_json(path / META, CheckpointError, META)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {meta.get('format_version')!r}, this compressor reads {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: format_version {meta.get('format_version')!r}, this compressor reads "
+                              f"{FORMAT_VERSION}")
     if meta.get("artifact") == ADAPTER or meta.get("artifact") == "onnx-export":
         raise CheckpointError(f"{path}: a {meta['artifact']} runs through compressor.load, not Runtime")
     cfg = read_json(path / "config.json", CheckpointError, "config.json")
     kind = cfg.get("model_type")
     if kind not in MODEL_TYPES:
-        raise CheckpointError(f"{path}: model_type {kind!r}; Runtime runs {', '.join(MODEL_TYPES)}, use compressor.load")
+        raise CheckpointError(f"{path}: model_type {kind!r}; Runtime runs {', '.join(MODEL_TYPES)}, "
+                              f"use compressor.load")
     for key in ("rope_parameters", "rope_scaling"):                       # transformers 5 / 4 spelling
         rope = cfg.get(key) or {}
         if not isinstance(rope, dict) or (rope.get("rope_type") or rope.get("type") or "default") != "default":

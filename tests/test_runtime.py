@@ -54,8 +54,9 @@ def test_act_order_checkpoint_is_folded_and_equal(tmp_path, data_dir):
 
 
 def test_does_not_import_transformers(ckpt):
-    code = ("import sys, torch; from compressor.runtime import Runtime; rt = Runtime(sys.argv[1]); "
-            "rt.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4); "
+    code = ("import sys, torch, compressor; rt = compressor.Runtime(sys.argv[1]); "
+            "ids = rt.generate(torch.tensor([rt.tokenizer.encode('hello world').ids]), max_new_tokens=4); "
+            "assert isinstance(rt.tokenizer.decode(ids[0].tolist()), str); "
             "print(sorted(m for m in ('transformers', 'torch._dynamo', 'sympy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
