@@ -23,14 +23,23 @@ row of the batch), HF's ``LlamaDecoderLayer`` (also Mistral's and Qwen2's)::
 
 `reference` below is the pure-PyTorch oracle, registered for every device; the CPU kernel
 (csrc/cpu/layer.cpp) replaces it on CPU. `compressor.nn.decoder` drives it.
+
+    llama_stack(Tensor x, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int pos, Tensor cos, Tensor sin,
+                Tensor[] norms, Tensor?[] w, int[] meta, float eps, float[] scales) -> Tensor
+
+is ``llama_layer`` over n blocks in one call (block l: caches ``[l]``, norms ``[2l], [2l+1]``, w
+``[20l : 20l+20]``, meta ``[15l : 15l+15]``, scale ``[l]``), each block's output the next one's input;
+on CPU a decode step runs every block in one parallel region. `stack_reference` is its oracle.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SCHEMA", "define", "reference", "N_LINEARS", "PER_LINEAR"]
+__all__ = ["SCHEMA", "STACK_SCHEMA", "define", "reference", "stack_reference", "N_LINEARS", "PER_LINEAR"]
 
+STACK_SCHEMA = ("llama_stack(Tensor x, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int pos, Tensor cos, Tensor sin, "
+                "Tensor[] norms, Tensor?[] w, int[] meta, float eps, float[] scales) -> Tensor")
 SCHEMA = ("llama_layer(Tensor x, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor cos, Tensor sin, "
           "Tensor ln1, Tensor ln2, Tensor?[] w, int[] meta, float eps, float scale) -> Tensor")
 N_LINEARS, PER_LINEAR = 4, 5
@@ -78,12 +87,28 @@ def reference(x, k_cache, v_cache, pos, cos, sin, ln1, ln2, w, meta, eps, scale,
     return h + lin(3, F.silu(gu[..., :inter]) * gu[..., inter:])
 
 
+def stack_reference(x, k_caches, v_caches, pos, cos, sin, norms, w, meta, eps, scales, *, linear=None):
+    """`reference` block after block."""
+    per_w, per_m = N_LINEARS * PER_LINEAR, 3 * N_LINEARS + 3
+    for i, scale in enumerate(scales):
+        x = reference(x, k_caches[i], v_caches[i], pos, cos, sin, norms[2 * i], norms[2 * i + 1],
+                      w[per_w * i:per_w * (i + 1)], meta[per_m * i:per_m * (i + 1)], eps, scale, linear=linear)
+    return x
+
+
 def _fake(x, k_cache, v_cache, pos, cos, sin, ln1, ln2, w, meta, eps, scale):
     return torch.empty_like(x)
 
 
+def _stack_fake(x, k_caches, v_caches, pos, cos, sin, norms, w, meta, eps, scales):
+    return torch.empty_like(x)
+
+
 def define(lib: torch.library.Library) -> None:
-    """Define the op, its fake and its reference in `lib` (before the CPU extension registers its kernel)."""
+    """Define the ops, their fakes and references in `lib` (before the CPU extension registers its kernel)."""
     lib.define(SCHEMA)
     torch.library.register_fake("compressor::llama_layer", _fake, lib=lib)
     lib.impl("llama_layer", reference, "CompositeExplicitAutograd")
+    lib.define(STACK_SCHEMA)
+    torch.library.register_fake("compressor::llama_stack", _stack_fake, lib=lib)
+    lib.impl("llama_stack", stack_reference, "CompositeExplicitAutograd")

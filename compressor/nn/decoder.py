@@ -2,10 +2,10 @@
 
 HF's eager ``generate`` spends as long in Python as in the kernels on a small quantized model: per
 token and block ~40 module, dispatcher and tensor calls (norms, seven projections, rotary, cache
-update, mask, attention, residuals). Here each block is one call of ``compressor::llama_layer``
-(`compressor.kernels.layer`; C++ on CPU), with q/k/v and gate/up fused into one packed weight each
-and a static KV cache, so a token is ~35 calls in all: embedding, one per block, final norm,
-head. No compilation is involved, so there is no first-call compile time and nothing to cache.
+update, mask, attention, residuals). Here the blocks are one call of ``compressor::llama_stack``
+(`compressor.kernels.layer`; C++ on CPU, every block of a decode step in one parallel region), with
+q/k/v and gate/up fused into one packed weight each and a static KV cache, so a token is ~5 calls in
+all: embedding, the blocks, final norm, head. No compilation is involved, so there is no first-call compile time and nothing to cache.
 
 `compressor.load` (``for_inference=True``, the default) installs it as the model's ``generate``
 through `prepare_`. It takes the requests it can serve exactly like HF's greedy search: batches
@@ -83,7 +83,7 @@ def unsupported(model: torch.nn.Module) -> str | None:
 
 
 class FastDecoder:
-    """A llama-architecture model with packed projections, run block by block by ``compressor::llama_layer``."""
+    """A llama-architecture model with packed projections, its blocks run by ``compressor::llama_stack``."""
 
     def __init__(self, model: torch.nn.Module):
         why = unsupported(model)
@@ -120,6 +120,11 @@ class FastDecoder:
             scale = getattr(a, "scaling", self.head_dim ** -0.5)
             self.layers.append((layer.input_layernorm.weight.float().contiguous(),
                                 layer.post_attention_layernorm.weight.float().contiguous(), w, meta, float(scale)))
+        # llama_stack's arguments: every block's in one list each
+        self._norms = [t for ln1, ln2, *_ in self.layers for t in (ln1, ln2)]
+        self._w = [t for _, _, w, _, _ in self.layers for t in w]
+        self._meta = [i for *_, meta, _ in self.layers for i in meta]
+        self._scales = [scale for *_, scale in self.layers]
         self._tables = (torch.empty(0, self.head_dim), torch.empty(0, self.head_dim))
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -156,11 +161,11 @@ class FastDecoder:
         inner = self.model.model
         x = inner.embed_tokens(ids).float().contiguous()
         cos, sin = self.rope_tables(pos + ids.shape[1])
-        op = torch.ops.compressor.llama_layer.default
         batched_step = ids.shape[0] > 1 and ids.shape[1] == 1 and os.environ.get("COMPRESSOR_EXACT_DECODE") != "1"
         with int8_activations(batched_step):
-            for (ln1, ln2, w, meta, scale), (kc, vc) in zip(self.layers, caches):
-                x = op(x, kc, vc, pos, cos, sin, ln1, ln2, w, meta, self.eps, scale)
+            x = torch.ops.compressor.llama_stack.default(x, [k for k, _ in caches], [v for _, v in caches], pos, cos,
+                                                         sin, self._norms, self._w, self._meta, self.eps,
+                                                         self._scales)
             return self.model.lm_head(inner.norm(x[:, -1:]))[:, -1].float()
 
     # --- generation ----------------------------------------------------------------------------

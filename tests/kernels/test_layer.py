@@ -125,3 +125,46 @@ def test_refuses_bad_shapes():
     with pytest.raises(RuntimeError, match="projection widths"):
         torch.ops.compressor.llama_layer(x, kc, kc.clone(), 0, cos, sin, ln, ln, w, meta[:12] + [NH // 2, NKV, HD],
                                          1e-5, 0.1)
+
+
+@pytest.mark.skipif(extension is None, reason="the C++ extension is not built")
+@pytest.mark.parametrize("batch,steps", [(1, [6, 1, 1]), (4, [3, 1]), (33, [2, 1])])
+def test_stack_equals_its_blocks(isa, act, batch, steps):  # noqa: F811
+    """llama_stack over three blocks (one act-order, one with biases) gives bit for bit what llama_layer gives
+    block after block (the same kernels; a decode step in one parallel region), caches included, and its
+    reference is llama_layer's reference block after block."""
+    torch.manual_seed(2)
+    blocks = [_weights(), _weights(4, 32, True, True), _weights(perm=True)]
+    norms = [torch.rand(H) + 0.5 for _ in range(6)]
+    cos, sin = _tables(16)
+    scales = [HD ** -0.5, 0.2, 0.1]
+    kv = torch.float16 if batch > 1 else torch.float32
+    caches = [[torch.zeros(batch, NKV, 12, HD, dtype=kv) for _ in range(2)] for _ in blocks]
+    ref = [[c.clone() for c in pair] for pair in caches]
+    pos = 0
+    for t in steps:
+        x = torch.randn(batch, t, H)
+        y = torch.ops.compressor.llama_stack(x, [k for k, _ in caches], [v for _, v in caches], pos, cos, sin, norms,
+                                             [t_ for w, _ in blocks for t_ in w], [i for _, m in blocks for i in m],
+                                             1e-5, scales)
+        want = x
+        for i, ((w, meta), (kc, vc)) in enumerate(zip(blocks, ref)):
+            want = torch.ops.compressor.llama_layer(want, kc, vc, pos, cos, sin, norms[2 * i], norms[2 * i + 1], w,
+                                                    meta, 1e-5, scales[i])
+        assert torch.equal(y, want)
+        assert all(torch.equal(a, b) for pa, pb in zip(caches, ref) for a, b in zip(pa, pb))
+        pos += t
+    oracle = layer.stack_reference(x, [k.clone() for k, _ in ref], [v.clone() for _, v in ref], pos - t, cos, sin,
+                                   norms, [t_ for w, _ in blocks for t_ in w], [i for _, m in blocks for i in m], 1e-5,
+                                   scales, linear=int8_activation_reference if batch_mode(batch * t) else None)
+    assert rel_err(y - x, oracle - x) <= 2e-2
+
+
+@pytest.mark.skipif(extension is None, reason="the C++ extension is not built")
+def test_stack_refuses_mismatched_lists():
+    w, meta = _weights()
+    cos, sin = _tables(8)
+    kc = torch.zeros(1, NKV, 8, HD)
+    with pytest.raises(RuntimeError, match="for 2 blocks"):
+        torch.ops.compressor.llama_stack(torch.randn(1, 1, H), [kc, kc.clone()], [kc.clone()], 0, cos, sin,
+                                         [torch.ones(H)] * 4, w + w, meta + meta, 1e-5, [0.1, 0.1])
