@@ -185,10 +185,12 @@ class DecodeBlock {
   }
 
   const at::Tensor& out() const { return h_; }
+  // The block that runs next in the same region: its q/k/v permutation is prefetched during this one.
+  void set_next(const DecodeBlock* next) { next_ = next; }
 
   void run() {
     g_o->prefetch_perm();   // act-order: ~1% of a token at batch 1 (SmolLM2, Zen 4); down has none left
-    g_gu->prefetch_perm();  // (compressor.nn.prepare.fold_act_order_), q/k/v's is needed at once
+    g_gu->prefetch_perm();  // (compressor.nn.prepare.fold_act_order_), q/k/v's came with the block before
     rows(0, [&](int64_t m) {
       rms_norm_into(xp + m * H, ln1p, h1p + m * H, 1, H, eps);
       g_qkv->prepare_rows(h1p, m, m + 1);
@@ -225,6 +227,7 @@ class DecodeBlock {
       ks->silu_mul(gup + m * 2 * I, gup + m * 2 * I + I, actp + m * I, I);  // at::silu_out + mul_: ~12 us of setup
       g_dn->prepare_rows(actp, m, m + 1);
     });
+    if (next_) next_->g_qkv->prefetch_perm();  // needed as soon as the next block starts
     project(*g_dn);
     rows(5, [&](int64_t m) {
       add_bias(dnp + m * H, b_dn, H);
@@ -263,6 +266,7 @@ class DecodeBlock {
   float *hp, *h1p, *qkvp, *attnp, *op, *h2p, *gup, *actp, *dnp;
   const float *ln1p, *ln2p, *cosp, *sinp;
   std::unique_ptr<DecodeGemv> g_qkv, g_o, g_gu, g_dn;
+  const DecodeBlock* next_ = nullptr;
   at::Tensor b_qkv, b_o, b_gu, b_dn;
   std::atomic<int64_t> row_next[6] = {}, row_done[6] = {}, attn_next{0}, attn_done{0};
 };
@@ -450,6 +454,7 @@ at::Tensor llama_stack(const at::Tensor& x, at::TensorList k_caches, at::TensorL
                                                 blocks[l].o, blocks[l].gu, blocks[l].down, blocks[l].nh,
                                                 blocks[l].nkv, blocks[l].hd, eps, scales[l]));
     in = hs[l % 2].data_ptr<float>();
+    if (l > 0) run[l - 1]->set_next(run[l].get());
   }
   run_blocks(run);
   return hs[(n - 1) % 2].view({M, 1, H});
