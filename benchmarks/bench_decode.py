@@ -248,12 +248,16 @@ def main(argv=None) -> int:
             print(f"# {label}: not run: {e}", flush=True)
         rows.append(row)
 
+    # A round measures one quantity on every row back to back, then the next quantity: the rows a ratio
+    # pairs (gptq against rtn, ours against llama.cpp) are measured seconds apart, not a whole round apart.
     for r in range(args.runs):
         for row, w in workers:
             g = w.call("greedy", ids=[prompt], n=args.tokens)
             row.setdefault("b1", []).append((args.tokens - 1) / (g["all_s"] - g["first_s"]))
             row["tokens"] = g["tokens"][0]
+        for row, w in workers:
             row.setdefault("prefill", []).append(args.prefill / w.call("prefill", ids=long))
+        for row, w in workers:
             if row["kind"] != "llama.cpp" and args.batch > 1:
                 g = w.call("greedy", ids=batch, n=args.batch_tokens)
                 row.setdefault("b8", []).append(args.batch * (args.batch_tokens - 1) / (g["all_s"] - g["first_s"]))
