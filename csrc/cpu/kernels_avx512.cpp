@@ -499,7 +499,18 @@ void attend_heads(const float* q, const T* k, const T* v, int64_t G, int64_t L, 
   }
 }
 
-void attend(const float* q, const float* k, const float* v, int64_t G, int64_t L, int64_t hd, float scale, float* out,
+// AttendFn / AttendF16Fn: the head sizes with code here, the portable loop for the others.
+inline void attend_other(const float* q, const float* k, const float* v, int64_t G, int64_t L, int64_t hd, float scale,
+                         float* out, float* p) {
+  attend_ref(q, k, v, G, L, hd, scale, out, p);
+}
+inline void attend_other(const float* q, const uint16_t* k, const uint16_t* v, int64_t G, int64_t L, int64_t hd,
+                         float scale, float* out, float* p) {
+  attend_f16_ref(q, k, v, G, L, hd, scale, out, p);
+}
+
+template <typename T>
+void attend(const float* q, const T* k, const T* v, int64_t G, int64_t L, int64_t hd, float scale, float* out,
             float* p) {
   switch (hd) {
     case 32: return attend_heads<2>(q, k, v, G, L, scale, out, p);
@@ -507,19 +518,7 @@ void attend(const float* q, const float* k, const float* v, int64_t G, int64_t L
     case 80: return attend_heads<5>(q, k, v, G, L, scale, out, p);
     case 96: return attend_heads<6>(q, k, v, G, L, scale, out, p);
     case 128: return attend_heads<8>(q, k, v, G, L, scale, out, p);
-    default: return attend_ref(q, k, v, G, L, hd, scale, out, p);
-  }
-}
-
-void attend_f16(const float* q, const uint16_t* k, const uint16_t* v, int64_t G, int64_t L, int64_t hd, float scale,
-                float* out, float* p) {
-  switch (hd) {
-    case 32: return attend_heads<2>(q, k, v, G, L, scale, out, p);
-    case 64: return attend_heads<4>(q, k, v, G, L, scale, out, p);
-    case 80: return attend_heads<5>(q, k, v, G, L, scale, out, p);
-    case 96: return attend_heads<6>(q, k, v, G, L, scale, out, p);
-    case 128: return attend_heads<8>(q, k, v, G, L, scale, out, p);
-    default: return attend_f16_ref(q, k, v, G, L, hd, scale, out, p);
+    default: return attend_other(q, k, v, G, L, hd, scale, out, p);
   }
 }
 
@@ -539,7 +538,8 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
 }
 
 const KernelSet kSet{"avx512", kMaxRows, /*max_tiles=*/4, XForm::kInt8x3, prep_x, gemv_any, dequant_any, gemm, gemv_f16_avx2,
-                     BatchGemv{kBatchMinRows, kBatchMaxRows, prep_x1, gemv_batch}, attend, silu_mul, attend_f16};
+                     BatchGemv{kBatchMinRows, kBatchMaxRows, prep_x1, gemv_batch}, attend<float>, silu_mul,
+                     attend<uint16_t>};
 
 }  // namespace
 
