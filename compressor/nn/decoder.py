@@ -5,7 +5,8 @@ token and block ~40 module, dispatcher and tensor calls (norms, seven projection
 update, mask, attention, residuals). Here the blocks are one call of ``compressor::llama_stack``
 (`compressor.kernels.layer`; C++ on CPU, every block of a decode step in one parallel region), with
 q/k/v and gate/up fused into one packed weight each and a static KV cache, so a token is ~5 calls in
-all: embedding, the blocks, final norm, head. No compilation is involved, so there is no first-call compile time and nothing to cache.
+all: embedding, the blocks, final norm, head. No compilation is involved, so there is no first-call
+compile time and nothing to cache.
 
 `compressor.load` (``for_inference=True``, the default) installs it as the model's ``generate``
 through `prepare_`. It takes the requests it can serve exactly like HF's greedy search: batches
