@@ -123,7 +123,8 @@ def _measure(row: str, windows: int, out_dir: Path, data: Path) -> dict:
         out.update(method=row.rsplit("-", 1)[0].upper(), bits=bits, group=group, mb=dir_bytes(dest) / 2**20,
                    seconds=secs, reload_max_dlogit=dlogit, checkpoint=str(dest))
         if row in PRUNING:
-            out.update(_pruning_stats(model, dest))
+            # the weights as saved (loaded for inference, act-order MLPs are folded: channel order changes)
+            out.update(_pruning_stats(compressor.load(dest, for_inference=False), dest))
         if row in LOWRANK or row == PRUNE_AT_80:
             out.update(_lowrank_stats(model, dest))
     else:

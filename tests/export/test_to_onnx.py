@@ -52,10 +52,11 @@ def initializers(out) -> dict[str, np.ndarray]:
 
 
 def ours(ck) -> dict[str, torch.Tensor]:
-    """module name -> its dequantized (N, K) fp32 weight in compressor.load, in the model's channel order."""
+    """module name -> its dequantized (N, K) fp32 weight as saved, in the model's channel order (a model loaded
+    for inference has act-order MLPs folded: `compressor.nn.prepare.fold_act_order_`)."""
     import compressor
     from compressor.nn import QuantLinear
-    model = compressor.load(ck)
+    model = compressor.load(ck, for_inference=False)
     return {name: m.dequantized_weight(torch.float32) for name, m in model.named_modules()
             if isinstance(m, QuantLinear)}
 
