@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from .checkpoint import ADAPTER, FORMAT_VERSION, META, WEIGHTS, CheckpointError, is_checkpoint
 from .errors import read_json
+from .kernels.layer import _rms
 from .models import ModelError, check_safetensors
 from .nn.decoder import MODEL_TYPES, FastDecoder, unsupported
 from .nn.half import HalfEmbedding, HalfLinear
@@ -55,8 +56,7 @@ class _Norm(nn.Module):
         self.weight, self.eps = weight.float(), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return _rms(x.float(), self.weight, self.eps)
 
 
 class _Rotary(nn.Module):
@@ -253,27 +253,32 @@ def _build(path: Path, cfg: SimpleNamespace, specs: dict[str, dict[str, Any]]) -
         read.close()
 
 
+def _float_head(w: torch.Tensor) -> nn.Module:
+    """A float head: `HalfLinear` on an fp16 weight (as checkpoints store the tied embedding), else fp32."""
+    if w.dtype == torch.float16:
+        return HalfLinear(w)
+    head = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    head.weight = nn.Parameter(w.float(), requires_grad=False)
+    return head
+
+
 def _head_and_embedding(model: nn.Module, specs: dict, read: _Weights) -> None:
-    """lm_head as GPTQ (with the embedding reading its rows) or fp16, the tie kept: each matrix held once."""
+    """lm_head as GPTQ (with the embedding reading its rows) or float, the tie kept: each matrix held once."""
+    inner = model.model
     if "lm_head" in specs:
         model.lm_head = _quant_linear(specs["lm_head"], "lm_head", read)
         emb = specs.get("model.embed_tokens")
         if isinstance(emb, dict) and emb.get("type") == "gptq-tied-embedding":
-            model.model.embed_tokens = TiedQuantEmbedding.from_spec(emb).tie_(model)
-            return
-        model.model.embed_tokens = nn.Embedding.from_pretrained(read("model.embed_tokens.weight").float())
+            inner.embed_tokens = TiedQuantEmbedding.from_spec(emb).tie_(model)
+        else:
+            inner.embed_tokens = nn.Embedding.from_pretrained(read("model.embed_tokens.weight").float())
         return
     emb = read("model.embed_tokens.weight")
-    if getattr(model.config, "tie_word_embeddings", False) or not read.has("lm_head.weight"):
-        model.lm_head = HalfLinear(emb) if emb.dtype == torch.float16 else nn.Linear(1, 1, bias=False)
-        if isinstance(model.lm_head, HalfLinear):
-            model.model.embed_tokens = HalfEmbedding(model.lm_head)
-            return
-        model.lm_head.weight = nn.Parameter(emb.float(), requires_grad=False)
-        model.model.embed_tokens = nn.Embedding.from_pretrained(model.lm_head.weight)
-        return
-    head = read("lm_head.weight")
-    model.lm_head = HalfLinear(head) if head.dtype == torch.float16 else nn.Linear(1, 1, bias=False)
-    if not isinstance(model.lm_head, HalfLinear):
-        model.lm_head.weight = nn.Parameter(head.float(), requires_grad=False)
-    model.model.embed_tokens = nn.Embedding.from_pretrained(emb.float())
+    tied = getattr(model.config, "tie_word_embeddings", False) or not read.has("lm_head.weight")
+    model.lm_head = _float_head(emb if tied else read("lm_head.weight"))
+    if tied and isinstance(model.lm_head, HalfLinear):
+        inner.embed_tokens = HalfEmbedding(model.lm_head)
+    elif tied:
+        inner.embed_tokens = nn.Embedding.from_pretrained(model.lm_head.weight)
+    else:
+        inner.embed_tokens = nn.Embedding.from_pretrained(emb.float())

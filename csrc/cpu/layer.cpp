@@ -323,12 +323,12 @@ Block check_block(const at::Tensor& x, const at::Tensor& k_cache, const at::Tens
   return blk;
 }
 
-// A single-token step's DecodeBlock (x (B, 1, H)) writing a fresh output into h, on `scratch`.
-std::unique_ptr<DecodeBlock> decode_block(const at::Tensor& x, at::Tensor h, float* scratch,
+// A single-token step's DecodeBlock: rows x (M, H) in, its output written into h (M, H), on `scratch`.
+std::unique_ptr<DecodeBlock> decode_block(const float* x, at::Tensor h, float* scratch,
                                           const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,
                                           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& ln1,
                                           const at::Tensor& ln2, const Block& b, double eps, double scale) {
-  return std::make_unique<DecodeBlock>(x.data_ptr<float>(), std::move(h), scratch, k_cache, v_cache, pos, cos, sin,
+  return std::make_unique<DecodeBlock>(x, std::move(h), scratch, k_cache, v_cache, pos, cos, sin,
                                        ln1, ln2, b.qkv, b.o, b.gu, b.down, b.nh, b.nkv, b.hd, eps, scale);
 }
 
@@ -349,8 +349,8 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& k_cache, const a
   if (is_decode(x)) {
     at::Tensor scratch = at::empty({scratch_floats(x, blk)}, x.options());
     std::vector<std::unique_ptr<DecodeBlock>> one;
-    one.push_back(decode_block(x, at::empty({M, H}, x.options()), scratch.data_ptr<float>(), k_cache, v_cache, pos,
-                               cos, sin, ln1, ln2, blk, eps, scale));
+    one.push_back(decode_block(x.data_ptr<float>(), at::empty({M, H}, x.options()), scratch.data_ptr<float>(),
+                               k_cache, v_cache, pos, cos, sin, ln1, ln2, blk, eps, scale));
     run_blocks(one);
     return one[0]->out().view({M, 1, H});
   }
@@ -449,10 +449,8 @@ at::Tensor llama_stack(const at::Tensor& x, at::TensorList k_caches, at::TensorL
   std::vector<std::unique_ptr<DecodeBlock>> run;
   const float* in = x.data_ptr<float>();
   for (int64_t l = 0; l < n; ++l) {
-    run.push_back(std::make_unique<DecodeBlock>(in, hs[l % 2], scratch.data_ptr<float>(), k_caches[l], v_caches[l],
-                                                pos, cos, sin, norms[2 * l], norms[2 * l + 1], blocks[l].qkv,
-                                                blocks[l].o, blocks[l].gu, blocks[l].down, blocks[l].nh,
-                                                blocks[l].nkv, blocks[l].hd, eps, scales[l]));
+    run.push_back(decode_block(in, hs[l % 2], scratch.data_ptr<float>(), k_caches[l], v_caches[l], pos, cos, sin,
+                               norms[2 * l], norms[2 * l + 1], blocks[l], eps, scales[l]));
     in = hs[l % 2].data_ptr<float>();
     if (l > 0) run[l - 1]->set_next(run[l].get());
   }
