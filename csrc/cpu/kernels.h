@@ -155,8 +155,10 @@ const KernelSet* avx512_kernels();
 const KernelSet* avx2_kernels();
 const KernelSet* scalar_kernels();
 
-// fp16 <-> fp32 and fp32 -> bf16 without intrinsics (scalar paths and tails).
+// fp16 <-> fp32 and fp32 -> bf16 without intrinsics (scalar paths and tails). float_to_half rounds to
+// nearest even, as c10::Half(float) does (the same bit manipulation, from the FP16 library).
 float half_to_float(uint16_t h);
+uint16_t float_to_half(float f);
 uint16_t float_to_bf16(float f);
 
 }  // namespace compressor

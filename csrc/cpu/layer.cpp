@@ -21,6 +21,7 @@
 #include <limits>
 #include <vector>
 
+#include "block.h"
 #include "ops.h"
 
 namespace compressor {
@@ -34,32 +35,22 @@ struct Linear {
   at::Tensor qweight, scales;
   std::optional<at::Tensor> zeros, perm, bias;
   int64_t bits, group, out;
+  at::Tensor bias_f32;  // contiguous fp32, or undefined
 
   at::Tensor operator()(const at::Tensor& x) const {
     return quant_linear(x, qweight, scales, zeros, perm, bias, group, out, int(bits));
   }
+  PackedRef ref() const { return packed_ref(qweight, scales, zeros, perm, group, out, int(bits)); }
+  const float* bias_ptr() const { return bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr; }
 };
 
 // Linear i of the block whose tensors start at w[base] (llama_stack: base = 20 * block).
 Linear linear_at(const c10::List<std::optional<at::Tensor>>& w, at::IntArrayRef meta, int i, int64_t base = 0) {
   const auto get = [&](int j) -> std::optional<at::Tensor> { return w.get(base + kPerLinear * i + j); };
   TORCH_CHECK(get(0) && get(1), "llama_layer: linear ", i, " needs qweight and scales");
-  return {*get(0), *get(1), get(2), get(3), get(4), meta[3 * i], meta[3 * i + 1], meta[3 * i + 2]};
-}
-
-// yp = x * rsqrt(mean(x^2) + eps) * w over each of M rows of H (HF's LlamaRMSNorm, in fp32).
-void rms_norm_into(const float* xp, const float* wp, float* yp, int64_t M, int64_t H, double eps) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* r = xp + m * H;
-    float acc[8] = {};
-    int64_t k = 0;
-    for (; k + 8 <= H; k += 8)
-      for (int i = 0; i < 8; ++i) acc[i] += r[k + i] * r[k + i];
-    for (; k < H; ++k) acc[0] += r[k] * r[k];
-    const float ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    const float inv = 1.0f / std::sqrt(ss / float(H) + float(eps));
-    for (int64_t i = 0; i < H; ++i) yp[m * H + i] = wp[i] * (r[i] * inv);
-  }
+  const std::optional<at::Tensor> bias = get(4);
+  return {*get(0), *get(1), get(2), get(3), bias, meta[3 * i], meta[3 * i + 1], meta[3 * i + 2],
+          bias ? bias->to(at::kFloat).contiguous() : at::Tensor()};
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -68,208 +59,19 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
-// HF's rotate_half rotary embedding, in place, on `heads` vectors of hd at one position.
-inline void rope(float* v, int64_t heads, int64_t hd, const float* c, const float* s) {
-  const int64_t h2 = hd / 2;
-  for (int64_t h = 0; h < heads; ++h, v += hd)
-    for (int64_t i = 0; i < h2; ++i) {
-      const float a = v[i], b = v[i + h2];
-      v[i] = a * c[i] - b * s[i];
-      v[i + h2] = b * c[i + h2] + a * s[i + h2];
-    }
-}
-
-// Decode attention work: item i of M * nh / per is row b, query heads h0 .. h0 + per - 1, which share
-// one cached KV head (per divides nh / nkv); the kernel set's AttendFn (kernels.h) does the arithmetic.
-// `per` = nh / nkv (each KV head read once for its query heads) when there are enough items for the
-// threads, else 1 (more, smaller items: batch 1 has only nkv KV heads for 2 threads).
-int64_t heads_per_item(int64_t M, int64_t nh, int64_t nkv) {
-  return M * nkv >= 4 * at::get_num_threads() ? nh / nkv : 1;
-}
-
-// A K or V cache (B, nkv, S, hd), float32 or fp16 (the decoder's batched generation: half the bytes attention
-// reads): rows are written from fp32 and widened back exactly by the kernel set's attention.
-struct Cache {
-  void* data;
-  bool half;
-  explicit Cache(const at::Tensor& t) : data(t.data_ptr()), half(t.scalar_type() == at::kHalf) {}
-  void put(int64_t row, const float* src, int64_t hd) const {  // row: (b * nkv + g) * S + position
-    if (half) {
-      at::Half* d = static_cast<at::Half*>(data) + row * hd;
-      for (int64_t i = 0; i < hd; ++i) d[i] = at::Half(src[i]);
-    } else {
-      std::memcpy(static_cast<float*>(data) + row * hd, src, hd * sizeof(float));
-    }
-  }
-  template <typename T>
-  const T* at_row(int64_t row, int64_t hd) const { return static_cast<const T*>(data) + row * hd; }
-};
-
-void attend_item(const KernelSet* ks, const float* qkv, int64_t ld_qkv, const Cache& kc, const Cache& vc, int64_t i,
-                 int64_t per, int64_t nh, int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out,
-                 float* p) {
-  const int64_t b = i / (nh / per), h0 = (i % (nh / per)) * per, row = (b * nkv + h0 / (nh / nkv)) * S;
-  const float* q = qkv + b * ld_qkv + h0 * hd;
-  float* o = out + b * nh * hd + h0 * hd;
-  if (kc.half)
-    ks->attend_f16(q, kc.at_row<uint16_t>(row, hd), vc.at_row<uint16_t>(row, hd), per, L, hd, scale, o, p);
-  else
-    ks->attend(q, kc.at_row<float>(row, hd), vc.at_row<float>(row, hd), per, L, hd, scale, o, p);
-}
+Cache cache(const at::Tensor& t) { return {t.data_ptr(), t.scalar_type() == at::kHalf}; }
 
 // A batch too large for decode_block.
 void attend_decode(const float* qkv, int64_t ld_qkv, const Cache& kc, const Cache& vc, int64_t B, int64_t nh,
                    int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out) {
   const KernelSet* ks = kernel_set();
-  const int64_t per = heads_per_item(B, nh, nkv), items = B * nh / per;
+  const int64_t per = heads_per_item(B, nh, nkv, at::get_num_threads()), items = B * nh / per;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, per * L * hd));
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(per * L);
     for (int64_t i = i0; i < i1; ++i) attend_item(ks, qkv, ld_qkv, kc, vc, i, per, nh, nkv, S, hd, L, scale, out, p.data());
   });
 }
-
-inline void spin() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
-// One token per row (T == 1, B rows) of one block, run by every thread of a parallel region: each thread
-// walks the same phases. The per-row phases (norms, the activations' preparation, rotary, residuals) hand
-// out rows, the projections their tiles and the attention its heads through counters, and a thread that
-// runs out of work waits until all of that phase is done (batch 1: one thread does a row phase, the other
-// waits). No phase waits for a number of threads, so a region that runs on fewer threads than asked
-// (nested, or one thread) still completes. This replaces ~10 fork/joins and ~15 ATen calls per block, and
-// llama_stack runs every block of a model in one region.
-//
-// Everything is set up in the constructor, on the calling thread (ATen calls do not belong in the region):
-// the output h (M, H), the DecodeGemvs, fp32 biases. `scratch` holds the intermediate rows; blocks that run
-// one after the other in a region may share it (the last phase to read it ends before the next block starts).
-class DecodeBlock {
- public:
-  static int64_t scratch_floats(int64_t M, int64_t H, int64_t n_qkv, int64_t nq, int64_t I) {
-    return M * (4 * H + n_qkv + nq + 3 * I);
-  }
-
-  DecodeBlock(const float* x, at::Tensor h, float* scratch, const at::Tensor& k_cache, const at::Tensor& v_cache,
-              int64_t pos, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& ln1, const at::Tensor& ln2,
-              const Linear& qkv_p, const Linear& o_p, const Linear& gu_p, const Linear& down_p, int64_t nh,
-              int64_t nkv, int64_t hd, double eps, double scale)
-      : M(h.size(0)), H(h.size(1)), S(k_cache.size(2)), L(pos + 1), pos(pos), nh(nh), nkv(nkv), hd(hd),
-        nq(nh * hd), nk(nkv * hd), n_qkv(qkv_p.out), I(gu_p.out / 2), eps(eps), scale(float(scale)), xp(x),
-        h_(std::move(h)), kc(k_cache), vc(v_cache), ks(kernel_set()), per(heads_per_item(M, nh, nkv)),
-        items(M * nh / per) {
-    h1p = scratch;
-    qkvp = h1p + M * H;
-    attnp = qkvp + M * n_qkv;
-    op = attnp + M * nq;
-    h2p = op + M * H;
-    gup = h2p + M * H;
-    actp = gup + M * 2 * I;
-    dnp = actp + M * I;
-    hp = h_.data_ptr<float>();
-    ln1p = ln1.data_ptr<float>();
-    ln2p = ln2.data_ptr<float>();
-    cosp = cos.data_ptr<float>() + pos * hd;
-    sinp = sin.data_ptr<float>() + pos * hd;
-    const auto gemv = [&](const Linear& l, float* y) {
-      return std::make_unique<DecodeGemv>(l.qweight, l.scales, l.zeros, l.perm, l.group, l.out, int(l.bits), M, y);
-    };
-    g_qkv = gemv(qkv_p, qkvp);
-    g_o = gemv(o_p, op);
-    g_gu = gemv(gu_p, gup);
-    g_dn = gemv(down_p, dnp);
-    const auto f32 = [](const std::optional<at::Tensor>& b) { return b ? b->to(at::kFloat).contiguous() : at::Tensor(); };
-    b_qkv = f32(qkv_p.bias), b_o = f32(o_p.bias), b_gu = f32(gu_p.bias), b_dn = f32(down_p.bias);
-  }
-
-  const at::Tensor& out() const { return h_; }
-  // The block that runs next in the same region: its q/k/v permutation is prefetched during this one.
-  void set_next(const DecodeBlock* next) { next_ = next; }
-
-  void run() {
-    g_o->prefetch_perm();   // act-order: ~1% of a token at batch 1 (SmolLM2, Zen 4); down has none left
-    g_gu->prefetch_perm();  // (compressor.nn.prepare.fold_act_order_), q/k/v's came with the block before
-    rows(0, [&](int64_t m) {
-      rms_norm_into(xp + m * H, ln1p, h1p + m * H, 1, H, eps);
-      g_qkv->prepare_rows(h1p, m, m + 1);
-    });
-    project(*g_qkv);
-    rows(1, [&](int64_t b) {
-      float* row = qkvp + b * n_qkv;
-      add_bias(row, b_qkv, n_qkv);
-      rope(row, nh + nkv, hd, cosp, sinp);
-      for (int64_t g = 0; g < nkv; ++g) {
-        kc.put((b * nkv + g) * S + pos, row + nq + g * hd, hd);
-        vc.put((b * nkv + g) * S + pos, row + nq + nk + g * hd, hd);
-      }
-    });
-    {
-      std::vector<float> p(per * L);
-      for (int64_t i; (i = attn_next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-        attend_item(ks, qkvp, n_qkv, kc, vc, i, per, nh, nkv, S, hd, L, scale, attnp, p.data());
-        attn_done.fetch_add(1, std::memory_order_acq_rel);
-      }
-      while (attn_done.load(std::memory_order_acquire) < items) spin();
-    }
-    rows(2, [&](int64_t m) { g_o->prepare_rows(attnp, m, m + 1); });
-    project(*g_o);
-    rows(3, [&](int64_t m) {
-      add_bias(op + m * H, b_o, H);
-      for (int64_t i = m * H; i < (m + 1) * H; ++i) hp[i] = xp[i] + op[i];
-      rms_norm_into(hp + m * H, ln2p, h2p + m * H, 1, H, eps);
-      g_gu->prepare_rows(h2p, m, m + 1);
-    });
-    project(*g_gu);
-    rows(4, [&](int64_t m) {
-      add_bias(gup + m * 2 * I, b_gu, 2 * I);
-      ks->silu_mul(gup + m * 2 * I, gup + m * 2 * I + I, actp + m * I, I);  // at::silu_out + mul_: ~12 us of setup
-      g_dn->prepare_rows(actp, m, m + 1);
-    });
-    if (next_) next_->g_qkv->prefetch_perm();  // needed as soon as the next block starts
-    project(*g_dn);
-    rows(5, [&](int64_t m) {
-      add_bias(dnp + m * H, b_dn, H);
-      for (int64_t i = m * H; i < (m + 1) * H; ++i) hp[i] += dnp[i];
-    });
-  }
-
- private:
-  // fn(m) for every row m < M, rows claimed one at a time by whichever thread comes; returns when all are done.
-  template <typename Fn>
-  void rows(int i, const Fn& fn) {
-    for (int64_t m; (m = row_next[i].fetch_add(1, std::memory_order_relaxed)) < M;) {
-      fn(m);
-      row_done[i].fetch_add(1, std::memory_order_acq_rel);
-    }
-    while (row_done[i].load(std::memory_order_acquire) < M) spin();
-  }
-  static void project(DecodeGemv& g) {
-    g.run();
-    while (!g.finished()) spin();
-  }
-  static void add_bias(float* y, const at::Tensor& b, int64_t n) {
-    if (!b.defined()) return;
-    const float* bp = b.data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i) y[i] += bp[i];
-  }
-
-  const int64_t M, H, S, L, pos, nh, nkv, hd, nq, nk, n_qkv, I;
-  const double eps;
-  const float scale;
-  const float* xp;
-  at::Tensor h_;
-  const Cache kc, vc;
-  const KernelSet* ks;
-  const int64_t per, items;
-  float *hp, *h1p, *qkvp, *attnp, *op, *h2p, *gup, *actp, *dnp;
-  const float *ln1p, *ln2p, *cosp, *sinp;
-  std::unique_ptr<DecodeGemv> g_qkv, g_o, g_gu, g_dn;
-  const DecodeBlock* next_ = nullptr;
-  at::Tensor b_qkv, b_o, b_gu, b_dn;
-  std::atomic<int64_t> row_next[6] = {}, row_done[6] = {}, attn_next{0}, attn_done{0};
-};
 
 // Run `blocks` one after the other in one parallel region.
 void run_blocks(const std::vector<std::unique_ptr<DecodeBlock>>& blocks) {
@@ -323,13 +125,24 @@ Block check_block(const at::Tensor& x, const at::Tensor& k_cache, const at::Tens
   return blk;
 }
 
+BlockRef block_ref(const Block& b, const at::Tensor& ln1, const at::Tensor& ln2, double scale) {
+  BlockRef r;
+  r.qkv = b.qkv.ref(), r.o = b.o.ref(), r.gu = b.gu.ref(), r.down = b.down.ref();
+  r.b_qkv = b.qkv.bias_ptr(), r.b_o = b.o.bias_ptr(), r.b_gu = b.gu.bias_ptr(), r.b_dn = b.down.bias_ptr();
+  r.ln1 = ln1.data_ptr<float>(), r.ln2 = ln2.data_ptr<float>();
+  r.nh = b.nh, r.nkv = b.nkv, r.hd = b.hd, r.scale = float(scale);
+  return r;
+}
+
 // A single-token step's DecodeBlock: rows x (M, H) in, its output written into h (M, H), on `scratch`.
-std::unique_ptr<DecodeBlock> decode_block(const float* x, at::Tensor h, float* scratch,
+std::unique_ptr<DecodeBlock> decode_block(const float* x, const at::Tensor& h, float* scratch,
                                           const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,
                                           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& ln1,
                                           const at::Tensor& ln2, const Block& b, double eps, double scale) {
-  return std::make_unique<DecodeBlock>(x, std::move(h), scratch, k_cache, v_cache, pos, cos, sin,
-                                       ln1, ln2, b.qkv, b.o, b.gu, b.down, b.nh, b.nkv, b.hd, eps, scale);
+  return std::make_unique<DecodeBlock>(x, h.data_ptr<float>(), h.size(0), h.size(1), scratch, cache(k_cache),
+                                       cache(v_cache), k_cache.size(2), pos, cos.data_ptr<float>(),
+                                       sin.data_ptr<float>(), block_ref(b, ln1, ln2, scale), eps,
+                                       at::get_num_threads(), int8_rows());
 }
 
 int64_t scratch_floats(const at::Tensor& x, const Block& b) {
@@ -349,17 +162,18 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& k_cache, const a
   if (is_decode(x)) {
     at::Tensor scratch = at::empty({scratch_floats(x, blk)}, x.options());
     std::vector<std::unique_ptr<DecodeBlock>> one;
-    one.push_back(decode_block(x.data_ptr<float>(), at::empty({M, H}, x.options()), scratch.data_ptr<float>(),
-                               k_cache, v_cache, pos, cos, sin, ln1, ln2, blk, eps, scale));
+    at::Tensor h = at::empty({M, H}, x.options());
+    one.push_back(decode_block(x.data_ptr<float>(), h, scratch.data_ptr<float>(), k_cache, v_cache, pos, cos, sin,
+                               ln1, ln2, blk, eps, scale));
     run_blocks(one);
-    return one[0]->out().view({M, 1, H});
+    return h.view({M, 1, H});
   }
 
   // attention
   const at::Tensor x2 = x.view({M, H});
   at::Tensor qkv = qkv_p(rms_norm(x2, ln1, eps));                   // (M, nq + 2 nk)
   float* qp = qkv.data_ptr<float>();
-  const Cache kc(k_cache), vc(v_cache);
+  const Cache kc = cache(k_cache), vc = cache(v_cache);
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b)

@@ -30,32 +30,16 @@
 #include <string>
 #include <vector>
 
+#include "decode.h"
 #include "kernels.h"
 #include "ops.h"
 
 namespace compressor {
 namespace {
 
-constexpr int64_t kGemmMinRows = 32;
-constexpr int kMaxBatchRows = 16;  // DecodeGemv::run's output block
 // Dequantized block size for the GEMM path: each thread dequantizes blocks of this size into its own
 // buffer and multiplies them with a single-threaded GEMM; small enough to stay in L2/L3 meanwhile.
 constexpr int64_t kGemmBlockBytes = 2 << 20;
-constexpr int64_t kMinBytesPerThread = 32 << 10;  // below this a layer stays on one thread
-// decode: packed bytes a thread takes from the queue at once. SmolLM2's layers are 0.2-1 MB: 256 KB chunks left
-// one thread with most of a layer (all 120 projections of a token: 14.5 GB/s at 32 KB, 9.5 at 256 KB).
-constexpr int64_t kChunkBytes = 32 << 10;
-
-// Sum of n floats with eight independent partial sums: a single running sum is one dependent add
-// per element (~4 cycles each, 16 us for K = 4096), this the compiler vectorizes.
-float block_sum(const float* x, int64_t n) {
-  float acc[8] = {};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int i = 0; i < 8; ++i) acc[i] += x[k + i];
-  for (; k < n; ++k) acc[0] += x[k];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
 
 // fn(b0, b1) over [0, n) on ATen's threads, one contiguous range each, for bodies that call ATen
 // (the prefill GEMMs): workers get the caller's thread-local state (inference mode, grad mode), and
@@ -69,43 +53,21 @@ void parallel_blocks(int64_t n, const F& fn) {
   });
 }
 
-const KernelSet* detect() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni"))
-    return avx512_kernels();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return avx2_kernels();
-  return scalar_kernels();
-}
-
-std::atomic<const KernelSet*> g_kernels{nullptr};
-
-const KernelSet* kernels() {
-  const KernelSet* ks = g_kernels.load(std::memory_order_relaxed);
-  if (!ks) {
-    ks = detect();
-    g_kernels.store(ks);
-  }
-  return ks;
-}
-
 // Test hook: force an instruction set ("avx512", "avx2", "scalar") or "auto". Refuses a set the
 // CPU lacks. Returns the name now in use.
 std::string set_isa(const std::string& name) {
-  const KernelSet* best = detect();
+  const KernelSet* best = best_kernel_set();
   const KernelSet* ks = nullptr;
   if (name == "auto") ks = best;
   else if (name == "scalar") ks = scalar_kernels();
   else if (name == "avx2") ks = (best == scalar_kernels()) ? nullptr : avx2_kernels();
   else if (name == "avx512") ks = (best == avx512_kernels()) ? best : nullptr;
   TORCH_CHECK(ks, "instruction set '", name, "' is unknown or not supported by this CPU (best is ", best->name, ")");
-  g_kernels.store(ks);
+  use_kernel_set(ks);
   return ks->name;
 }
 
-std::string isa() { return kernels()->name; }
+std::string isa() { return kernel_set()->name; }
 
 // Whether decode calls made on this thread may take the kernel set's batch gemv (int8 activations at
 // 2-31 rows, kernels.h): off unless the caller turns it on, as compressor.nn.decoder.FastDecoder does for
@@ -121,136 +83,6 @@ bool set_int8_activations(bool on) {
 int64_t batch_min_rows(const KernelSet* ks) { return t_int8 && ks->batch.gemv ? ks->batch.min_rows : 0; }
 
 }  // namespace
-
-DecodeGemv::DecodeGemv(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
-                       const std::optional<at::Tensor>& perm, int64_t group_size, int64_t out_features, int bits,
-                       int64_t M, float* y)
-    : ks_(kernels()), M_(M), N_(out_features), y_(y) {
-  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && (!zeros || zeros->is_contiguous()) &&
-                  (!perm || perm->is_contiguous()), "DecodeGemv: the packed tensors must be contiguous");
-  const int P = 32 / bits;
-  K_ = qweight.size(1) * P;
-  Nt_ = qweight.size(0);
-  const int64_t group = group_size == -1 ? K_ : group_size;
-  G_ = K_ / group;
-  base_ = TileArgs{};
-  base_.K = K_;
-  base_.G = G_;
-  base_.group = group;
-  base_.bits = bits;
-  qw_ = qweight.data_ptr<int32_t>();
-  sc_ = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  zp_ = zeros ? reinterpret_cast<const uint16_t*>(zeros->data_ptr<at::Half>()) : nullptr;
-  perm_ = perm ? perm->data_ptr<int64_t>() : nullptr;
-  // Partial sums run over blocks of <= 256 channels that divide the group (kernels.h explains).
-  int64_t block = std::min<int64_t>(group, 256) / P * P;
-  while (group % block) block -= P;
-  base_.block = block;
-  NB_ = K_ / block;
-  xsum_.resize(M * NB_);
-  // Waking a second thread costs a few microseconds, as much as streaming ~100 KB, so small layers
-  // (e.g. a 576x192 projection) stay on one thread.
-  const int64_t tile_bytes = (K_ / P) * kTileN * 4 + 2 * G_ * kTileN * 2;
-  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / tile_bytes);
-  workers_ = std::min<int64_t>(at::get_num_threads(), (Nt_ + grain - 1) / grain);
-  // Threads take chunks of tiles from a shared counter instead of one fixed share each: on a shared
-  // machine one core is often slower for a while, and a static split leaves the other one idle.
-  // A whole number of max_tiles per chunk: the kernel streams that many tiles at once.
-  chunk_ = (std::max<int64_t>(1, kChunkBytes / tile_bytes) + ks_->max_tiles - 1) / ks_->max_tiles * ks_->max_tiles;
-  const int64_t from = batch_min_rows(ks_);
-  batch_ = from > 0 && M >= from;
-  rows_ = batch_ ? ks_->batch.max_rows : ks_->max_rows;
-  // Buffers for prepare_rows, sized once: threads preparing different rows never reallocate them.
-  if (perm_) xperm_.resize(M * K_);
-  if (batch_) xq_.resize(M * K_);
-  else if (ks_->xform == XForm::kInt8x3) xq_.resize(M * 3 * K_);
-  xsigma_.resize(M * NB_);
-  if (!batch_ && ks_->xform == XForm::kScaled) {
-    xscaled_.resize(M * K_);
-    xg_ = xscaled_.data();
-  } else if (!batch_ && perm_) {
-    xg_ = xperm_.data();
-  }
-  TORCH_CHECK(ks_->max_rows <= 4 && ks_->max_tiles <= 4 && ks_->batch.max_rows <= kMaxBatchRows, "kernel set ",
-              ks_->name, " exceeds the output block");
-}
-
-void DecodeGemv::prepare(const float* x) {
-  prepare_rows(x, 0, M_);
-  next_.store(0, std::memory_order_relaxed);
-  done_.store(0, std::memory_order_release);
-}
-
-void DecodeGemv::prepare_rows(const float* x, int64_t m0, int64_t m1) {
-  const int P = 32 / base_.bits, bits = base_.bits;
-  const int64_t K = K_, M = m1 - m0, block = base_.block, NB = NB_;
-  x += m0 * K;
-  if (perm_) {  // act-order: channels were sorted by group at repack
-    float* xp = xperm_.data() + m0 * K;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xp[m * K + k] = x[m * K + perm_[k]];
-    x = xp;
-  }
-  float* xsum = xsum_.data() + m0 * NB;
-  if (batch_) {  // one int8 slice per block (kernels.h, PrepX1Fn); prep writes the sums
-    ks_->batch.prep(x, M, K, block, bits, xq_.data() + m0 * P, M_, xsigma_.data() + m0 * NB, xsum);
-    return;
-  }
-  if (ks_->xform != XForm::kInt8x3)  // there prep_x writes the sums of the slices
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t b = 0; b < NB; ++b) xsum[m * NB + b] = block_sum(x + m * K + b * block, block);
-  if (ks_->xform == XForm::kScaled) {
-    float pow2[8];
-    for (int j = 0; j < P; ++j) pow2[j] = j == P - 1 ? 1.0f : std::ldexp(1.0f, -bits * j);
-    float* xs = xscaled_.data() + m0 * K;
-    for (int64_t i = 0; i < M * K; ++i) xs[i] = x[i] * pow2[i % P];
-  } else if (ks_->xform == XForm::kInt8x3) {
-    ks_->prep_x(x, M, K, block, bits, xq_.data() + m0 * 3 * K, xsigma_.data() + m0 * NB, xsum);
-  } else if (m0 == 0) {
-    xg_ = x;  // kPlain reads x in place (rows m0.. of the same buffer)
-  }
-}
-
-void DecodeGemv::run() {
-  const int P = 32 / base_.bits;
-  const int64_t K = K_, N = N_, NB = NB_, G = G_, Nt = Nt_;
-  // (rows, tiles * kTileN): the output of the tiles one call streams, before the N tail is cut
-  alignas(64) float out[kMaxBatchRows * 4 * kTileN];
-  for (int64_t t0; (t0 = next_.fetch_add(chunk_, std::memory_order_relaxed)) < Nt;) {
-    const int64_t t_end = std::min(Nt, t0 + chunk_);
-    for (int64_t t = t0; t < t_end;) {
-      const int tiles = int(std::min<int64_t>(ks_->max_tiles, t_end - t));
-      TileArgs a = base_;
-      a.qw = qw_ + t * (K / P) * kTileN;
-      a.sc = sc_ + t * G * kTileN;
-      a.zp = zp_ ? zp_ + t * G * kTileN : nullptr;
-      a.ldx = K;
-      a.y = out;
-      a.ldy = tiles * kTileN;
-      const int64_t cols = std::min<int64_t>(tiles * kTileN, N - t * kTileN);
-      for (int64_t m0 = 0; m0 < M_; m0 += rows_) {
-        const int rows = int(std::min<int64_t>(rows_, M_ - m0));
-        a.x = xg_ ? xg_ + m0 * K : nullptr;
-        a.xsum = xsum_.data() + m0 * NB;
-        a.xq = batch_ ? xq_.data() + m0 * P : xq_.data() + m0 * 3 * K;
-        if (batch_) a.ldx = M_ * P;  // rows interleaved per word (kernels.h, PrepX1Fn)
-        a.xsigma = xsigma_.data() + m0 * NB;
-        (batch_ ? ks_->batch.gemv : ks_->gemv)(a, rows, tiles);
-        for (int r = 0; r < rows; ++r)
-          std::memcpy(y_ + (m0 + r) * N + t * kTileN, out + r * a.ldy, cols * sizeof(float));
-      }
-      t += tiles;
-    }
-    done_.fetch_add(t_end - t0, std::memory_order_acq_rel);
-  }
-}
-
-void DecodeGemv::prefetch_perm() const {
-  if (!perm_) return;
-  for (int64_t k = 0; k < K_; k += 64 / sizeof(int64_t)) __builtin_prefetch(perm_ + k, 0, 3);
-}
-
-bool DecodeGemv::finished() const { return done_.load(std::memory_order_acquire) >= Nt_; }
 
 namespace {
 
@@ -294,24 +126,15 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
 
-  const KernelSet* ks = kernels();
-  TileArgs base{};
-  base.K = K;
-  base.G = G;
-  base.group = group;
-  base.bits = bits;
-  const auto tile = [&](TileArgs a, int64_t t) {
-    a.qw = qw.data_ptr<int32_t>() + t * (K / P) * kTileN;
-    a.sc = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()) + t * G * kTileN;
-    a.zp = zp.defined() ? reinterpret_cast<const uint16_t*>(zp.data_ptr<at::Half>()) + t * G * kTileN : nullptr;
-    return a;
-  };
+  const KernelSet* ks = kernel_set();
+  const PackedRef w = packed_ref(qw, sc, zeros ? std::optional<at::Tensor>(zp) : std::nullopt, std::nullopt, group_size,
+                                 N, bits);
+  const auto tile = [&](int64_t t) { return tile_args(w, t); };
 
   if (M < kGemmMinRows) {
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
     at::Tensor y = at::empty({M, N}, xf.options());
-    DecodeGemv g(qw, sc, zp.defined() ? std::optional<at::Tensor>(zp) : std::nullopt, std::nullopt, group_size, N,
-                 bits, M, y.data_ptr<float>());
+    DecodeGemv g(w, M, y.data_ptr<float>(), at::get_num_threads(), t_int8);
     g.prepare(xf.data_ptr<float>());
     at::parallel_for(0, g.workers(), 1, [&](int64_t, int64_t) { g.run(); });
     if (bias) y.add_(bias->to(at::kFloat));
@@ -335,23 +158,7 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     std::atomic<int64_t> next{0};
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
       std::vector<float> scratch;
-      for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < Nt;) {
-        TileArgs a = tile(base, t);
-        a.x = xp;
-        a.ldx = K;
-        const int64_t cols = std::min<int64_t>(kTileN, N - t * kTileN);
-        if (cols == kTileN) {
-          a.y = yp + t * kTileN;
-          a.ldy = N;
-        } else {
-          scratch.resize(M * kTileN);
-          a.y = scratch.data();
-          a.ldy = kTileN;
-        }
-        ks->gemm(a, M);
-        if (cols < kTileN)
-          for (int64_t m = 0; m < M; ++m) std::memcpy(yp + m * N + t * kTileN, a.y + m * kTileN, cols * sizeof(float));
-      }
+      gemm_tiles(ks, w, xp, M, yp, next, scratch);
     });
     if (bias) y.add_(bias->to(y.scalar_type()));
     return y.to(x.scalar_type()).reshape(out_shape);
@@ -370,7 +177,7 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * tiles_per_block, nb = std::min(tiles_per_block, Nt - t0);
       for (int64_t i = 0; i < nb; ++i)
-        ks->dequant(tile(base, t0 + i), static_cast<char*>(wbuf.data_ptr()) + i * kTileN * elem, ld, bf16);
+        ks->dequant(tile(t0 + i), static_cast<char*>(wbuf.data_ptr()) + i * kTileN * elem, ld, bf16);
       const int64_t cols = std::min(nb * kTileN, N - t0 * kTileN);
       at::Tensor yb = y.narrow(1, t0 * kTileN, cols);
       at::mm_out(yb, xin, wbuf.narrow(1, 0, cols));   // one thread: we are inside parallel_for
@@ -398,7 +205,7 @@ at::Tensor f16_linear(const at::Tensor& x, const at::Tensor& weight, const std::
   const int64_t M = xf.size(0);
   at::Tensor y = at::empty({M, N}, xf.options());
   if (M < kGemmMinRows) {
-    const KernelSet* ks = kernels();
+    const KernelSet* ks = kernel_set();
     const float* xp = xf.data_ptr<float>();
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::Half>());
     float* yp = y.data_ptr<float>();
@@ -469,11 +276,28 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   return dq_linear(x, qweight, scales, zeros, perm, bias, group_size, out_features, bits);
 }
 
-const KernelSet* kernel_set() { return kernels(); }
+PackedRef packed_ref(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                     const std::optional<at::Tensor>& perm, int64_t group_size, int64_t out_features, int bits) {
+  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && (!zeros || zeros->is_contiguous()) &&
+                  (!perm || perm->is_contiguous()), "the packed tensors must be contiguous");
+  PackedRef w;
+  w.bits = bits;
+  w.K = qweight.size(1) * (32 / bits);
+  w.Nt = qweight.size(0);
+  w.N = out_features;
+  w.group = group_size == -1 ? w.K : group_size;
+  w.qw = qweight.data_ptr<int32_t>();
+  w.sc = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  w.zp = zeros ? reinterpret_cast<const uint16_t*>(zeros->data_ptr<at::Half>()) : nullptr;
+  w.perm = perm ? perm->data_ptr<int64_t>() : nullptr;
+  return w;
+}
 
-int64_t batch_rows() { return batch_min_rows(kernels()); }
+bool int8_rows() { return t_int8; }
 
-bool int8_supported() { return kernels()->batch.gemv != nullptr; }
+int64_t batch_rows() { return batch_min_rows(kernel_set()); }
+
+bool int8_supported() { return kernel_set()->batch.gemv != nullptr; }
 
 at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   return f16_linear(x, weight, bias);

@@ -1,0 +1,229 @@
+// One decoder block of a llama-architecture model on raw pointers: the torch-free core that layer.cpp (the
+// compressor::llama_layer / llama_stack ops) and csrc/engine/engine.cpp (compressor.runtime's engine) share.
+// compressor/kernels/layer.py documents the arithmetic (its `reference` is the oracle). Plain C++: no ATen.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "decode.h"
+#include "kernels.h"
+
+namespace compressor {
+
+// A block's weights: the four packed projections (q/k/v fused, o, gate/up fused, down), fp32 biases or
+// null, the two norms' fp32 weights, the attention shape and its softmax scale.
+struct BlockRef {
+  PackedRef qkv, o, gu, down;
+  const float *b_qkv = nullptr, *b_o = nullptr, *b_gu = nullptr, *b_dn = nullptr;
+  const float *ln1 = nullptr, *ln2 = nullptr;
+  int64_t nh = 0, nkv = 0, hd = 0;
+  float scale = 1.0f;
+};
+
+// yp = x * rsqrt(mean(x^2) + eps) * w over each of M rows of H (HF's LlamaRMSNorm, in fp32).
+inline void rms_norm_into(const float* xp, const float* wp, float* yp, int64_t M, int64_t H, double eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = xp + m * H;
+    float acc[8] = {};
+    int64_t k = 0;
+    for (; k + 8 <= H; k += 8)
+      for (int i = 0; i < 8; ++i) acc[i] += r[k + i] * r[k + i];
+    for (; k < H; ++k) acc[0] += r[k] * r[k];
+    const float ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    const float inv = 1.0f / std::sqrt(ss / float(H) + float(eps));
+    for (int64_t i = 0; i < H; ++i) yp[m * H + i] = wp[i] * (r[i] * inv);
+  }
+}
+
+// HF's rotate_half rotary embedding, in place, on `heads` vectors of hd at one position.
+inline void rope(float* v, int64_t heads, int64_t hd, const float* c, const float* s) {
+  const int64_t h2 = hd / 2;
+  for (int64_t h = 0; h < heads; ++h, v += hd)
+    for (int64_t i = 0; i < h2; ++i) {
+      const float a = v[i], b = v[i + h2];
+      v[i] = a * c[i] - b * s[i];
+      v[i + h2] = b * c[i + h2] + a * s[i + h2];
+    }
+}
+
+// Decode attention work: item i of M * nh / per is row b, query heads h0 .. h0 + per - 1, which share
+// one cached KV head (per divides nh / nkv); the kernel set's AttendFn (kernels.h) does the arithmetic.
+// `per` = nh / nkv (each KV head read once for its query heads) when there are enough items for the
+// threads, else 1 (more, smaller items: batch 1 has only nkv KV heads for 2 threads).
+inline int64_t heads_per_item(int64_t M, int64_t nh, int64_t nkv, int threads) {
+  return M * nkv >= 4 * threads ? nh / nkv : 1;
+}
+
+// A K or V cache (B, nkv, S, hd), float32 or fp16 (batched generation: half the bytes attention reads):
+// rows are written from fp32 and widened back exactly by the kernel set's attention.
+struct Cache {
+  void* data;
+  bool half;
+  void put(int64_t row, const float* src, int64_t hd) const {  // row: (b * nkv + g) * S + position
+    if (half) {
+      uint16_t* d = static_cast<uint16_t*>(data) + row * hd;
+      for (int64_t i = 0; i < hd; ++i) d[i] = float_to_half(src[i]);
+    } else {
+      std::memcpy(static_cast<float*>(data) + row * hd, src, hd * sizeof(float));
+    }
+  }
+  template <typename T>
+  const T* at_row(int64_t row, int64_t hd) const { return static_cast<const T*>(data) + row * hd; }
+};
+
+inline void attend_item(const KernelSet* ks, const float* qkv, int64_t ld_qkv, const Cache& kc, const Cache& vc, int64_t i,
+                 int64_t per, int64_t nh, int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out,
+                 float* p) {
+  const int64_t b = i / (nh / per), h0 = (i % (nh / per)) * per, row = (b * nkv + h0 / (nh / nkv)) * S;
+  const float* q = qkv + b * ld_qkv + h0 * hd;
+  float* o = out + b * nh * hd + h0 * hd;
+  if (kc.half)
+    ks->attend_f16(q, kc.at_row<uint16_t>(row, hd), vc.at_row<uint16_t>(row, hd), per, L, hd, scale, o, p);
+  else
+    ks->attend(q, kc.at_row<float>(row, hd), vc.at_row<float>(row, hd), per, L, hd, scale, o, p);
+}
+
+inline void spin() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// One token per row (T == 1, B rows) of one block, run by every thread of a parallel region: each thread
+// walks the same phases. The per-row phases (norms, the activations' preparation, rotary, residuals) hand
+// out rows, the projections their tiles and the attention its heads through counters, and a thread that
+// runs out of work waits until all of that phase is done (batch 1: one thread does a row phase, the other
+// waits). No phase waits for a number of threads, so a region that runs on fewer threads than asked
+// (nested, or one thread) still completes. This replaces ~10 fork/joins and ~15 ATen calls per block, and
+// llama_stack runs every block of a model in one region.
+//
+// Everything is set up in the constructor, on the calling thread (allocations do not belong in the region):
+// the DecodeGemvs; `int8` as DecodeGemv's. The output goes to h (M, H). `scratch` holds the intermediate rows; blocks that run
+// one after the other in a region may share it (the last phase to read it ends before the next block starts).
+class DecodeBlock {
+ public:
+  static int64_t scratch_floats(int64_t M, int64_t H, int64_t n_qkv, int64_t nq, int64_t I) {
+    return M * (4 * H + n_qkv + nq + 3 * I);
+  }
+
+  static int64_t scratch_floats(int64_t M, int64_t H, const BlockRef& b) {
+    return scratch_floats(M, H, b.qkv.N, b.nh * b.hd, b.gu.N / 2);
+  }
+
+  // Rows x (M, H) in, at position pos of caches kc, vc (B = M rows, S positions); output into h (M, H).
+  DecodeBlock(const float* x, float* h, int64_t M, int64_t H, float* scratch, Cache kc, Cache vc, int64_t S,
+              int64_t pos, const float* cos, const float* sin, const BlockRef& b, double eps, int threads, bool int8)
+      : M(M), H(H), S(S), L(pos + 1), pos(pos), nh(b.nh), nkv(b.nkv), hd(b.hd), nq(nh * hd), nk(nkv * hd),
+        n_qkv(b.qkv.N), I(b.gu.N / 2), eps(eps), scale(b.scale), xp(x), hp(h), kc(kc), vc(vc), ks(kernel_set()),
+        per(heads_per_item(M, nh, nkv, threads)), items(M * nh / per), b_qkv(b.b_qkv), b_o(b.b_o), b_gu(b.b_gu),
+        b_dn(b.b_dn) {
+    h1p = scratch;
+    qkvp = h1p + M * H;
+    attnp = qkvp + M * n_qkv;
+    op = attnp + M * nq;
+    h2p = op + M * H;
+    gup = h2p + M * H;
+    actp = gup + M * 2 * I;
+    dnp = actp + M * I;
+    ln1p = b.ln1;
+    ln2p = b.ln2;
+    cosp = cos + pos * hd;
+    sinp = sin + pos * hd;
+    const auto gemv = [&](const PackedRef& w, float* y) { return std::make_unique<DecodeGemv>(w, M, y, threads, int8); };
+    g_qkv = gemv(b.qkv, qkvp);
+    g_o = gemv(b.o, op);
+    g_gu = gemv(b.gu, gup);
+    g_dn = gemv(b.down, dnp);
+  }
+
+  // The block that runs next in the same region: its q/k/v permutation is prefetched during this one.
+  void set_next(const DecodeBlock* next) { next_ = next; }
+
+  void run() {
+    g_o->prefetch_perm();   // act-order: ~1% of a token at batch 1 (SmolLM2, Zen 4); down has none left
+    g_gu->prefetch_perm();  // (compressor.nn.prepare.fold_act_order_), q/k/v's came with the block before
+    rows(0, [&](int64_t m) {
+      rms_norm_into(xp + m * H, ln1p, h1p + m * H, 1, H, eps);
+      g_qkv->prepare_rows(h1p, m, m + 1);
+    });
+    project(*g_qkv);
+    rows(1, [&](int64_t b) {
+      float* row = qkvp + b * n_qkv;
+      add_bias(row, b_qkv, n_qkv);
+      rope(row, nh + nkv, hd, cosp, sinp);
+      for (int64_t g = 0; g < nkv; ++g) {
+        kc.put((b * nkv + g) * S + pos, row + nq + g * hd, hd);
+        vc.put((b * nkv + g) * S + pos, row + nq + nk + g * hd, hd);
+      }
+    });
+    {
+      std::vector<float> p(per * L);
+      for (int64_t i; (i = attn_next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+        attend_item(ks, qkvp, n_qkv, kc, vc, i, per, nh, nkv, S, hd, L, scale, attnp, p.data());
+        attn_done.fetch_add(1, std::memory_order_acq_rel);
+      }
+      while (attn_done.load(std::memory_order_acquire) < items) spin();
+    }
+    rows(2, [&](int64_t m) { g_o->prepare_rows(attnp, m, m + 1); });
+    project(*g_o);
+    rows(3, [&](int64_t m) {
+      add_bias(op + m * H, b_o, H);
+      for (int64_t i = m * H; i < (m + 1) * H; ++i) hp[i] = xp[i] + op[i];
+      rms_norm_into(hp + m * H, ln2p, h2p + m * H, 1, H, eps);
+      g_gu->prepare_rows(h2p, m, m + 1);
+    });
+    project(*g_gu);
+    rows(4, [&](int64_t m) {
+      add_bias(gup + m * 2 * I, b_gu, 2 * I);
+      ks->silu_mul(gup + m * 2 * I, gup + m * 2 * I + I, actp + m * I, I);  // at::silu_out + mul_: ~12 us of setup
+      g_dn->prepare_rows(actp, m, m + 1);
+    });
+    if (next_) next_->g_qkv->prefetch_perm();  // needed as soon as the next block starts
+    project(*g_dn);
+    rows(5, [&](int64_t m) {
+      add_bias(dnp + m * H, b_dn, H);
+      for (int64_t i = m * H; i < (m + 1) * H; ++i) hp[i] += dnp[i];
+    });
+  }
+
+ private:
+  // fn(m) for every row m < M, rows claimed one at a time by whichever thread comes; returns when all are done.
+  template <typename Fn>
+  void rows(int i, const Fn& fn) {
+    for (int64_t m; (m = row_next[i].fetch_add(1, std::memory_order_relaxed)) < M;) {
+      fn(m);
+      row_done[i].fetch_add(1, std::memory_order_acq_rel);
+    }
+    while (row_done[i].load(std::memory_order_acquire) < M) spin();
+  }
+  static void project(DecodeGemv& g) {
+    g.run();
+    while (!g.finished()) spin();
+  }
+  static void add_bias(float* y, const float* b, int64_t n) {
+    if (b)
+      for (int64_t i = 0; i < n; ++i) y[i] += b[i];
+  }
+
+  const int64_t M, H, S, L, pos, nh, nkv, hd, nq, nk, n_qkv, I;
+  const double eps;
+  const float scale;
+  const float* xp;
+  float* hp;
+  const Cache kc, vc;
+  const KernelSet* ks;
+  const int64_t per, items;
+  float *h1p, *qkvp, *attnp, *op, *h2p, *gup, *actp, *dnp;
+  const float *ln1p, *ln2p, *cosp, *sinp;
+  std::unique_ptr<DecodeGemv> g_qkv, g_o, g_gu, g_dn;
+  const DecodeBlock* next_ = nullptr;
+  const float *b_qkv, *b_o, *b_gu, *b_dn;
+  std::atomic<int64_t> row_next[6] = {}, row_done[6] = {}, attn_next{0}, attn_done{0};
+};
+
+}  // namespace compressor
