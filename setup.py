@@ -28,8 +28,9 @@ SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh", ".md")
 
 class BuildPyWithSources(build_py):
     """build_py that also copies the kernel sources into ``compressor/_sources/`` of the build, so
-    an installed wheel can compile them on first use. An editable install skips the copy:
-    `compressor.kernels.build` finds ``<repo>/csrc/cpu`` itself."""
+    an installed wheel can compile them on first use (`compressor.kernels.build` the torch extension,
+    `compressor.runtime.build` the torch-free engine of ``csrc/engine``). An editable install skips the
+    copy: both find ``<repo>/csrc`` themselves."""
 
     def run(self):
         super().run()

@@ -50,23 +50,13 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from .errors import InputError
+from .files import ADAPTER, FORMAT_VERSION, META, WEIGHTS, CheckpointError, is_checkpoint  # noqa: F401
 from .machine import versions as _versions
 from .nn.formats import MODULE_TYPES, build_module, format_of, format_of_class, module_spec
 from .nn.qembedding import tie_quant_embeddings_
 
 __all__ = ["FORMAT_VERSION", "MODULE_TYPES", "save", "save_adapter", "load", "atomic_dir", "versions",
            "CheckpointError", "module_specs"]
-
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-META = "compression.json"
-ADAPTER = "peft-adapter"
-
-
-class CheckpointError(InputError):
-    """A compressed checkpoint that cannot be read."""
-
 
 def versions() -> dict[str, str]:
     """The library versions recorded in compression.json."""
@@ -345,10 +335,6 @@ def _load_adapter(path: Path, meta: dict[str, Any], base: str | Path | None, dty
     with warnings.catch_warnings():                         # transformers' deprecation notes, via peft
         warnings.simplefilter("ignore", FutureWarning)
         return PeftModel.from_pretrained(model, str(path)).eval()
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / META).is_file()
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = False,

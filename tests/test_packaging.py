@@ -1,4 +1,4 @@
-"""Packaging: a wheel carries the shipped recipes and the kernel sources it compiles on first use.
+"""Packaging: a wheel carries the shipped recipes and the kernel and engine sources it compiles on first use.
 
 The wheel is built the way pip builds one, with ``COMPRESSOR_NO_BUILD_EXT=1`` so nothing compiles
 (a few seconds). It is built from a copy of the source tree, because setuptools keeps ``build/``
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from compressor.runtime import build as runtime_build
 from compressor.kernels import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,15 @@ def test_wheel_has_the_kernel_sources_where_build_looks(wheel):
     for p in sources:
         assert wheel.read(f"{inside}/{p.name}") == p.read_bytes()
     assert "compressor/_sources/cuda/README.md" in wheel.namelist()
+
+
+def test_wheel_has_the_engine_sources_where_runtime_build_looks(wheel):
+    """The torch-free engine (`compressor.runtime.build`) compiles csrc/engine and part of csrc/cpu."""
+    inside = runtime_build._SOURCE_ROOTS[0].relative_to(runtime_build._PACKAGE.parent).as_posix()
+    assert inside == "compressor/_sources/csrc"
+    for name in runtime_build.ENGINE_SOURCES + runtime_build.ENGINE_HEADERS:
+        assert wheel.read(f"{inside}/{name}") == (ROOT / "csrc" / name).read_bytes()
+    assert "compressor/runtime/build.py" in wheel.namelist() and "compressor/buildcache.py" in wheel.namelist()
 
 
 def test_wheel_without_extension_ships_no_binary_and_requires_ninja(wheel):

@@ -18,7 +18,8 @@ CPU features are left out on purpose. The one ``.so`` holds AVX-512, AVX2 and sc
 file enables its ISA with ``#pragma GCC target``) and picks one at run time with cpuid, so one
 cache entry serves every CPU of the architecture. The compile runs under an exclusive `fcntl.flock` on
 ``kernels/<key>.lock`` and is marked complete only at the end, so two processes starting at once
-compile once. A compile killed half-way leaves no marker, and the next process compiles again.
+compile once. A compile killed half-way leaves no marker, and the next process compiles again. That
+protocol is `compressor.buildcache`, shared with the torch-free engine (`compressor.runtime.build`).
 
 Without kernels every 4/8-bit layer runs the reference, roughly 10x slower. `warn_fallback` says so
 once per process, with the reason and the command that fixes it.
@@ -26,12 +27,9 @@ once per process, with the reason and the command that fixes it.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import platform
@@ -45,6 +43,8 @@ from types import ModuleType
 
 import torch
 
+from .. import buildcache
+
 __all__ = ["load_extension", "cache_key", "source_dir", "read_sources", "fallback_message", "warn_fallback",
            "ReferenceKernelWarning", "CFLAGS", "LDFLAGS"]
 
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 CFLAGS = ("-O3", "-fopenmp", "-std=c++20")
 LDFLAGS = ("-fopenmp",)
 _NAME = "compressor_C"        # module (and PyInit_) name of the compiled-on-first-use extension
-_DONE = "build.json"          # written last: its presence means the .so in the directory is complete
 _PACKAGE = Path(__file__).resolve().parents[1]
 _SOURCE_DIRS = (_PACKAGE / "_sources" / "csrc" / "cpu",   # a wheel (setup.py's build_py copies them)
                 _PACKAGE.parent / "csrc" / "cpu")         # a source checkout or editable install
@@ -109,8 +108,7 @@ def cache_key(sources: dict[str, bytes]) -> str:
 
 
 def _cache_root() -> Path:
-    from ..models import cache_dir   # one definition of $COMPRESSOR_CACHE
-    return cache_dir() / "kernels"
+    return buildcache.cache_root() / "kernels"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,24 +124,6 @@ def _import_so(directory: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@contextlib.contextmanager
-def _locked(path: Path, directory: Path):
-    """Hold an exclusive flock on `path`; the kernel drops it if the process dies."""
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            print(f"compressor: waiting for another process compiling the C++ CPU kernels into {directory}",
-                  file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -197,9 +177,7 @@ def _compile(sources: dict[str, bytes], directory: Path) -> ModuleType:
     seconds = time.perf_counter() - t0
     info = {"torch": torch.__version__, "python": sys.implementation.cache_tag, "machine": platform.machine(),
             "cflags": list(CFLAGS), "ldflags": list(LDFLAGS), "sources": sorted(sources), "seconds": round(seconds, 1)}
-    tmp = directory / f"{_DONE}.tmp"
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, directory / _DONE)   # atomic: a reader sees no marker or a complete one
+    buildcache.mark_complete(directory, info)   # last: a killed compile leaves no marker
     log.info("compiled the C++ CPU kernels in %.0f s into %s", seconds, directory)
     return module
 
@@ -214,26 +192,25 @@ def _load_cached_or_compile() -> tuple[ModuleType, str]:
     sources = read_sources(where)
     directory = _cache_root() / cache_key(sources)
     source = f"compiled on first use, cached in {directory}"
-    if (directory / _DONE).is_file():
+    if buildcache.is_complete(directory):
         try:
             return _import_so(directory), source
         except (ImportError, OSError) as e:   # a damaged cache entry: compile it again below
             log.warning("the cached C++ kernels in %s do not import (%s); compiling them again", directory, e)
-            (directory / _DONE).unlink(missing_ok=True)
+            buildcache.unmark(directory)
     cxx = os.environ.get("CXX", "c++")   # the compiler torch.utils.cpp_extension runs
     if shutil.which(cxx) is None:
         raise _Unavailable(f"no C++ compiler: {cxx!r} is not on PATH",
                            "install a C++ compiler (`apt-get install g++`, or set CXX to one) and rerun; "
                            "the kernels compile once and are cached")
-    lock = directory.parent / f"{directory.name}.lock"   # kept: unlinking a flock file races
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        lock.touch()
+        lock = buildcache.lock_file(directory)
     except OSError as e:
         raise _Unavailable(f"cannot write the kernel cache {directory.parent} ({e})",
                            "set COMPRESSOR_CACHE to a writable directory, then rerun") from None
-    with _locked(lock, directory):
-        if (directory / _DONE).is_file():    # another process compiled it while we waited
+    waiting = f"compressor: waiting for another process compiling the C++ CPU kernels into {directory}"
+    with buildcache.exclusive(lock, waiting):
+        if buildcache.is_complete(directory):    # another process compiled it while we waited
             return _import_so(directory), source
         return _compile(sources, directory), source
 

@@ -175,28 +175,14 @@ class FastDecoder:
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
         """Greedy decoding, as HF's ``generate(do_sample=False)``: (B, T + new) token ids; rows that
         met an end-of-sequence token are padded with `pad_token_id` until every row has."""
-        b, t = input_ids.shape
-        eos = torch.tensor([] if eos_token_id is None else
-                           [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
-        if pad_token_id is None and len(eos):
-            pad_token_id = int(eos[0])
-        caches = self.caches(b, t + max_new_tokens)
-        out = [input_ids]
-        done = torch.zeros(b, dtype=torch.bool)
-        logits = self.forward(input_ids, 0, caches)
-        for i in range(max_new_tokens):
-            if i < min_new_tokens and len(eos):
-                logits[:, eos] = -float("inf")
-            nxt = logits.argmax(-1)
-            if len(eos):
-                nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-                done |= torch.isin(nxt, eos)
-            out.append(nxt[:, None])
-            if len(eos) and bool(done.all()):
-                break
-            if i + 1 < max_new_tokens:
-                logits = self.forward(nxt[:, None], t + i, caches)
-        return torch.cat(out, dim=1)
+        from ..greedy import greedy
+        caches = self.caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+
+        def step(tokens, pos):
+            return self.forward(torch.from_numpy(tokens), pos, caches).numpy()
+
+        return torch.from_numpy(greedy(step, input_ids.long().numpy(), max_new_tokens, min_new_tokens, eos_token_id,
+                                       pad_token_id))
 
 
 def _groups(layer) -> list[list[QuantLinear]]:

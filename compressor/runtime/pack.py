@@ -1,24 +1,24 @@
-"""`Runtime`: greedy generation from a compressed checkpoint without transformers.
+"""Prepare a compressed checkpoint for `compressor.runtime`'s engine: the one step that needs torch.
 
-`compressor.load` gives a transformers model. Its classes import torch._dynamo, torch.distributed and sympy,
-~240 MiB of RSS before any weight, so a process that only generates with it peaks near three times
-llama.cpp's memory for SmolLM2-135M. Generation needs none of that: `compressor.nn.decoder.FastDecoder` runs
-each block as one C++ op on the packed weights. `Runtime(path)` builds exactly what FastDecoder reads, from
-config.json, compression.json and model.safetensors: torch, the kernels and the weights, read layer by layer
-(no mmap of the whole file, each layer's GPTQ buffers dropped once repacked).
+``python -m compressor.runtime.pack CHECKPOINT OUT_DIR`` (run by `compressor.runtime.store` in a child
+process, once per checkpoint) builds exactly the module tree `compressor.nn.decoder.FastDecoder` reads
+(config.json, compression.json and model.safetensors; no transformers), repacks and fuses the weights as
+`compressor.load` does (`prepare_`: the act-order fold; FastDecoder: q/k/v and gate/up fused), and writes
+what FastDecoder's blocks, rotary tables, final norm, head and embedding hold:
 
-    rt = compressor.Runtime("out/smollm2-gptq-w4g64")
-    ids = rt.generate(torch.tensor([rt.tokenizer.encode("The tower is").ids]), max_new_tokens=64)
-    print(rt.tokenizer.decode(ids[0].tolist()))
+* ``weights.bin``: every array, each at a 64-byte aligned offset;
+* ``index.json``: the model's shape, each array's dtype, shape and offset, and how the parts fit
+  (`compressor.runtime.engine` reads it).
 
-Same modules, same ops, same arithmetic as ``compressor.load(path).generate`` on its fast path: the same tokens
-and logits (tests/test_runtime.py). Scope: llama, mistral and qwen2 checkpoints whose seven projections per
-block are 4/8-bit GPTQ layers, with the default rotary embedding; anything else is a `CheckpointError` that
-says what and points to `compressor.load`. Greedy only (`FastDecoder.generate`).
+So packing stays in one place (`compressor.kernels.repack`) and the generating process never pays for
+torch's ~220 MiB. Errors are `CheckpointError`s naming the file and what Runtime cannot run.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,22 +26,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .checkpoint import ADAPTER, FORMAT_VERSION, META, WEIGHTS, CheckpointError, is_checkpoint
-from .errors import read_json
-from .kernels.layer import _rms
-from .models import ModelError, check_safetensors
-from .nn.decoder import MODEL_TYPES, FastDecoder, unsupported
-from .nn.half import HalfEmbedding, HalfLinear
-from .nn.prepare import prepare_
-from .nn.qembedding import TiedQuantEmbedding
-from .nn.qlinear import QuantLinear
+from ..files import META, WEIGHTS, CheckpointError
+from ..kernels.layer import _rms
+from ..models import ModelError, check_safetensors
+from ..nn.decoder import FastDecoder, unsupported
+from ..nn.half import HalfEmbedding, HalfLinear
+from ..nn.prepare import prepare_
+from ..nn.qembedding import TiedQuantEmbedding
+from ..nn.qlinear import QuantLinear
+from . import PACK_FORMAT, read_description
 
-__all__ = ["Runtime"]
+__all__ = ["pack", "main"]
 
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
            "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8}
+_ALIGN = 64
+_MAX_ROPE_ROWS = 32768        # rotary rows stored: max_position_embeddings, at most this many
 
 
 class RuntimeMLP(nn.Module):
@@ -72,90 +74,18 @@ class _Rotary(nn.Module):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-class Runtime:
-    """A compressed checkpoint ready to generate: `generate` (greedy) and `logits`, no transformers."""
-
-    def __init__(self, path: str | Path):
-        from .machine import release_memory
-        self.path = Path(path)
-        self.config, specs = _read_description(self.path)
-        self.model = _build(self.path, self.config, specs)
-        prepare_(self.model, half_lm_head=False, fast_generate=False, release=True)   # act-order fold
-        release_memory()
-        why = unsupported(self.model)
-        if why is not None:
-            raise CheckpointError(f"{self.path}: Runtime cannot run this model ({why}); use compressor.load")
-        self.decoder = FastDecoder(self.model)
-
-    @property
-    def tokenizer(self):
-        """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` (the Rust library transformers' fast
-        tokenizers wrap; no transformers import): ``tokenizer.encode(text).ids``, ``tokenizer.decode(ids)``."""
-        if getattr(self, "_tokenizer", None) is None:
-            from tokenizers import Tokenizer
-            f = self.path / "tokenizer.json"
-            if not f.is_file():
-                raise CheckpointError(f"{self.path}: no tokenizer.json; pass token ids to generate")
-            self._tokenizer = Tokenizer.from_file(str(f))
-        return self._tokenizer
-
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, vocab) float32 logits after the last of `input_ids` (B, T)."""
-        ids = _ids(input_ids)
-        return self.decoder.forward(ids, 0, self.decoder.caches(ids.shape[0], ids.shape[1]))
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 attention_mask: torch.Tensor | None = None, do_sample: bool = False) -> torch.Tensor:
-        """Greedy decoding as HF's ``generate(do_sample=False)``: (B, T + new) ids. `eos_token_id` defaults to
-        config.json's; rows that ended are padded with `pad_token_id` (default: the first eos)."""
-        ids = _ids(input_ids)
-        if do_sample:
-            raise ValueError("Runtime.generate is greedy (do_sample=False); sample with compressor.load(path).generate")
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
-            raise ValueError("Runtime.generate takes rows of one length (an attention mask of ones); pad with "
-                             "compressor.load(path).generate")
-        if type(max_new_tokens) is not int or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
-        if eos_token_id is None:
-            eos_token_id = getattr(self.config, "eos_token_id", None)
-        return self.decoder.generate(ids, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id)
-
-
-def _ids(input_ids) -> torch.Tensor:
-    if not (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and not input_ids.is_floating_point()
-            and input_ids.shape[1] > 0):
-        raise ValueError(f"input_ids must be a (batch, length) integer tensor, got "
-                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-    return input_ids.long().cpu()
-
-
-def _read_description(path: Path) -> tuple[SimpleNamespace, dict[str, dict[str, Any]]]:
-    """config.json as attributes and compression.json's module specs; CheckpointError for what Runtime cannot run."""
-    if not is_checkpoint(path):
-        raise CheckpointError(f"{str(path)!r} is not a compressed checkpoint (no {META})")
-    meta = read_json(path / META, CheckpointError, META)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {meta.get('format_version')!r}, this compressor reads "
-                              f"{FORMAT_VERSION}")
-    if meta.get("artifact") == ADAPTER or meta.get("artifact") == "onnx-export":
-        raise CheckpointError(f"{path}: a {meta['artifact']} runs through compressor.load, not Runtime")
-    cfg = read_json(path / "config.json", CheckpointError, "config.json")
-    kind = cfg.get("model_type")
-    if kind not in MODEL_TYPES:
-        raise CheckpointError(f"{path}: model_type {kind!r}; Runtime runs {', '.join(MODEL_TYPES)}, "
-                              f"use compressor.load")
-    for key in ("rope_parameters", "rope_scaling"):                       # transformers 5 / 4 spelling
-        rope = cfg.get(key) or {}
-        if not isinstance(rope, dict) or (rope.get("rope_type") or rope.get("type") or "default") != "default":
-            raise CheckpointError(f"{path}: rotary embedding {key} {rope!r}; Runtime has the default one only, "
-                                  f"use compressor.load")
-    cfg["rope_theta"] = float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    cfg.pop("quantization_config", None)
-    specs = meta.get("modules", {})
-    if not isinstance(specs, dict):
-        raise CheckpointError(f"{path / META}: 'modules' must be an object; the file is corrupt")
-    return SimpleNamespace(**cfg), specs
+def build(path: Path) -> tuple[nn.Module, FastDecoder]:
+    """The checkpoint as the module tree FastDecoder reads, prepared as `compressor.load` prepares it, and
+    its FastDecoder."""
+    from ..machine import release_memory
+    config, specs = read_description(path)
+    model = _build(path, config, specs)
+    prepare_(model, half_lm_head=False, fast_generate=False, release=True)   # act-order fold
+    release_memory()
+    why = unsupported(model)
+    if why is not None:
+        raise CheckpointError(f"{path}: Runtime cannot run this model ({why}); use compressor.load")
+    return model, FastDecoder(model)
 
 
 class _Weights:
@@ -216,7 +146,7 @@ def _quant_linear(spec: dict | None, name: str, read: _Weights) -> QuantLinear:
 
 def _build(path: Path, cfg: SimpleNamespace, specs: dict[str, dict[str, Any]]) -> nn.Module:
     """The module tree FastDecoder reads (HF's attribute names), every weight read once."""
-    from .machine import trim_heap
+    from ..machine import trim_heap
     read = _Weights(path / WEIGHTS)
     try:
         heads = cfg.num_attention_heads
@@ -282,3 +212,98 @@ def _head_and_embedding(model: nn.Module, specs: dict, read: _Weights) -> None:
         inner.embed_tokens = nn.Embedding.from_pretrained(model.lm_head.weight)
     else:
         inner.embed_tokens = nn.Embedding.from_pretrained(emb.float())
+
+
+class _Writer:
+    """Arrays appended to weights.bin at aligned offsets; `index` describes them."""
+
+    def __init__(self, f):
+        self.f, self.off, self.index = f, 0, {}
+
+    def add(self, name: str, t: torch.Tensor | None) -> str | None:
+        if t is None:
+            return None
+        a = t.detach().contiguous().numpy()
+        pad = -self.off % _ALIGN
+        self.f.write(b"\0" * pad)
+        self.off += pad
+        self.index[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "offset": self.off}
+        self.f.write(memoryview(a).cast("B"))
+        self.off += a.nbytes
+        return name
+
+
+def _linear(w: _Writer, name: str, args: list, meta: list) -> dict:
+    """A packed projection of FastDecoder's lists: qweight, scales, zeros, perm, bias; bits, group, out."""
+    qweight, scales, zeros, perm, bias = args
+    bits, group, out = meta
+    k = qweight.shape[1] * (32 // bits)
+    return {"arrays": [w.add(f"{name}.{p}", t) for p, t in zip(("qweight", "scales", "zeros", "perm", "bias"),
+                                                                 (qweight, scales, zeros, perm, bias))],
+            "meta": [bits, group, out, k, qweight.shape[0]]}
+
+
+def pack(ckpt: str | Path, out: str | Path) -> None:
+    """Write `ckpt` prepared for the engine into the directory `out` (which must exist and be empty)."""
+    ckpt, out = Path(ckpt), Path(out)
+    model, fast = build(ckpt)
+    cfg = model.config
+    rows = int(min(getattr(cfg, "max_position_embeddings", None) or 4096, _MAX_ROPE_ROWS))
+    cos, sin = fast.rope_tables(rows)
+    with open(out / "weights.bin", "wb") as f:
+        w = _Writer(f)
+        blocks = []
+        for i, (ln1, ln2, args, meta, scale) in enumerate(fast.layers):
+            blocks.append({"linears": [_linear(w, f"layers.{i}.{j}", args[5 * j:5 * j + 5], meta[3 * j:3 * j + 3])
+                                       for j in range(4)],
+                           "ln1": w.add(f"layers.{i}.ln1", ln1), "ln2": w.add(f"layers.{i}.ln2", ln2),
+                           "scale": scale})
+        head, emb = model.lm_head, model.model.embed_tokens
+        if isinstance(head, QuantLinear):
+            p = head.packed()
+            head_desc = {"kind": "packed", **_linear(w, "lm_head", [p.qweight, p.scales, p.zeros, p.perm, None],
+                                                     [p.bits, p.group_size, p.out_features])}
+        elif isinstance(head, HalfLinear) and head.bias is None:
+            head_desc = {"kind": "f16", "weight": w.add("lm_head.weight", head.weight)}
+        else:
+            head_desc = {"kind": "f16", "weight": w.add("lm_head.weight", head.weight.detach().half())}
+            if not torch.equal(head.weight.detach().half().float(), head.weight.detach().float()):
+                raise CheckpointError(f"{ckpt}: an fp32 output head that fp16 does not hold exactly; use "
+                                      f"compressor.load")
+        if isinstance(emb, TiedQuantEmbedding):
+            emb_desc = {"kind": "tied"}
+        elif isinstance(emb, HalfEmbedding):
+            emb_desc = {"kind": "f16", "table": head_desc["weight"]}          # the head's array: stored once
+        else:
+            emb_desc = {"kind": "f32", "table": w.add("embed_tokens.weight", emb.weight.detach().float())}
+        index = {
+            "format": PACK_FORMAT,
+            "shape": {"hidden": cfg.hidden_size, "heads": fast.heads, "kv_heads": fast.kv_heads,
+                      "head_dim": fast.head_dim, "layers": len(fast.layers), "vocab": head.out_features if
+                      isinstance(head, QuantLinear) else head.weight.shape[0], "eps": fast.eps},
+            "eos_token_id": getattr(cfg, "eos_token_id", None),
+            "rope": {"cos": w.add("rope.cos", cos[:rows]), "sin": w.add("rope.sin", sin[:rows]), "rows": rows},
+            "norm": w.add("norm.weight", model.model.norm.weight.detach().float()),
+            "blocks": blocks, "head": head_desc, "embedding": emb_desc, "arrays": w.index,
+        }
+    (out / "index.json").write_text(json.dumps(index))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m compressor.runtime.pack CHECKPOINT OUT_DIR``; a CheckpointError is one line on stderr and
+    exit status 3 (the parent raises it again)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m compressor.runtime.pack CHECKPOINT OUT_DIR", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    try:
+        pack(args[0], args[1])
+    except CheckpointError as e:
+        print(f"CheckpointError: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

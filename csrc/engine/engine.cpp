@@ -1,0 +1,419 @@
+// The generation engine of compressor.runtime: a llama-architecture model (llama, mistral, qwen2) whose seven
+// projections per block are packed 4/8-bit weights, run from plain arrays with no torch in the process.
+// A C API for ctypes (compressor/runtime/engine.py); the weights stay owned by the caller, which must keep
+// them alive. The blocks' arithmetic is csrc/cpu/block.h and decode.h, the code compressor::llama_stack runs,
+// so a decode step here computes what `compressor.load(...).generate` computes, bit for bit.
+//
+//   decode (T == 1, B < 32): every block of a step in one OpenMP parallel region (DecodeBlock), as llama_stack;
+//   prefill (T > 1, pos == 0), or steps of >= 32 rows: block by block, each projection the kernel set's GEMM
+//   (>= 32 rows, where it has one) or DecodeGemv, attention per (row, KV head) with the kernel set's AttendFn.
+//
+// Every function returns 0 on success and -1 on a bad argument, with the reason in cmp_error().
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../cpu/block.h"
+#include "../cpu/decode.h"
+#include "../cpu/kernels.h"
+
+namespace compressor {
+namespace {
+
+thread_local std::string g_error;
+
+struct Bad : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+void check(bool ok, const std::string& what) {
+  if (!ok) throw Bad(what);
+}
+
+enum HeadKind { kHeadF16 = 0, kHeadPacked = 1 };
+enum EmbedKind { kEmbedF16 = 0, kEmbedF32 = 1, kEmbedTied = 2 };
+
+struct Engine {
+  int64_t H, nh, nkv, hd, n_layers, vocab;
+  double eps;
+  int threads;
+  std::vector<BlockRef> blocks;
+  std::vector<bool> have;
+  const float *cos = nullptr, *sin = nullptr;
+  int64_t rope_rows = 0;
+  int head_kind = -1, embed_kind = -1;
+  PackedRef head;
+  const uint16_t* head_f16 = nullptr;
+  const float* norm = nullptr;
+  const void* embed = nullptr;
+  // KV caches: (layers, 2, B, nkv, S, hd), float32 or fp16; only the positions written are ever read
+  std::unique_ptr<char[]> cache;
+  int64_t cache_B = 0, cache_S = 0;
+  bool cache_half = false;
+
+  Cache kv(int64_t l, int which) const {
+    const int64_t per = cache_B * nkv * cache_S * hd, elem = cache_half ? 2 : 4;
+    return {cache.get() + (2 * l + which) * per * elem, cache_half};
+  }
+};
+
+PackedRef packed(const void* const* p, const int64_t* m) {
+  // p: qweight, scales, zeros, perm; m: bits, group, N, K, Nt
+  PackedRef w;
+  w.qw = static_cast<const int32_t*>(p[0]);
+  w.sc = static_cast<const uint16_t*>(p[1]);
+  w.zp = static_cast<const uint16_t*>(p[2]);
+  w.perm = static_cast<const int64_t*>(p[3]);
+  w.bits = int(m[0]);
+  w.K = m[3];
+  w.group = m[1] == -1 ? w.K : m[1];
+  w.N = m[2];
+  w.Nt = m[4];
+  check(w.bits == 4 || w.bits == 8, "bits must be 4 or 8, got " + std::to_string(w.bits));
+  const int P = 32 / w.bits;
+  check(w.qw && w.sc, "a packed weight needs qweight and scales");
+  check(w.K > 0 && w.K % P == 0 && w.group > 0 && w.K % w.group == 0 && w.group % P == 0,
+        "in_features " + std::to_string(w.K) + " and group " + std::to_string(w.group) + " do not fit " +
+            std::to_string(w.bits) + "-bit words");
+  check(w.N > 0 && w.Nt == (w.N + kTileN - 1) / kTileN, "out_features " + std::to_string(w.N) + " needs " +
+                                                              std::to_string((w.N + kTileN - 1) / kTileN) + " tiles");
+  return w;
+}
+
+// y (M, N) = x (M, K) W for one packed projection, on all threads; `xp` (M, K) scratch for act-order's gather.
+void project(const Engine& e, const PackedRef& w, const float* x, int64_t M, float* y, float* xp, bool int8) {
+  const KernelSet* ks = kernel_set();
+  if (M >= kGemmMinRows && ks->gemm) {
+    if (w.perm) {
+#pragma omp parallel for num_threads(e.threads) schedule(static)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < w.K; ++k) xp[m * w.K + k] = x[m * w.K + w.perm[k]];
+      x = xp;
+    }
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(e.threads)
+    {
+      std::vector<float> scratch;
+      gemm_tiles(ks, w, x, M, y, next, scratch);
+    }
+    return;
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += kGemmMinRows - 1) {
+    const int64_t rows = std::min<int64_t>(kGemmMinRows - 1, M - m0);
+    DecodeGemv g(w, rows, y + m0 * w.N, e.threads, int8);
+    g.prepare(x + m0 * w.K);
+#pragma omp parallel num_threads(int(g.workers()))
+    g.run();
+  }
+}
+
+void add_bias(float* y, const float* b, int64_t M, int64_t N) {
+  if (b)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] += b[n];
+}
+
+void embed(const Engine& e, const int64_t* ids, int64_t n, float* x) {
+  const int64_t H = e.H;
+  for (int64_t i = 0; i < n; ++i)
+    check(ids[i] >= 0 && ids[i] < e.vocab,
+          "token id " + std::to_string(ids[i]) + " is outside the vocabulary of " + std::to_string(e.vocab));
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = x + i * H;
+    const int64_t id = ids[i];
+    if (e.embed_kind == kEmbedF32) {
+      std::memcpy(row, static_cast<const float*>(e.embed) + id * H, H * sizeof(float));
+    } else if (e.embed_kind == kEmbedF16) {
+      const uint16_t* src = static_cast<const uint16_t*>(e.embed) + id * H;
+      for (int64_t k = 0; k < H; ++k) row[k] = half_to_float(src[k]);
+    } else {  // the quantized head's row: (q - zero) * scale, in the checkpoint's channel order
+      const PackedRef& w = e.head;
+      const int P = 32 / w.bits, mask = (1 << w.bits) - 1;
+      const int64_t t = id / kTileN, c = id % kTileN, G = w.K / w.group;
+      const int32_t* qw = w.qw + t * (w.K / P) * kTileN + c;
+      for (int64_t k = 0; k < w.K; ++k) {
+        const int64_t g = k / w.group, q = (uint32_t(qw[(k / P) * kTileN]) >> (w.bits * (k % P))) & mask;
+        const float z = w.zp ? half_to_float(w.zp[(t * G + g) * kTileN + c]) : float(1 << (w.bits - 1));
+        const float v = (float(q) - z) * half_to_float(w.sc[(t * G + g) * kTileN + c]);
+        row[w.perm ? w.perm[k] : k] = v;
+      }
+    }
+  }
+}
+
+// Prefill (T > 1 at pos 0) or a step of many rows (T == 1): one block, x (B * T, H) updated in place.
+void block_rows(Engine& e, int64_t l, float* x, int64_t B, int64_t T, int64_t pos, float* buf) {
+  const BlockRef& b = e.blocks[l];
+  const int64_t H = e.H, M = B * T, nh = b.nh, nkv = b.nkv, hd = b.hd, nq = nh * hd, nk = nkv * hd;
+  const int64_t n_qkv = b.qkv.N, I = b.gu.N / 2, S = e.cache_S, per = nh / nkv;
+  const int64_t K_max = std::max<int64_t>({H, nq, I});
+  float *h1 = buf, *qkv = h1 + M * H, *attn = qkv + M * n_qkv, *o = attn + M * nq, *gu = o + M * H,
+        *act = gu + M * 2 * I, *xp = act + M * I, *fresh = xp + M * K_max;
+  const Cache kc = e.kv(l, 0), vc = e.kv(l, 1);
+  const KernelSet* ks = kernel_set();
+
+  rms_norm_into(x, b.ln1, h1, M, H, e.eps);
+  project(e, b.qkv, h1, M, qkv, xp, false);
+  add_bias(qkv, b.b_qkv, M, n_qkv);
+  // rotary, the cache, and (T > 1) the prompt's own keys and values in fp32: (B, 2, nkv, T, hd)
+  for (int64_t bt = 0; bt < M; ++bt) {
+    const int64_t bi = bt / T, t = bt % T, p = pos + t;
+    float* row = qkv + bt * n_qkv;
+    rope(row, nh + nkv, hd, e.cos + p * hd, e.sin + p * hd);
+    for (int64_t g = 0; g < nkv; ++g) {
+      kc.put((bi * nkv + g) * S + p, row + nq + g * hd, hd);
+      vc.put((bi * nkv + g) * S + p, row + nq + nk + g * hd, hd);
+      if (T > 1) {
+        std::memcpy(fresh + (((bi * 2 + 0) * nkv + g) * T + t) * hd, row + nq + g * hd, hd * sizeof(float));
+        std::memcpy(fresh + (((bi * 2 + 1) * nkv + g) * T + t) * hd, row + nq + nk + g * hd, hd * sizeof(float));
+      }
+    }
+  }
+  // attention: item (row, KV head) attends over positions <= its own
+  const int64_t items = M * nkv;
+#pragma omp parallel num_threads(e.threads)
+  {
+    std::vector<float> p(per * (pos + T));
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t bt = i / nkv, g = i % nkv, bi = bt / T, t = bt % T, L = pos + t + 1;
+      const float* q = qkv + bt * n_qkv + g * per * hd;
+      float* out = attn + bt * nq + g * per * hd;
+      if (T > 1) {
+        const float* k = fresh + ((bi * 2 + 0) * nkv + g) * T * hd;
+        const float* v = fresh + ((bi * 2 + 1) * nkv + g) * T * hd;
+        ks->attend(q, k, v, per, L, hd, b.scale, out, p.data());
+      } else if (kc.half) {
+        const int64_t row = (bi * nkv + g) * S;
+        ks->attend_f16(q, kc.at_row<uint16_t>(row, hd), vc.at_row<uint16_t>(row, hd), per, L, hd, b.scale, out,
+                       p.data());
+      } else {
+        const int64_t row = (bi * nkv + g) * S;
+        ks->attend(q, kc.at_row<float>(row, hd), vc.at_row<float>(row, hd), per, L, hd, b.scale, out, p.data());
+      }
+    }
+  }
+  project(e, b.o, attn, M, o, xp, false);
+  add_bias(o, b.b_o, M, H);
+  for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
+  rms_norm_into(x, b.ln2, h1, M, H, e.eps);
+  project(e, b.gu, h1, M, gu, xp, false);
+  add_bias(gu, b.b_gu, M, 2 * I);
+  for (int64_t m = 0; m < M; ++m) ks->silu_mul(gu + m * 2 * I, gu + m * 2 * I + I, act + m * I, I);
+  project(e, b.down, act, M, o, xp, false);
+  add_bias(o, b.b_dn, M, H);
+  for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
+}
+
+int64_t block_rows_floats(const Engine& e, int64_t B, int64_t T) {
+  int64_t most = 0;
+  for (const BlockRef& b : e.blocks) {
+    const int64_t M = B * T, nq = b.nh * b.hd, I = b.gu.N / 2;
+    const int64_t K_max = std::max<int64_t>({e.H, nq, I});
+    most = std::max(most, M * (2 * e.H + b.qkv.N + nq + 3 * I + K_max) + B * 2 * b.nkv * T * b.hd);
+  }
+  return most;
+}
+
+// One decode step of B < 32 rows: every block in one parallel region, as compressor::llama_stack.
+void decode_step(Engine& e, const float* x, int64_t B, int64_t pos, float* out, bool int8) {
+  int64_t floats = 0;
+  for (const BlockRef& b : e.blocks) floats = std::max(floats, DecodeBlock::scratch_floats(B, e.H, b));
+  std::vector<float> scratch(floats), hs(2 * B * e.H);
+  std::vector<std::unique_ptr<DecodeBlock>> run;
+  const float* in = x;
+  for (int64_t l = 0; l < e.n_layers; ++l) {
+    float* h = hs.data() + (l % 2) * B * e.H;
+    run.push_back(std::make_unique<DecodeBlock>(in, h, B, e.H, scratch.data(), e.kv(l, 0), e.kv(l, 1), e.cache_S, pos,
+                                                e.cos, e.sin, e.blocks[l], e.eps, e.threads, int8));
+    in = h;
+    if (l > 0) run[l - 1]->set_next(run[l].get());
+  }
+#pragma omp parallel num_threads(e.threads)
+  for (const auto& b : run) b->run();
+  std::memcpy(out, in, B * e.H * sizeof(float));
+}
+
+void head(const Engine& e, const float* x, int64_t B, float* logits, bool int8) {
+  if (e.head_kind == kHeadPacked) {
+    std::vector<float> xp(e.head.perm ? B * e.head.K : 0);
+    project(e, e.head, x, B, logits, xp.data(), int8);
+    return;
+  }
+  const KernelSet* ks = kernel_set();
+  const int64_t K = e.H, N = e.vocab;
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / (2 * K));
+#pragma omp parallel for num_threads(e.threads) schedule(static)
+  for (int64_t n0 = 0; n0 < N; n0 += grain) {
+    const int64_t n1 = std::min(N, n0 + grain);
+    for (int64_t m0 = 0; m0 < B; m0 += kF16MaxRows)
+      ks->gemv_f16(x + m0 * K, K, int(std::min<int64_t>(kF16MaxRows, B - m0)), e.head_f16 + n0 * K, K, n1 - n0,
+                   logits + m0 * N + n0, N);
+  }
+}
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& ex) {
+    g_error = ex.what();
+    return -1;
+  }
+}
+
+}  // namespace
+}  // namespace compressor
+
+using compressor::Engine;
+
+extern "C" {
+
+const char* cmp_error() { return compressor::g_error.c_str(); }
+
+const char* cmp_isa() { return compressor::kernel_set()->name; }
+
+// Force a kernel set ("avx512", "avx2", "scalar", "auto"), for tests; -1 if this CPU lacks it.
+int cmp_set_isa(const char* name) {
+  using namespace compressor;
+  return guarded([&] {
+    const std::string n(name);
+    const KernelSet* best = best_kernel_set();
+    const KernelSet* ks = n == "auto" ? best : n == "scalar" ? scalar_kernels()
+                          : n == "avx2" ? (best == scalar_kernels() ? nullptr : avx2_kernels())
+                          : n == "avx512" ? (best == avx512_kernels() ? best : nullptr) : nullptr;
+    check(ks != nullptr, "instruction set '" + n + "' is unknown or not supported by this CPU (best is " +
+                             best->name + ")");
+    use_kernel_set(ks);
+  });
+}
+
+Engine* cmp_new(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t layers, int64_t vocab,
+                double eps, int threads) {
+  using namespace compressor;
+  Engine* e = nullptr;
+  guarded([&] {
+    check(hidden > 0 && heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim % 2 == 0 &&
+              layers > 0 && vocab > 0 && threads > 0,
+          "not a valid model shape (hidden, heads, kv_heads, head_dim, layers, vocab, threads)");
+    e = new Engine{hidden, heads, kv_heads, head_dim, layers, vocab, eps, threads};
+    e->blocks.resize(layers);
+    e->have.assign(layers, false);
+  });
+  return e;
+}
+
+void cmp_free(Engine* e) { delete e; }
+
+// Block `layer`: p = (qweight, scales, zeros, perm, bias) of qkv, o, gate_up, down, then ln1, ln2 (22 pointers;
+// zeros, perm, bias may be null); m = (bits, group, out_features, in_features, tiles) of each projection.
+int cmp_set_block(Engine* e, int64_t layer, const void* const* p, const int64_t* m, double scale) {
+  using namespace compressor;
+  return guarded([&] {
+    check(layer >= 0 && layer < e->n_layers, "layer " + std::to_string(layer) + " out of range");
+    BlockRef b;
+    PackedRef* w[4] = {&b.qkv, &b.o, &b.gu, &b.down};
+    const float** bias[4] = {&b.b_qkv, &b.b_o, &b.b_gu, &b.b_dn};
+    for (int i = 0; i < 4; ++i) {
+      *w[i] = packed(p + 5 * i, m + 5 * i);
+      *bias[i] = static_cast<const float*>(p[5 * i + 4]);
+    }
+    b.ln1 = static_cast<const float*>(p[20]);
+    b.ln2 = static_cast<const float*>(p[21]);
+    b.nh = e->nh, b.nkv = e->nkv, b.hd = e->hd, b.scale = float(scale);
+    const int64_t H = e->H;
+    check(b.ln1 && b.ln2, "norm weights missing");
+    check(b.qkv.K == H && b.qkv.N == (b.nh + 2 * b.nkv) * b.hd && b.o.K == b.nh * b.hd && b.o.N == H &&
+              b.gu.K == H && b.gu.N % 2 == 0 && b.down.K == b.gu.N / 2 && b.down.N == H,
+          "layer " + std::to_string(layer) + ": projection shapes do not match hidden " + std::to_string(H));
+    e->blocks[layer] = b;
+    e->have[layer] = true;
+  });
+}
+
+int cmp_set_rope(Engine* e, const float* cos, const float* sin, int64_t rows) {
+  e->cos = cos, e->sin = sin, e->rope_rows = rows;
+  return 0;
+}
+
+// The final norm and the head: kind 0, p[0] an fp16 (vocab, hidden) weight; kind 1, p = packed weight
+// (qweight, scales, zeros, perm) with m = (bits, group, out_features, in_features, tiles).
+int cmp_set_head(Engine* e, int kind, const void* const* p, const int64_t* m, const float* norm) {
+  using namespace compressor;
+  return guarded([&] {
+    check(norm != nullptr, "final norm missing");
+    if (kind == kHeadF16) {
+      check(p[0] != nullptr, "fp16 head weight missing");
+      e->head_f16 = static_cast<const uint16_t*>(p[0]);
+    } else {
+      check(kind == kHeadPacked, "head kind must be 0 (fp16) or 1 (packed)");
+      e->head = packed(p, m);
+      check(e->head.K == e->H && e->head.N == e->vocab, "head shape does not match hidden and vocab");
+    }
+    e->head_kind = kind;
+    e->norm = norm;
+  });
+}
+
+// The input embedding: kind 0 an fp16 (vocab, hidden) table, 1 float32, 2 the packed head's rows (tied).
+int cmp_set_embedding(Engine* e, int kind, const void* table) {
+  using namespace compressor;
+  return guarded([&] {
+    check(kind == kEmbedF16 || kind == kEmbedF32 || kind == kEmbedTied, "embedding kind must be 0, 1 or 2");
+    check(kind == kEmbedTied ? e->head_kind == kHeadPacked : table != nullptr,
+          "a tied embedding needs the packed head set first; the others a table");
+    e->embed_kind = kind;
+    e->embed = table;
+  });
+}
+
+// KV caches for `batch` rows of up to `length` positions (fp16 when `half`); the old ones are freed.
+int cmp_reserve(Engine* e, int64_t batch, int64_t length, int half) {
+  using namespace compressor;
+  return guarded([&] {
+    check(batch > 0 && length > 0, "batch and length must be positive");
+    e->cache.reset();
+    const int64_t n = e->n_layers * 2 * batch * e->nkv * length * e->hd * (half ? 2 : 4);
+    e->cache.reset(new char[n]);  // not zeroed: pages become resident as positions are written
+    e->cache_B = batch, e->cache_S = length, e->cache_half = half != 0;
+  });
+}
+
+// Logits (B, vocab) after the last of ids (B, T), which sit at positions pos .. pos + T - 1 of the caches.
+// `int8`: batched decode steps take int8 activations (compressor.kernels.int8_activations).
+int cmp_forward(Engine* e, const int64_t* ids, int64_t B, int64_t T, int64_t pos, int int8, float* logits) {
+  using namespace compressor;
+  return guarded([&] {
+    for (int64_t l = 0; l < e->n_layers; ++l) check(e->have[l], "layer " + std::to_string(l) + " was not set");
+    check(e->head_kind >= 0 && e->embed_kind >= 0 && e->cos && e->sin, "head, embedding or rotary tables not set");
+    check(B > 0 && T > 0 && B == e->cache_B, "batch " + std::to_string(B) + " does not match the caches' " +
+                                                 std::to_string(e->cache_B) + " (cmp_reserve)");
+    check(pos >= 0 && pos + T <= e->cache_S && pos + T <= e->rope_rows,
+          "positions up to " + std::to_string(pos + T) + " exceed the caches (" + std::to_string(e->cache_S) +
+              ") or the rotary tables (" + std::to_string(e->rope_rows) + ")");
+    check(T == 1 || pos == 0, "a prompt of several tokens starts at position 0");
+    const int64_t H = e->H, M = B * T;
+    std::vector<float> x(M * H), last(B * H);
+    embed(*e, ids, M, x.data());
+    if (T == 1 && B < kGemmMinRows) {
+      decode_step(*e, x.data(), B, pos, last.data(), int8 != 0);
+    } else {
+      std::vector<float> buf(block_rows_floats(*e, B, T));
+      for (int64_t l = 0; l < e->n_layers; ++l) block_rows(*e, l, x.data(), B, T, pos, buf.data());
+      for (int64_t b = 0; b < B; ++b) std::memcpy(last.data() + b * H, x.data() + (b * T + T - 1) * H, H * sizeof(float));
+    }
+    std::vector<float> normed(B * H);
+    rms_norm_into(last.data(), e->norm, normed.data(), B, H, e->eps);
+    head(*e, normed.data(), B, logits, int8 != 0 && B > 1);
+  });
+}
+
+}  // extern "C"
