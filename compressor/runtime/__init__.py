@@ -41,7 +41,7 @@ PACK_FORMAT = 1          # of compressor.runtime.pack's output; a change makes t
 class Runtime:
     """A compressed checkpoint ready to generate: `generate` (greedy) and `logits`; no torch in the process.
 
-    `threads`: the engine's threads (default: the CPUs this process may run on)."""
+    `threads`: the engine's threads (default: ``OMP_NUM_THREADS``, else the CPUs this process may run on)."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         from .engine import Engine, Prepared
@@ -49,7 +49,7 @@ class Runtime:
         self.path = Path(path)
         self.config, _ = read_description(self.path)
         if threads is None:
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            threads = _default_threads()
         if type(threads) is not int or threads < 1:
             raise ValueError(f"threads={threads!r}: must be an integer >= 1")
         self.engine = Engine(Prepared(prepared(self.path)), threads)
@@ -100,6 +100,13 @@ class Runtime:
         batched = b > 1 and os.environ.get("COMPRESSOR_EXACT_DECODE") != "1"
         return greedy(lambda tokens, pos: self.engine.forward(tokens, pos, batched and tokens.shape[1] == 1), ids,
                       max_new_tokens, min_new_tokens, eos_token_id, pad_token_id)
+
+
+def _default_threads() -> int:
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _half(batch: int) -> bool:

@@ -10,6 +10,7 @@ the packed layout, so a re-saved checkpoint or a new compressor prepares again.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -25,8 +26,13 @@ __all__ = ["prepared", "key"]
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 # the code that decides what pack writes (the layout, the fold, the fusing)
-_LAYOUT_SOURCES = ("runtime/pack.py", "runtime/__init__.py", "kernels/repack.py", "kernels/ops.py", "nn/prepare.py",
-                   "nn/decoder.py", "nn/qlinear.py", "nn/qembedding.py", "nn/half.py")
+_LAYOUT_SOURCES = ("runtime/pack.py", "kernels/repack.py", "kernels/ops.py", "nn/prepare.py", "nn/decoder.py",
+                   "nn/qlinear.py", "nn/qembedding.py", "nn/half.py")
+
+
+def root() -> Path:
+    """The directory of every prepared checkpoint."""
+    return buildcache.cache_root() / "runtime"
 
 
 def key(checkpoint: Path) -> str:
@@ -45,7 +51,7 @@ def prepared(checkpoint: Path) -> Path:
     checkpoint = Path(checkpoint)
     if not (checkpoint / WEIGHTS).is_file():
         raise CheckpointError(f"{checkpoint}: no {WEIGHTS}")
-    directory = buildcache.cache_root() / "runtime" / key(checkpoint)
+    directory = root() / key(checkpoint)
     if buildcache.is_complete(directory):
         return directory
     try:
@@ -78,3 +84,23 @@ def _prepare(checkpoint: Path, directory: Path) -> None:
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _forget_stale(directory)
+
+
+def _forget_stale(kept: Path) -> None:
+    """Delete the entries of checkpoints that are gone, or that were re-saved since (the same path under an
+    older key): without this every re-saved checkpoint would leave its old copy in the cache. Lock files stay
+    (`compressor.buildcache`: unlinking one races with a process that has just opened it)."""
+    mine = _source(kept)
+    for d in kept.parent.iterdir():
+        src = _source(d) if d != kept and d.is_dir() else None
+        if src is not None and (src == mine or not Path(src).exists()):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _source(entry: Path) -> str | None:
+    """The checkpoint path an entry's marker records, or None (not an entry, or unreadable)."""
+    try:
+        return str(json.loads((entry / buildcache.MARKER).read_text())["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -114,11 +114,18 @@ def test_prepared_once_and_again_when_the_checkpoint_changes(ckpt, tmp_path):
     assert prepared(copy) == first and (first / "weights.bin").stat().st_mtime_ns == stamp
     w = copy / "model.safetensors"
     os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))     # re-saved
-    assert prepared(copy) != first
+    again = prepared(copy)
+    assert again != first and again.is_dir() and not first.exists()         # the old copy is forgotten
+    shutil.rmtree(copy)
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    prepared(other)
+    assert not again.exists()                                               # a checkpoint that is gone
 
 
 def test_failed_preparation_leaves_nothing(ckpt, tmp_path, monkeypatch):
-    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    from compressor.runtime import store
+    monkeypatch.setattr(store, "root", lambda: tmp_path / "cache" / "runtime")
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
     w = bad / "model.safetensors"
