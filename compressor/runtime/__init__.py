@@ -14,9 +14,10 @@ The weights are prepared once per checkpoint by a child process that has torch (
 the repacking and fusing of `compressor.load`, written to ``$COMPRESSOR_CACHE/runtime``), and the engine
 library is compiled once (`compressor.runtime.build`); later processes read both from the cache.
 
-A decode step computes what ``compressor.load(path).generate`` computes, bit for bit (the same blocks,
-kernels and head); the final norm and a prompt's attention and MLP activation are the engine's own loops,
-within fp32 rounding of torch's (tests/runtime). Scope: llama, mistral and qwen2 checkpoints whose seven
+The blocks compute what ``compressor.load(path).generate``'s compute, bit for bit: the same code
+(csrc/cpu/block.h: DecodeBlock for decode steps, block_rows for prompts) on the same kernels. Only the final
+norm is the engine's own loop, within fp32 rounding of torch's, so the logits agree to ~1e-7 and the greedy
+tokens match (tests/runtime). Scope: llama, mistral and qwen2 checkpoints whose seven
 projections per block are 4/8-bit GPTQ layers, with the default rotary embedding; anything else is a
 `CheckpointError` that says what and points to `compressor.load`. Greedy only.
 """

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -225,5 +226,117 @@ class DecodeBlock {
   const float *b_qkv, *b_o, *b_gu, *b_dn;
   std::atomic<int64_t> row_next[6] = {}, row_done[6] = {}, attn_next{0}, attn_done{0};
 };
+
+// Runs fn on every thread of one parallel region; fn takes its work from shared counters. The caller's threads:
+// ATen's in the torch ops (layer.cpp), OpenMP's in the engine (csrc/engine/engine.cpp).
+using Region = std::function<void(const std::function<void()>&)>;
+
+// y (M, w.N) = x (M, w.K) W: the kernel set's GEMM at >= kGemmMinRows rows where it has one (x gathered by the
+// act-order permutation into `xp` (M, K) first), else DecodeGemv over chunks of fewer rows (`int8` as its).
+inline void project_rows(const PackedRef& w, const float* x, int64_t M, float* y, float* xp, int threads, bool int8,
+                         const Region& region) {
+  const KernelSet* ks = kernel_set();
+  if (M >= kGemmMinRows && ks->gemm) {
+    if (w.perm) {
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < w.K; ++k) xp[m * w.K + k] = x[m * w.K + w.perm[k]];
+      x = xp;
+    }
+    std::atomic<int64_t> next{0};
+    region([&] {
+      std::vector<float> scratch;
+      gemm_tiles(ks, w, x, M, y, next, scratch);
+    });
+    return;
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += kGemmMinRows - 1) {
+    const int64_t rows = std::min<int64_t>(kGemmMinRows - 1, M - m0);
+    DecodeGemv g(w, rows, y + m0 * w.N, threads, int8);
+    g.prepare(x + m0 * w.K);
+    region([&] { g.run(); });
+  }
+}
+
+// Floats of block_rows's `buf` for B rows of T tokens.
+inline int64_t rows_floats(const BlockRef& b, int64_t B, int64_t T, int64_t H) {
+  const int64_t M = B * T, nq = b.nh * b.hd, I = b.gu.N / 2;
+  return M * (2 * H + b.qkv.N + nq + 3 * I + std::max<int64_t>({H, nq, I})) + B * 2 * b.nkv * T * b.hd;
+}
+
+// One block over B rows of T tokens at positions pos .. pos + T - 1 (a prompt, a later chunk of one, or a step
+// of too many rows for DecodeBlock), x (B * T, H) updated in place, K and V written into the caches (S
+// positions each). `project(i, in, M, out)` computes projection i (0 qkv, 1 o, 2 gate/up, 3 down) without its
+// bias: the engine's is project_rows; the torch op's takes ATen's GEMM where the kernel set has none.
+// Attention: each (row, KV head) over the positions up to its own, with the kernel set's AttendFn, from the
+// caches; a prompt (pos 0) with fp16 caches attends to its own keys and values before they are rounded.
+template <typename Project>
+void block_rows(const BlockRef& b, float* x, int64_t B, int64_t T, int64_t H, int64_t pos, const Cache& kc,
+                const Cache& vc, int64_t S, const float* cos, const float* sin, double eps, float* buf,
+                const Region& region, Project&& project) {
+  const int64_t M = B * T, nh = b.nh, nkv = b.nkv, hd = b.hd, nq = nh * hd, nk = nkv * hd, n_qkv = b.qkv.N;
+  const int64_t I = b.gu.N / 2, per = nh / nkv;
+  float *h1 = buf, *qkv = h1 + M * H, *attn = qkv + M * n_qkv, *o = attn + M * nq, *gu = o + M * H,
+        *act = gu + M * 2 * I, *fresh = act + M * I + M * std::max<int64_t>({H, nq, I});
+  const bool use_fresh = T > 1 && pos == 0 && kc.half;
+  const KernelSet* ks = kernel_set();
+  const auto add_bias = [M](float* y, const float* bias, int64_t N) {
+    if (bias)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+  };
+
+  rms_norm_into(x, b.ln1, h1, M, H, eps);
+  project(0, h1, M, qkv);
+  add_bias(qkv, b.b_qkv, n_qkv);
+  for (int64_t bt = 0; bt < M; ++bt) {  // rotary (q and k heads are adjacent), the caches
+    const int64_t bi = bt / T, t = bt % T, p = pos + t;
+    float* row = qkv + bt * n_qkv;
+    rope(row, nh + nkv, hd, cos + p * hd, sin + p * hd);
+    for (int64_t g = 0; g < nkv; ++g) {
+      kc.put((bi * nkv + g) * S + p, row + nq + g * hd, hd);
+      vc.put((bi * nkv + g) * S + p, row + nq + nk + g * hd, hd);
+      if (use_fresh) {  // (B, 2, nkv, T, hd)
+        std::memcpy(fresh + (((bi * 2 + 0) * nkv + g) * T + t) * hd, row + nq + g * hd, hd * sizeof(float));
+        std::memcpy(fresh + (((bi * 2 + 1) * nkv + g) * T + t) * hd, row + nq + nk + g * hd, hd * sizeof(float));
+      }
+    }
+  }
+  // item (row, KV head), later rows first: the longest go out while the others balance the threads
+  const int64_t items = M * nkv;
+  std::atomic<int64_t> next{0};
+  region([&] {
+    std::vector<float> p(per * (pos + T));
+    for (int64_t j; (j = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      const int64_t i = items - 1 - j, bt = i / nkv, g = i % nkv, bi = bt / T, t = bt % T, L = pos + t + 1;
+      const float* q = qkv + bt * n_qkv + g * per * hd;
+      float* out = attn + bt * nq + g * per * hd;
+      const int64_t row = (bi * nkv + g) * S;
+      if (use_fresh)
+        ks->attend(q, fresh + ((bi * 2 + 0) * nkv + g) * T * hd, fresh + ((bi * 2 + 1) * nkv + g) * T * hd, per, L,
+                   hd, b.scale, out, p.data());
+      else if (kc.half)
+        ks->attend_f16(q, kc.at_row<uint16_t>(row, hd), vc.at_row<uint16_t>(row, hd), per, L, hd, b.scale, out,
+                       p.data());
+      else
+        ks->attend(q, kc.at_row<float>(row, hd), vc.at_row<float>(row, hd), per, L, hd, b.scale, out, p.data());
+    }
+  });
+  project(1, attn, M, o);
+  add_bias(o, b.b_o, H);
+  for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
+  rms_norm_into(x, b.ln2, h1, M, H, eps);
+  project(2, h1, M, gu);
+  add_bias(gu, b.b_gu, 2 * I);
+  for (int64_t m = 0; m < M; ++m) ks->silu_mul(gu + m * 2 * I, gu + m * 2 * I + I, act + m * I, I);
+  project(3, act, M, o);
+  add_bias(o, b.b_dn, H);
+  for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
+}
+
+// The act-order scratch of block_rows's buffer (M, max(H, nq, I)), for `project`.
+inline float* rows_xp(const BlockRef& b, float* buf, int64_t M, int64_t H) {
+  const int64_t nq = b.nh * b.hd, I = b.gu.N / 2;
+  return buf + M * (2 * H + b.qkv.N + nq + 3 * I);
+}
 
 }  // namespace compressor

@@ -7,8 +7,8 @@
 // block (norms, projections, rotary, cache update, attention, residuals). Here those are plain C++:
 // the projections call the kernels of ops.cpp directly (q/k/v and gate/up fused into one packed
 // weight each, so one pass over x and one parallel region per pair), the rest are small loops.
-// Prefill (T > 1) takes ATen's scaled_dot_product_attention; decode (T == 1) a hand loop over
-// the cache, which for one query row is cheaper than SDPA's setup.
+// Decode (T == 1, B < 32) runs DecodeBlocks in one parallel region; prompts and larger steps block_rows.
+// Both are the torch-free code of block.h, which the engine (csrc/engine) runs too.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -53,24 +53,17 @@ Linear linear_at(const c10::List<std::optional<at::Tensor>>& w, at::IntArrayRef 
           bias ? bias->to(at::kFloat).contiguous() : at::Tensor()};
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  at::Tensor y = at::empty_like(x);
-  rms_norm_into(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), x.numel() / x.size(-1), x.size(-1), eps);
-  return y;
-}
-
 Cache cache(const at::Tensor& t) { return {t.data_ptr(), t.scalar_type() == at::kHalf}; }
 
-// A batch too large for decode_block.
-void attend_decode(const float* qkv, int64_t ld_qkv, const Cache& kc, const Cache& vc, int64_t B, int64_t nh,
-                   int64_t nkv, int64_t S, int64_t hd, int64_t L, float scale, float* out) {
-  const KernelSet* ks = kernel_set();
-  const int64_t per = heads_per_item(B, nh, nkv, at::get_num_threads()), items = B * nh / per;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, per * L * hd));
-  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(per * L);
-    for (int64_t i = i0; i < i1; ++i) attend_item(ks, qkv, ld_qkv, kc, vc, i, per, nh, nkv, S, hd, L, scale, out, p.data());
-  });
+// Region (block.h) on ATen's threads, with the caller's thread-local state (inference mode, grad mode).
+Region aten_region() {
+  return [](const std::function<void()>& fn) {
+    const at::ThreadLocalState tls;
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      at::ThreadLocalStateGuard guard(tls);
+      fn();
+    });
+  };
 }
 
 // Run `blocks` one after the other in one parallel region.
@@ -155,10 +148,7 @@ bool is_decode(const at::Tensor& x) { return x.size(1) == 1 && x.size(0) < 32; }
 at::Tensor block_forward(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,
                          const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& ln1, const at::Tensor& ln2,
                          const Block& blk, double eps, double scale) {
-  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), M = B * T, S = k_cache.size(2), L = pos + T;
-  const int64_t nh = blk.nh, nkv = blk.nkv, hd = blk.hd, nq = nh * hd, nk = nkv * hd, n_qkv = blk.qkv.out;
-  const int64_t I = blk.gu.out / 2;
-  const Linear &qkv_p = blk.qkv, &o_p = blk.o, &gu_p = blk.gu, &down_p = blk.down;
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), M = B * T, S = k_cache.size(2);
   if (is_decode(x)) {
     at::Tensor scratch = at::empty({scratch_floats(x, blk)}, x.options());
     std::vector<std::unique_ptr<DecodeBlock>> one;
@@ -169,52 +159,27 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& k_cache, const a
     return h.view({M, 1, H});
   }
 
-  // attention
-  const at::Tensor x2 = x.view({M, H});
-  at::Tensor qkv = qkv_p(rms_norm(x2, ln1, eps));                   // (M, nq + 2 nk)
-  float* qp = qkv.data_ptr<float>();
-  const Cache kc = cache(k_cache), vc = cache(v_cache);
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      float* row = qp + (b * T + t) * n_qkv;
-      const int64_t p = pos + t;
-      rope(row, nh + nkv, hd, cp + p * hd, sp + p * hd);               // q and k heads are adjacent
-      for (int64_t g = 0; g < nkv; ++g) {
-        kc.put((b * nkv + g) * S + p, row + nq + g * hd, hd);
-        vc.put((b * nkv + g) * S + p, row + nq + nk + g * hd, hd);
-      }
-    }
-  at::Tensor attn;
-  if (T == 1) {
-    attn = at::empty({M, nq}, x.options());
-    attend_decode(qp, n_qkv, kc, vc, B, nh, nkv, S, hd, L, float(scale), attn.data_ptr<float>());
-  } else {
-    const at::Tensor q = qkv.view({B, T, nh + 2 * nkv, hd}).narrow(2, 0, nh).transpose(1, 2);
-    at::Tensor k = k_cache.narrow(2, 0, L), v = v_cache.narrow(2, 0, L);
-    if (kc.half) {  // a prompt attends to its own keys at full precision; later chunks widen the cached ones
-      const at::Tensor fresh = qkv.view({B, T, nh + 2 * nkv, hd});
-      k = pos == 0 ? fresh.narrow(2, nh, nkv).transpose(1, 2) : k.to(at::kFloat);
-      v = pos == 0 ? fresh.narrow(2, nh + nkv, nkv).transpose(1, 2) : v.to(at::kFloat);
-    }
-    if (nkv < nh) {
-      k = k.repeat_interleave(nh / nkv, 1);
-      v = v.repeat_interleave(nh / nkv, 1);
-    }
-    std::optional<at::Tensor> mask;
-    if (pos > 0)   // a later chunk: row t sees positions <= pos + t
-      mask = at::arange(L, x.options().dtype(at::kLong)).unsqueeze(0) <=
-             at::arange(pos, L, x.options().dtype(at::kLong)).unsqueeze(1);
-    attn = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/pos == 0, scale)
-               .transpose(1, 2).reshape({M, nq});
-  }
-  at::Tensor h = x2 + o_p(attn);
-
-  // MLP
-  at::Tensor gu = gu_p(rms_norm(h, ln2, eps));                       // (M, 2 I): gate, then up
-  at::Tensor act = at::silu(gu.narrow(1, 0, I)).mul_(gu.narrow(1, I, I));
-  h.add_(down_p(act));
+  // prompts and steps of many rows: block_rows (block.h), the code of the engine's; projections on the kernel
+  // set's GEMM, or where it has none (AVX2, scalar) on quant_linear's dequantize-and-ATen-GEMM
+  const BlockRef ref = block_ref(blk, ln1, ln2, scale);
+  at::Tensor h = x.reshape({M, H}).clone();
+  at::Tensor buf = at::empty({rows_floats(ref, B, T, H)}, x.options());
+  float* xp = rows_xp(ref, buf.data_ptr<float>(), M, H);
+  const Region region = aten_region();
+  const Linear* lin[4] = {&blk.qkv, &blk.o, &blk.gu, &blk.down};
+  const bool gemm = kernel_set()->gemm != nullptr;
+  block_rows(ref, h.data_ptr<float>(), B, T, H, pos, cache(k_cache), cache(v_cache), S, cos.data_ptr<float>(),
+             sin.data_ptr<float>(), eps, buf.data_ptr<float>(), region,
+             [&](int i, const float* in, int64_t rows, float* out) {
+               const Linear& l = *lin[i];
+               if (gemm || rows < kGemmMinRows)
+                 return project_rows(l.ref(), in, rows, out, xp, at::get_num_threads(), int8_rows(), region);
+               const int64_t K = l.ref().K;
+               const at::Tensor y = quant_linear(at::from_blob(const_cast<float*>(in), {rows, K}, x.options()),
+                                                 l.qweight, l.scales, l.zeros, l.perm, std::nullopt, l.group, l.out,
+                                                 int(l.bits));
+               std::memcpy(out, y.data_ptr<float>(), rows * l.out * sizeof(float));
+             });
   return h.view({B, T, H});
 }
 

@@ -5,8 +5,8 @@
 // so a decode step here computes what `compressor.load(...).generate` computes, bit for bit.
 //
 //   decode (T == 1, B < 32): every block of a step in one OpenMP parallel region (DecodeBlock), as llama_stack;
-//   prefill (T > 1, pos == 0), or steps of >= 32 rows: block by block, each projection the kernel set's GEMM
-//   (>= 32 rows, where it has one) or DecodeGemv, attention per (row, KV head) with the kernel set's AttendFn.
+//   prompts (T > 1), or steps of >= 32 rows: block by block (block_rows, the code of the torch op's prompts),
+//   each projection the kernel set's GEMM (>= 32 rows, where it has one) or DecodeGemv.
 //
 // Every function returns 0 on success and -1 on a bad argument, with the reason in cmp_error().
 #include <omp.h>
@@ -87,37 +87,12 @@ PackedRef packed(const void* const* p, const int64_t* m) {
   return w;
 }
 
-// y (M, N) = x (M, K) W for one packed projection, on all threads; `xp` (M, K) scratch for act-order's gather.
-void project(const Engine& e, const PackedRef& w, const float* x, int64_t M, float* y, float* xp, bool int8) {
-  const KernelSet* ks = kernel_set();
-  if (M >= kGemmMinRows && ks->gemm) {
-    if (w.perm) {
-#pragma omp parallel for num_threads(e.threads) schedule(static)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < w.K; ++k) xp[m * w.K + k] = x[m * w.K + w.perm[k]];
-      x = xp;
-    }
-    std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(e.threads)
-    {
-      std::vector<float> scratch;
-      gemm_tiles(ks, w, x, M, y, next, scratch);
-    }
-    return;
-  }
-  for (int64_t m0 = 0; m0 < M; m0 += kGemmMinRows - 1) {
-    const int64_t rows = std::min<int64_t>(kGemmMinRows - 1, M - m0);
-    DecodeGemv g(w, rows, y + m0 * w.N, e.threads, int8);
-    g.prepare(x + m0 * w.K);
-#pragma omp parallel num_threads(int(g.workers()))
-    g.run();
-  }
-}
-
-void add_bias(float* y, const float* b, int64_t M, int64_t N) {
-  if (b)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * N + n] += b[n];
+// The engine's threads: one OpenMP region of e.threads.
+Region omp_region(int threads) {
+  return [threads](const std::function<void()>& fn) {
+#pragma omp parallel num_threads(threads)
+    fn();
+  };
 }
 
 void embed(const Engine& e, const int64_t* ids, int64_t n, float* x) {
@@ -148,78 +123,21 @@ void embed(const Engine& e, const int64_t* ids, int64_t n, float* x) {
   }
 }
 
-// Prefill (T > 1 at pos 0) or a step of many rows (T == 1): one block, x (B * T, H) updated in place.
-void block_rows(Engine& e, int64_t l, float* x, int64_t B, int64_t T, int64_t pos, float* buf) {
-  const BlockRef& b = e.blocks[l];
-  const int64_t H = e.H, M = B * T, nh = b.nh, nkv = b.nkv, hd = b.hd, nq = nh * hd, nk = nkv * hd;
-  const int64_t n_qkv = b.qkv.N, I = b.gu.N / 2, S = e.cache_S, per = nh / nkv;
-  const int64_t K_max = std::max<int64_t>({H, nq, I});
-  float *h1 = buf, *qkv = h1 + M * H, *attn = qkv + M * n_qkv, *o = attn + M * nq, *gu = o + M * H,
-        *act = gu + M * 2 * I, *xp = act + M * I, *fresh = xp + M * K_max;
-  const Cache kc = e.kv(l, 0), vc = e.kv(l, 1);
-  const KernelSet* ks = kernel_set();
-
-  rms_norm_into(x, b.ln1, h1, M, H, e.eps);
-  project(e, b.qkv, h1, M, qkv, xp, false);
-  add_bias(qkv, b.b_qkv, M, n_qkv);
-  // rotary, the cache, and (T > 1) the prompt's own keys and values in fp32: (B, 2, nkv, T, hd)
-  for (int64_t bt = 0; bt < M; ++bt) {
-    const int64_t bi = bt / T, t = bt % T, p = pos + t;
-    float* row = qkv + bt * n_qkv;
-    rope(row, nh + nkv, hd, e.cos + p * hd, e.sin + p * hd);
-    for (int64_t g = 0; g < nkv; ++g) {
-      kc.put((bi * nkv + g) * S + p, row + nq + g * hd, hd);
-      vc.put((bi * nkv + g) * S + p, row + nq + nk + g * hd, hd);
-      if (T > 1) {
-        std::memcpy(fresh + (((bi * 2 + 0) * nkv + g) * T + t) * hd, row + nq + g * hd, hd * sizeof(float));
-        std::memcpy(fresh + (((bi * 2 + 1) * nkv + g) * T + t) * hd, row + nq + nk + g * hd, hd * sizeof(float));
-      }
-    }
+// A prompt, or a step of too many rows for the decode region: block_rows (block.h) on each block.
+void rows_step(Engine& e, float* x, int64_t B, int64_t T, int64_t pos) {
+  int64_t floats = 0;
+  for (const BlockRef& b : e.blocks) floats = std::max(floats, rows_floats(b, B, T, e.H));
+  std::vector<float> buf(floats);
+  const Region region = omp_region(e.threads);
+  for (int64_t l = 0; l < e.n_layers; ++l) {
+    const BlockRef& b = e.blocks[l];
+    const PackedRef* w[4] = {&b.qkv, &b.o, &b.gu, &b.down};
+    float* xp = rows_xp(b, buf.data(), B * T, e.H);
+    block_rows(b, x, B, T, e.H, pos, e.kv(l, 0), e.kv(l, 1), e.cache_S, e.cos, e.sin, e.eps, buf.data(), region,
+               [&](int i, const float* in, int64_t M, float* out) {
+                 project_rows(*w[i], in, M, out, xp, e.threads, false, region);
+               });
   }
-  // attention: item (row, KV head) attends over positions <= its own
-  const int64_t items = M * nkv;
-#pragma omp parallel num_threads(e.threads)
-  {
-    std::vector<float> p(per * (pos + T));
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t i = 0; i < items; ++i) {
-      const int64_t bt = i / nkv, g = i % nkv, bi = bt / T, t = bt % T, L = pos + t + 1;
-      const float* q = qkv + bt * n_qkv + g * per * hd;
-      float* out = attn + bt * nq + g * per * hd;
-      if (T > 1) {
-        const float* k = fresh + ((bi * 2 + 0) * nkv + g) * T * hd;
-        const float* v = fresh + ((bi * 2 + 1) * nkv + g) * T * hd;
-        ks->attend(q, k, v, per, L, hd, b.scale, out, p.data());
-      } else if (kc.half) {
-        const int64_t row = (bi * nkv + g) * S;
-        ks->attend_f16(q, kc.at_row<uint16_t>(row, hd), vc.at_row<uint16_t>(row, hd), per, L, hd, b.scale, out,
-                       p.data());
-      } else {
-        const int64_t row = (bi * nkv + g) * S;
-        ks->attend(q, kc.at_row<float>(row, hd), vc.at_row<float>(row, hd), per, L, hd, b.scale, out, p.data());
-      }
-    }
-  }
-  project(e, b.o, attn, M, o, xp, false);
-  add_bias(o, b.b_o, M, H);
-  for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
-  rms_norm_into(x, b.ln2, h1, M, H, e.eps);
-  project(e, b.gu, h1, M, gu, xp, false);
-  add_bias(gu, b.b_gu, M, 2 * I);
-  for (int64_t m = 0; m < M; ++m) ks->silu_mul(gu + m * 2 * I, gu + m * 2 * I + I, act + m * I, I);
-  project(e, b.down, act, M, o, xp, false);
-  add_bias(o, b.b_dn, M, H);
-  for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
-}
-
-int64_t block_rows_floats(const Engine& e, int64_t B, int64_t T) {
-  int64_t most = 0;
-  for (const BlockRef& b : e.blocks) {
-    const int64_t M = B * T, nq = b.nh * b.hd, I = b.gu.N / 2;
-    const int64_t K_max = std::max<int64_t>({e.H, nq, I});
-    most = std::max(most, M * (2 * e.H + b.qkv.N + nq + 3 * I + K_max) + B * 2 * b.nkv * T * b.hd);
-  }
-  return most;
 }
 
 // One decode step of B < 32 rows: every block in one parallel region, as compressor::llama_stack.
@@ -244,7 +162,7 @@ void decode_step(Engine& e, const float* x, int64_t B, int64_t pos, float* out, 
 void head(const Engine& e, const float* x, int64_t B, float* logits, bool int8) {
   if (e.head_kind == kHeadPacked) {
     std::vector<float> xp(e.head.perm ? B * e.head.K : 0);
-    project(e, e.head, x, B, logits, xp.data(), int8);
+    project_rows(e.head, x, B, logits, xp.data(), e.threads, int8, omp_region(e.threads));
     return;
   }
   const KernelSet* ks = kernel_set();
@@ -399,15 +317,13 @@ int cmp_forward(Engine* e, const int64_t* ids, int64_t B, int64_t T, int64_t pos
     check(pos >= 0 && pos + T <= e->cache_S && pos + T <= e->rope_rows,
           "positions up to " + std::to_string(pos + T) + " exceed the caches (" + std::to_string(e->cache_S) +
               ") or the rotary tables (" + std::to_string(e->rope_rows) + ")");
-    check(T == 1 || pos == 0, "a prompt of several tokens starts at position 0");
     const int64_t H = e->H, M = B * T;
     std::vector<float> x(M * H), last(B * H);
     embed(*e, ids, M, x.data());
     if (T == 1 && B < kGemmMinRows) {
       decode_step(*e, x.data(), B, pos, last.data(), int8 != 0);
     } else {
-      std::vector<float> buf(block_rows_floats(*e, B, T));
-      for (int64_t l = 0; l < e->n_layers; ++l) block_rows(*e, l, x.data(), B, T, pos, buf.data());
+      rows_step(*e, x.data(), B, T, pos);
       for (int64_t b = 0; b < B; ++b) std::memcpy(last.data() + b * H, x.data() + (b * T + T - 1) * H, H * sizeof(float));
     }
     std::vector<float> normed(B * H);
