@@ -447,12 +447,28 @@ inline __m512 exp_nonpos(__m512 x) {
   return _mm512_scalef_ps(e, n);
 }
 
-// See AttendFn in kernels.h. Per query head: the L scores (hd / 16 FMAs and one horizontal sum each, q
-// and its scale in registers), softmax 16 at a time, then out = sum_j p_j v_j with two sets of
+// See AttendFn in kernels.h. Per query head: the L scores (hd / 16 FMAs each, q and its scale in registers;
+// the horizontal sums 16 positions at a time, sum16), softmax 16 at a time, then out = sum_j p_j v_j with two sets of
 // accumulators (even and odd j) against the FMA latency. Head sizes other than 32, 64, 80, 96 and
 // 128 take the portable loop.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) { return load_half16(p); }
+
+// Lane i of the result: the sum of the 16 lanes of v[i]. Per 16 vectors ~45 instructions (unpacks within
+// 128-bit lanes, then a transpose of the lanes), where a horizontal sum each takes ~8 and a long dependency chain.
+inline __m512 sum16(const __m512 (&v)[16]) {
+  __m512 u[8], w[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of a = v[2i], b = v[2i+1]
+    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's sums of v[4i] .. v[4i+3]
+    const __m512d a = _mm512_castps_pd(u[2 * i]), b = _mm512_castps_pd(u[2 * i + 1]);
+    w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // lane i of the result: the four 128-bit lanes of w[i] added
+  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x44), _mm512_shuffle_f32x4(w[0], w[1], 0xEE));
+  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x44), _mm512_shuffle_f32x4(w[2], w[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
+}
 
 // T: float, or uint16_t for an fp16 cache (widened exactly by vcvtph2ps).
 template <int D, typename T>
@@ -463,13 +479,23 @@ void attend_heads(const float* q, const T* k, const T* v, int64_t G, int64_t L, 
     __m512 qv[D];
     for (int d = 0; d < D; ++d) qv[d] = _mm512_loadu_ps(q + 16 * d);
     __m512 mxv = _mm512_set1_ps(-__builtin_inff());
-    for (int64_t j = 0; j < L; ++j) {
+    int64_t j = 0;
+    for (; j + 16 <= L; j += 16) {  // 16 positions, their dot products summed across lanes together
+      __m512 s[16];
+      for (int i = 0; i < 16; ++i) {
+        const T* kj = k + (j + i) * hd;
+        s[i] = _mm512_mul_ps(qv[0], load16(kj));
+        for (int d = 1; d < D; ++d) s[i] = _mm512_fmadd_ps(qv[d], load16(kj + 16 * d), s[i]);
+      }
+      _mm512_storeu_ps(p + j, _mm512_mul_ps(sum16(s), _mm512_set1_ps(scale)));
+    }
+    for (; j < L; ++j) {
       const T* kj = k + j * hd;
       __m512 acc = _mm512_mul_ps(qv[0], load16(kj));
       for (int d = 1; d < D; ++d) acc = _mm512_fmadd_ps(qv[d], load16(kj + 16 * d), acc);
       p[j] = _mm512_reduce_add_ps(acc) * scale;
     }
-    int64_t j = 0;
+    j = 0;
     for (; j + 16 <= L; j += 16) mxv = _mm512_max_ps(mxv, _mm512_loadu_ps(p + j));
     if (j < L) mxv = _mm512_mask_max_ps(mxv, __mmask16((1u << (L - j)) - 1), mxv, _mm512_loadu_ps(p + j));
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));

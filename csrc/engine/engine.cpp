@@ -1,16 +1,14 @@
 // The generation engine of compressor.runtime: a llama-architecture model (llama, mistral, qwen2) whose seven
 // projections per block are packed 4/8-bit weights, run from plain arrays with no torch in the process.
 // A C API for ctypes (compressor/runtime/engine.py); the weights stay owned by the caller, which must keep
-// them alive. The blocks' arithmetic is csrc/cpu/block.h and decode.h, the code compressor::llama_stack runs,
-// so a decode step here computes what `compressor.load(...).generate` computes, bit for bit.
+// them alive. The blocks are csrc/cpu/block.h and decode.h, the code compressor::llama_stack runs, so they compute
+// what `compressor.load(...).generate`'s compute, bit for bit; the final norm is this file's own loop.
 //
 //   decode (T == 1, B < 32): every block of a step in one OpenMP parallel region (DecodeBlock), as llama_stack;
 //   prompts (T > 1), or steps of >= 32 rows: block by block (block_rows, the code of the torch op's prompts),
 //   each projection the kernel set's GEMM (>= 32 rows, where it has one) or DecodeGemv.
 //
 // Every function returns 0 on success and -1 on a bad argument, with the reason in cmp_error().
-#include <omp.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
