@@ -96,35 +96,95 @@ void gemv_any(const TileArgs& a, int rows, int /*tiles: max_tiles is 1*/) {
   }
 }
 
+// Channels k0 .. k0 + kc of the tile dequantized: out[(k - k0) * ld + c] = (q[k, c] - zero) * scale, fp32 or
+// bf16. k0 and kc are whole words; a group is a whole number of words.
 template <int BITS>
-void dequant(const TileArgs& a, void* out, int64_t ld, bool bf16) {
+void dequant_range(const TileArgs& a, int64_t k0, int64_t kc, void* out, int64_t ld, bool bf16) {
   constexpr int P = 32 / BITS;
   const __m256 zero_sym = _mm256_set1_ps(float(1 << (BITS - 1)));
-  const int64_t words_per_group = a.group / P;
-  const int32_t* qw = a.qw;
-  int64_t k = 0;
-  for (int64_t g = 0; g < a.G; ++g) {
-    __m256 s[4], z[4];
-    for (int c = 0; c < 4; ++c) {
-      s[c] = load_half8(a.sc + g * kTileN + 8 * c);
-      z[c] = a.zp ? load_half8(a.zp + g * kTileN + 8 * c) : zero_sym;
-    }
-    for (int64_t w = 0; w < words_per_group; ++w, qw += kTileN) {
-      for (int j = 0; j < P; ++j, ++k) {
-        alignas(32) float row[kTileN];
-        for (int c = 0; c < 4; ++c) {
-          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + 8 * c));
-          // (q - z) * s, in the reference's order, so the GEMM sees bit-identical weights.
-          _mm256_store_ps(row + 8 * c, _mm256_mul_ps(_mm256_sub_ps(decode<BITS>(wv, j), z[c]), s[c]));
-        }
-        if (bf16) {
-          uint16_t* o = static_cast<uint16_t*>(out) + k * ld;
-          for (int c = 0; c < kTileN; ++c) o[c] = float_to_bf16(row[c]);
-        } else {
-          float* o = static_cast<float*>(out) + k * ld;
-          for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_load_ps(row + 8 * c));
-        }
+  int64_t g = -1;
+  __m256 s[4], z[4];
+  for (int64_t w = k0 / P; w < (k0 + kc) / P; ++w) {
+    if (w * P / a.group != g) {
+      g = w * P / a.group;
+      for (int c = 0; c < 4; ++c) {
+        s[c] = load_half8(a.sc + g * kTileN + 8 * c);
+        z[c] = a.zp ? load_half8(a.zp + g * kTileN + 8 * c) : zero_sym;
       }
+    }
+    const int32_t* qw = a.qw + w * kTileN;
+    for (int j = 0; j < P; ++j) {
+      const int64_t k = w * P + j - k0;
+      alignas(32) float row[kTileN];
+      for (int c = 0; c < 4; ++c) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + 8 * c));
+        // (q - z) * s, in the reference's order, so the GEMM sees bit-identical weights.
+        _mm256_store_ps(row + 8 * c, _mm256_mul_ps(_mm256_sub_ps(decode<BITS>(wv, j), z[c]), s[c]));
+      }
+      if (bf16) {
+        uint16_t* o = static_cast<uint16_t*>(out) + k * ld;
+        for (int c = 0; c < kTileN; ++c) o[c] = float_to_bf16(row[c]);
+      } else {
+        float* o = static_cast<float*>(out) + k * ld;
+        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_load_ps(row + 8 * c));
+      }
+    }
+  }
+}
+
+template <int BITS>
+void dequant(const TileArgs& a, void* out, int64_t ld, bool bf16) {
+  dequant_range<BITS>(a, 0, a.K, out, ld, bf16);
+}
+
+// Prefill, fp32 activations: the AVX-512 set's GEMM with 8-lane registers. Per panel of kGemmKC channels the
+// tile's (kGemmKC, 32) weights are dequantized once into an L1-resident buffer; then per half tile (16 columns)
+// every block of up to 6 rows multiplies it: 12 accumulators, 2 weight registers, 1 broadcast of x (the 16
+// ymm registers). The packed weight is read once and the fp32 weight never written to memory.
+constexpr int64_t kGemmKC = 128;
+constexpr int kGemmMR = 6;
+
+template <int ROWS>
+void gemm_rows(const float* x, int64_t ldx, const float* panel, int64_t kc, float* y, int64_t ldy, bool add) {
+  __m256 acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 w0 = _mm256_load_ps(panel + k * kTileN), w1 = _mm256_load_ps(panel + k * kTileN + 8);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+      acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int h = 0; h < 2; ++h) {
+      float* o = y + r * ldy + 8 * h;
+      _mm256_storeu_ps(o, add ? _mm256_add_ps(_mm256_loadu_ps(o), acc[r][h]) : acc[r][h]);
+    }
+}
+
+void gemm_block(int rows, const float* x, int64_t ldx, const float* panel, int64_t kc, float* y, int64_t ldy,
+                bool add) {
+  switch (rows) {
+    case 1: return gemm_rows<1>(x, ldx, panel, kc, y, ldy, add);
+    case 2: return gemm_rows<2>(x, ldx, panel, kc, y, ldy, add);
+    case 3: return gemm_rows<3>(x, ldx, panel, kc, y, ldy, add);
+    case 4: return gemm_rows<4>(x, ldx, panel, kc, y, ldy, add);
+    case 5: return gemm_rows<5>(x, ldx, panel, kc, y, ldy, add);
+    default: return gemm_rows<6>(x, ldx, panel, kc, y, ldy, add);
+  }
+}
+
+void gemm(const TileArgs& a, int64_t M) {
+  alignas(32) float panel[kGemmKC * kTileN];
+  for (int64_t k0 = 0; k0 < a.K; k0 += kGemmKC) {
+    const int64_t kc = a.K - k0 < kGemmKC ? a.K - k0 : kGemmKC;
+    if (a.bits == 4) dequant_range<4>(a, k0, kc, panel, kTileN, false);
+    else dequant_range<8>(a, k0, kc, panel, kTileN, false);
+    for (int64_t m0 = 0; m0 < M; m0 += kGemmMR) {
+      const int rows = int(M - m0 < kGemmMR ? M - m0 : kGemmMR);
+      for (int h = 0; h < 2; ++h)
+        gemm_block(rows, a.x + m0 * a.ldx + k0, a.ldx, panel + 16 * h, kc, a.y + m0 * a.ldy + 16 * h, a.ldy, k0 > 0);
     }
   }
 }
@@ -134,7 +194,7 @@ void dequant_any(const TileArgs& a, void* out, int64_t ld, bool bf16) {
   else dequant<8>(a, out, ld, bf16);
 }
 
-const KernelSet kSet{"avx2", kMaxRows, /*max_tiles=*/1, XForm::kScaled, nullptr, gemv_any, dequant_any, nullptr, gemv_f16_avx2};
+const KernelSet kSet{"avx2", kMaxRows, /*max_tiles=*/1, XForm::kScaled, nullptr, gemv_any, dequant_any, gemm, gemv_f16_avx2};
 
 }  // namespace
 

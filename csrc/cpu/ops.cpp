@@ -16,8 +16,8 @@
 //    bf16 natively) and multiplies it with a single-threaded ATen GEMM (MKL / oneDNN), which beats
 //    a plain hand-written loop. Independent blocks per thread scale better than one
 //    shared block per multi-threaded GEMM call (4096x4096, M=64: 1.36x fp32 F.linear vs 0.81x).
-//    Where the kernel set has its own GEMM (AVX-512, fp32 x) it is used instead: it dequantizes into
-//    L1-sized panels and never writes the fp32 weight out (0.96x -> 1.1-1.6x fp32 F.linear at M=64).
+//    Where the kernel set has its own GEMM (AVX-512 and AVX2, fp32 x) it is used instead: it dequantizes
+//    into L1-sized panels and never writes the fp32 weight out (0.96x -> 1.1-1.6x fp32 F.linear at M=64).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -148,7 +148,7 @@ at::Tensor dq_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const at::Tensor xin = bf16 ? x2.contiguous() : x2.to(at::kFloat).contiguous();
   const int64_t elem = bf16 ? 2 : 4;
   if (!bf16 && ks->gemm) {
-    // The kernel set's own GEMM, dequantizing on the fly (kernels_avx512.cpp): tiles split between
+    // The kernel set's own GEMM, dequantizing on the fly (kernels_avx512.cpp, kernels_avx2.cpp): tiles split between
     // threads; a tail tile narrower than kTileN goes through a scratch block.
     const float* xp = xin.data_ptr<float>();
     at::Tensor y = at::empty({M, N}, xin.options());
