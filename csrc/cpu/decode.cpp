@@ -120,7 +120,8 @@ DecodeGemv::DecodeGemv(const PackedRef& w, int64_t M, float* y, int threads, boo
   workers_ = std::max<int64_t>(1, std::min<int64_t>(threads, (Nt_ + grain - 1) / grain));
   // Threads take chunks of tiles from a shared counter instead of one fixed share each: on a shared
   // machine one core is often slower for a while, and a static split leaves the other one idle.
-  // A whole number of max_tiles per chunk: the kernel streams that many tiles at once.
+  // A whole number of max_tiles per chunk (the least a claim takes, see run): the kernel streams that many
+  // tiles at once.
   chunk_ = (std::max<int64_t>(1, kChunkBytes / tile_bytes) + ks_->max_tiles - 1) / ks_->max_tiles * ks_->max_tiles;
   batch_ = int8 && ks_->batch.gemv && M >= ks_->batch.min_rows;
   rows_ = batch_ ? ks_->batch.max_rows : ks_->max_rows;
@@ -180,8 +181,17 @@ void DecodeGemv::run() {
   const int64_t K = K_, N = N_, NB = NB_, G = G_, Nt = Nt_;
   // (rows, tiles * kTileN): the output of the tiles one call streams, before the N tail is cut
   alignas(64) float out[kMaxBatchRows * 4 * kTileN];
-  for (int64_t t0; (t0 = next_.fetch_add(chunk_, std::memory_order_relaxed)) < Nt;) {
-    const int64_t t_end = std::min(Nt, t0 + chunk_);
+  for (;;) {
+    // Guided: a claim takes half of a thread's share of what is left, at least chunk_ tiles. Long contiguous
+    // runs first (the prefetchers' streams), small ones at the end (the threads finish together). At 8 rows,
+    // where a 4-tile chunk is ~5 us of multiply-adds and o/down have 18 tiles, fixed chunks left one thread
+    // waiting most of a chunk per projection: paired in one process, +6% at batch 8, batch 1 unchanged.
+    int64_t t0 = next_.load(std::memory_order_relaxed), size;
+    do {
+      size = std::max<int64_t>(chunk_, (Nt - t0) / (2 * workers_));
+    } while (t0 < Nt && !next_.compare_exchange_weak(t0, t0 + size, std::memory_order_relaxed));
+    if (t0 >= Nt) break;
+    const int64_t t_end = std::min(Nt, t0 + size);
     for (int64_t t = t0; t < t_end;) {
       const int tiles = int(std::min<int64_t>(ks_->max_tiles, t_end - t));
       TileArgs a = base_;
