@@ -4,7 +4,7 @@ Python API:
     compress_(model, recipe, ctx)  apply a recipe's passes to a model in place
     compress(spec, recipe, out)    resolve, compress and save a checkpoint atomically
     load(path)                     reload a compressed checkpoint (no auto-gptq needed)
-    Runtime(path)                  greedy generation from a checkpoint without transformers (less memory)
+    Runtime(path)                  greedy generation from a checkpoint in a process without torch (a quarter of the memory)
     export.export(ckpt, fmt, out)  repack a checkpoint for another engine (gptq-v2, compressed-tensors, gguf, onnx)
     export_onnx(ckpt, out)         the same, to ONNX Runtime's MatMulNBits
 """
