@@ -11,7 +11,15 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["greedy"]
+__all__ = ["greedy", "approximate_batches"]
+
+
+def approximate_batches(rows: int) -> bool:
+    """Whether a generation of `rows` rows keeps its KV cache in fp16 and runs its one-token steps with int8
+    activations (both fast paths: `compressor.nn.decoder.FastDecoder`, `compressor.runtime.Runtime`): any
+    batch of two or more rows, unless ``COMPRESSOR_EXACT_DECODE=1``. Batch 1 is always exact."""
+    import os
+    return rows > 1 and os.environ.get("COMPRESSOR_EXACT_DECODE") != "1"
 
 
 def greedy(step: Callable[[np.ndarray, int], np.ndarray], ids: np.ndarray, max_new_tokens: int,

@@ -52,7 +52,8 @@ NAMED_MODELS: dict[str, NamedModel] = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
+    from .buildcache import cache_root
+    return cache_root()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ permutation into gate/up's output order, so a block gathers its activations thre
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -144,7 +143,8 @@ class FastDecoder:
         row (exact); float16 for several unless ``COMPRESSOR_EXACT_DECODE=1``: batched steps are not exact
         anyway (int8 activations), and attention then reads half the bytes (the cache is ~1 MB per block
         at 8 rows and 96 positions, from DRAM every step), in half the memory. One allocation for all."""
-        dtype = torch.float16 if batch > 1 and os.environ.get("COMPRESSOR_EXACT_DECODE") != "1" else torch.float32
+        from ..greedy import approximate_batches
+        dtype = torch.float16 if approximate_batches(batch) else torch.float32
         have = self._cache[0][0] if self._cache else None
         if have is None or have.shape[0] != batch or have.shape[2] < length or have.dtype != dtype:
             from ..machine import trim_heap
@@ -162,7 +162,8 @@ class FastDecoder:
         inner = self.model.model
         x = inner.embed_tokens(ids).float().contiguous()
         cos, sin = self.rope_tables(pos + ids.shape[1])
-        batched_step = ids.shape[0] > 1 and ids.shape[1] == 1 and os.environ.get("COMPRESSOR_EXACT_DECODE") != "1"
+        from ..greedy import approximate_batches
+        batched_step = ids.shape[1] == 1 and approximate_batches(ids.shape[0])
         with int8_activations(batched_step):
             x = torch.ops.compressor.llama_stack.default(x, [k for k, _ in caches], [v for _, v in caches], pos, cos,
                                                          sin, self._norms, self._w, self._meta, self.eps,

@@ -69,8 +69,9 @@ class Runtime:
 
     def logits(self, input_ids) -> np.ndarray:
         """(B, vocab) float32 logits after the last of `input_ids` (B, T)."""
+        from ..greedy import approximate_batches
         ids = _ids(input_ids)
-        self.engine.reserve(ids.shape[0], ids.shape[1], _half(ids.shape[0]))
+        self.engine.reserve(ids.shape[0], ids.shape[1], approximate_batches(ids.shape[0]))
         return self.engine.forward(ids, 0, False)
 
     def generate(self, input_ids, max_new_tokens: int, min_new_tokens: int = 0,
@@ -82,7 +83,7 @@ class Runtime:
 
         Batches of several rows keep their KV cache in fp16 and run decode steps with int8 activations, as
         `compressor.load`'s fast path does (``COMPRESSOR_EXACT_DECODE=1``: fp32 and exact)."""
-        from ..greedy import greedy
+        from ..greedy import approximate_batches, greedy
         ids = _ids(input_ids)
         if do_sample:
             raise ValueError("Runtime.generate is greedy (do_sample=False); sample with compressor.load(path).generate")
@@ -97,8 +98,8 @@ class Runtime:
         if t + max_new_tokens > self.engine.rope_rows:
             raise ValueError(f"{t} prompt + {max_new_tokens} new tokens exceed the {self.engine.rope_rows} positions "
                              f"this model was prepared for")
-        self.engine.reserve(b, t + max_new_tokens, _half(b))
-        batched = b > 1 and os.environ.get("COMPRESSOR_EXACT_DECODE") != "1"
+        batched = approximate_batches(b)
+        self.engine.reserve(b, t + max_new_tokens, batched)
         return greedy(lambda tokens, pos: self.engine.forward(tokens, pos, batched and tokens.shape[1] == 1), ids,
                       max_new_tokens, min_new_tokens, eos_token_id, pad_token_id)
 
@@ -108,11 +109,6 @@ def _default_threads() -> int:
     if env.isdigit() and int(env) > 0:
         return int(env)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _half(batch: int) -> bool:
-    """fp16 KV caches for batches (`compressor.nn.decoder.FastDecoder.caches`), unless exact decode is asked."""
-    return batch > 1 and os.environ.get("COMPRESSOR_EXACT_DECODE") != "1"
 
 
 def _ids(input_ids) -> np.ndarray:

@@ -266,10 +266,11 @@ def pack(ckpt: str | Path, out: str | Path) -> None:
         elif isinstance(head, HalfLinear) and head.bias is None:
             head_desc = {"kind": "f16", "weight": w.add("lm_head.weight", head.weight)}
         else:
-            head_desc = {"kind": "f16", "weight": w.add("lm_head.weight", head.weight.detach().half())}
-            if not torch.equal(head.weight.detach().half().float(), head.weight.detach().float()):
-                raise CheckpointError(f"{ckpt}: an fp32 output head that fp16 does not hold exactly; use "
-                                      f"compressor.load")
+            half = head.weight.detach().half()
+            if head.bias is not None or not torch.equal(half.float(), head.weight.detach().float()):
+                raise CheckpointError(f"{ckpt}: an output head with a bias, or fp32 that fp16 does not hold "
+                                      f"exactly; use compressor.load")
+            head_desc = {"kind": "f16", "weight": w.add("lm_head.weight", half)}
         if isinstance(emb, TiedQuantEmbedding):
             emb_desc = {"kind": "tied"}
         elif isinstance(emb, HalfEmbedding):

@@ -257,26 +257,39 @@ inline void project_rows(const PackedRef& w, const float* x, int64_t M, float* y
   }
 }
 
-// Floats of block_rows's `buf` for B rows of T tokens.
-inline int64_t rows_floats(const BlockRef& b, int64_t B, int64_t T, int64_t H) {
-  const int64_t M = B * T, nq = b.nh * b.hd, I = b.gu.N / 2;
-  return M * (2 * H + b.qkv.N + nq + 3 * I + std::max<int64_t>({H, nq, I})) + B * 2 * b.nkv * T * b.hd;
-}
+// block_rows's intermediate rows for B rows of T tokens (M = B T), carved out of one buffer of `floats` floats:
+// h1 (M, H) the normed input, qkv, attn (M, nq), o (M, H) the o and down outputs, gu (M, 2 I), act (M, I), xp
+// (M, max(H, nq, I)) the act-order gather of `project`, fresh (B, 2, nkv, T, hd) a prompt's own keys and values.
+struct RowsBuffer {
+  float *h1, *qkv, *attn, *o, *gu, *act, *xp, *fresh;
+
+  static int64_t floats(const BlockRef& b, int64_t B, int64_t T, int64_t H) { return RowsBuffer(b, B, T, H, nullptr).end; }
+  RowsBuffer(const BlockRef& b, int64_t B, int64_t T, int64_t H, float* base) {
+    const int64_t M = B * T, nq = b.nh * b.hd, I = b.gu.N / 2;
+    int64_t at = 0;
+    const auto take = [&](int64_t n) { float* p = base ? base + at : nullptr; at += n; return p; };
+    h1 = take(M * H), qkv = take(M * b.qkv.N), attn = take(M * nq), o = take(M * H), gu = take(M * 2 * I);
+    act = take(M * I), xp = take(M * std::max<int64_t>({H, nq, I})), fresh = take(B * 2 * b.nkv * T * b.hd);
+    end = at;
+  }
+
+ private:
+  int64_t end = 0;
+};
 
 // One block over B rows of T tokens at positions pos .. pos + T - 1 (a prompt, a later chunk of one, or a step
 // of too many rows for DecodeBlock), x (B * T, H) updated in place, K and V written into the caches (S
-// positions each). `project(i, in, M, out)` computes projection i (0 qkv, 1 o, 2 gate/up, 3 down) without its
+// positions each), on `buf`. `project(i, in, M, out)` computes projection i (0 qkv, 1 o, 2 gate/up, 3 down) without its
 // bias: the engine's is project_rows; the torch op's takes ATen's GEMM where the kernel set has none.
 // Attention: each (row, KV head) over the positions up to its own, with the kernel set's AttendFn, from the
 // caches; a prompt (pos 0) with fp16 caches attends to its own keys and values before they are rounded.
 template <typename Project>
 void block_rows(const BlockRef& b, float* x, int64_t B, int64_t T, int64_t H, int64_t pos, const Cache& kc,
-                const Cache& vc, int64_t S, const float* cos, const float* sin, double eps, float* buf,
+                const Cache& vc, int64_t S, const float* cos, const float* sin, double eps, const RowsBuffer& buf,
                 const Region& region, Project&& project) {
   const int64_t M = B * T, nh = b.nh, nkv = b.nkv, hd = b.hd, nq = nh * hd, nk = nkv * hd, n_qkv = b.qkv.N;
   const int64_t I = b.gu.N / 2, per = nh / nkv;
-  float *h1 = buf, *qkv = h1 + M * H, *attn = qkv + M * n_qkv, *o = attn + M * nq, *gu = o + M * H,
-        *act = gu + M * 2 * I, *fresh = act + M * I + M * std::max<int64_t>({H, nq, I});
+  float *h1 = buf.h1, *qkv = buf.qkv, *attn = buf.attn, *o = buf.o, *gu = buf.gu, *act = buf.act, *fresh = buf.fresh;
   const bool use_fresh = T > 1 && pos == 0 && kc.half;
   const KernelSet* ks = kernel_set();
   const auto add_bias = [M](float* y, const float* bias, int64_t N) {
@@ -331,12 +344,6 @@ void block_rows(const BlockRef& b, float* x, int64_t B, int64_t T, int64_t H, in
   project(3, act, M, o);
   add_bias(o, b.b_dn, H);
   for (int64_t i = 0; i < M * H; ++i) x[i] += o[i];
-}
-
-// The act-order scratch of block_rows's buffer (M, max(H, nq, I)), for `project`.
-inline float* rows_xp(const BlockRef& b, float* buf, int64_t M, int64_t H) {
-  const int64_t nq = b.nh * b.hd, I = b.gu.N / 2;
-  return buf + M * (2 * H + b.qkv.N + nq + 3 * I);
 }
 
 }  // namespace compressor

@@ -163,18 +163,18 @@ at::Tensor block_forward(const at::Tensor& x, const at::Tensor& k_cache, const a
   // set's GEMM, or where it has none (AVX2, scalar) on quant_linear's dequantize-and-ATen-GEMM
   const BlockRef ref = block_ref(blk, ln1, ln2, scale);
   at::Tensor h = x.reshape({M, H}).clone();
-  at::Tensor buf = at::empty({rows_floats(ref, B, T, H)}, x.options());
-  float* xp = rows_xp(ref, buf.data_ptr<float>(), M, H);
+  at::Tensor mem = at::empty({RowsBuffer::floats(ref, B, T, H)}, x.options());
+  const RowsBuffer buf(ref, B, T, H, mem.data_ptr<float>());
   const Region region = aten_region();
   const Linear* lin[4] = {&blk.qkv, &blk.o, &blk.gu, &blk.down};
   const bool gemm = kernel_set()->gemm != nullptr;
   block_rows(ref, h.data_ptr<float>(), B, T, H, pos, cache(k_cache), cache(v_cache), S, cos.data_ptr<float>(),
-             sin.data_ptr<float>(), eps, buf.data_ptr<float>(), region,
+             sin.data_ptr<float>(), eps, buf, region,
              [&](int i, const float* in, int64_t rows, float* out) {
                const Linear& l = *lin[i];
                if (gemm || rows < kGemmMinRows)
-                 return project_rows(l.ref(), in, rows, out, xp, at::get_num_threads(), int8_rows(), region);
-               const int64_t K = l.ref().K;
+                 return project_rows(l.ref(), in, rows, out, buf.xp, at::get_num_threads(), int8_rows(), region);
+               const int64_t K = l.qweight.size(1) * (32 / l.bits);
                const at::Tensor y = quant_linear(at::from_blob(const_cast<float*>(in), {rows, K}, x.options()),
                                                  l.qweight, l.scales, l.zeros, l.perm, std::nullopt, l.group, l.out,
                                                  int(l.bits));

@@ -124,16 +124,16 @@ void embed(const Engine& e, const int64_t* ids, int64_t n, float* x) {
 // A prompt, or a step of too many rows for the decode region: block_rows (block.h) on each block.
 void rows_step(Engine& e, float* x, int64_t B, int64_t T, int64_t pos) {
   int64_t floats = 0;
-  for (const BlockRef& b : e.blocks) floats = std::max(floats, rows_floats(b, B, T, e.H));
-  std::vector<float> buf(floats);
+  for (const BlockRef& b : e.blocks) floats = std::max(floats, RowsBuffer::floats(b, B, T, e.H));
+  std::vector<float> mem(floats);
   const Region region = omp_region(e.threads);
   for (int64_t l = 0; l < e.n_layers; ++l) {
     const BlockRef& b = e.blocks[l];
     const PackedRef* w[4] = {&b.qkv, &b.o, &b.gu, &b.down};
-    float* xp = rows_xp(b, buf.data(), B * T, e.H);
-    block_rows(b, x, B, T, e.H, pos, e.kv(l, 0), e.kv(l, 1), e.cache_S, e.cos, e.sin, e.eps, buf.data(), region,
+    const RowsBuffer buf(b, B, T, e.H, mem.data());
+    block_rows(b, x, B, T, e.H, pos, e.kv(l, 0), e.kv(l, 1), e.cache_S, e.cos, e.sin, e.eps, buf, region,
                [&](int i, const float* in, int64_t M, float* out) {
-                 project_rows(*w[i], in, M, out, xp, e.threads, false, region);
+                 project_rows(*w[i], in, M, out, buf.xp, e.threads, false, region);
                });
   }
 }
