@@ -411,12 +411,37 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: b
         from .machine import release_memory
         from .nn import prepare_
         sd.clear()                   # the model holds the tensors now; released layers must free theirs
+        _own_(model, keep_codes=True)          # before prepare_: the fast decoder takes these tensors as they are
         prepare_(model, release=True)
+        _own_(model, keep_codes=False)         # codes of layers with no kernel layout (still read as they are)
         release_memory()
     _report_kernels(model, path)
     if with_tokenizer:
         return model, AutoTokenizer.from_pretrained(path)
     return model
+
+
+def _own_(model: nn.Module, keep_codes: bool) -> None:
+    """Give every parameter and buffer that still views the checkpoint file (safetensors maps it) memory of
+    its own. One small tensor left on the mapping (a norm weight) keeps the whole file resident: ~84 MB of
+    RSS on SmolLM2-135M, as much again as the packed weights. `keep_codes`: leave the GPTQ buffers of
+    `QuantLinear` layers, which `prepare_` repacks and then drops, where they are."""
+    from .nn import QuantLinear
+    for mod in model.modules():
+        codes = ("qweight", "qzeros", "scales", "g_idx") if keep_codes and isinstance(mod, QuantLinear) else ()
+        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is None or name in codes or t.device.type != "cpu" or t.numel() == 0 or not _mapped(t):
+                continue
+            if name in mod._parameters:
+                t.data = t.data.clone()
+            else:
+                mod._buffers[name] = t.clone()
+
+
+def _mapped(t: torch.Tensor) -> bool:
+    """Whether `t`'s memory is not the allocator's own: a file mapping (safetensors loads lazily) or another
+    library's buffer; torch cannot resize such storage."""
+    return not t.untyped_storage().resizable()
 
 
 def _half_embedding_key(model: nn.Module) -> str | None:

@@ -259,3 +259,30 @@ def test_load_refuses_a_damaged_checkpoint_with_a_typed_error(tiny_llama, tmp_pa
         (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=str(bad)):
         load(bad)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("recipe", ["rtn-w4g64", "rtn-w8"])
+def test_inference_load_leaves_no_tensor_on_the_file(tiny_llama, tmp_path, recipe):
+    """safetensors maps the file; one small tensor left on the mapping (a norm weight) keeps the whole file
+    resident beside the packed copies. compressor.load for inference must give every tensor its own memory."""
+    import gc
+    out = tmp_path / "out"
+    compressor.compress(str(tiny_llama), recipe, out, progress=False)
+    weights = str((out / "model.safetensors").resolve())
+
+    def mapped() -> bool:
+        return any(line.rstrip().endswith(weights) for line in open("/proc/self/maps"))
+
+    loaded = compressor.load(out, for_inference=False)       # as saved: the tensors stay on the mapping
+    gc.collect()
+    assert mapped()
+    del loaded
+    gc.collect()
+    model = compressor.load(out)
+    gc.collect()
+    assert not mapped()
+    x = torch.randint(0, 200, (1, 9))
+    with torch.no_grad():
+        ref = compressor.load(out, for_inference=False)(x).logits
+        assert torch.allclose(model(x).logits, ref, atol=1e-4, rtol=1e-4)

@@ -227,16 +227,22 @@ void prep_x1(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8
       for (int64_t k = 0; k < block; k += 16) {
         const int64_t n = block - k >= 16 ? 16 : block - k;  // a multiple of P
         const __mmask16 mk = n == 16 ? 0xFFFF : __mmask16((1u << n) - 1);
-        const __m512i q = _mm512_cvtps_epi32(  // nearest even, as roundscale; |q| <= 127 by construction
-            _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xb + k), inv),
-                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m512i q = _mm512_cvt_roundps_epi32(  // nearest even; |q| <= 127 by construction
+            _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xb + k), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         qsum = _mm512_add_epi32(qsum, q);
         __m128i bytes = _mm512_cvtepi32_epi8(q);
-        if (bits == 4) bytes = _mm_shuffle_epi8(bytes, order);
-        alignas(16) int8_t tmp[16];
-        _mm_store_si128(reinterpret_cast<__m128i*>(tmp), bytes);
         const int64_t w0 = (b * block + k) / P;  // the word of channel k: its P bytes go to (w, m)
-        for (int64_t j = 0; j < n / P; ++j) __builtin_memcpy(xq + ((w0 + j) * ldm + m) * P, tmp + j * P, P);
+        // Each word's P bytes stored straight from the register (a copy through memory of a run-time
+        // length was ~40% of this function at 8 rows).
+        if (bits == 4) {
+          bytes = _mm_shuffle_epi8(bytes, order);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + (w0 * ldm + m) * 8), bytes);
+          if (n > 8) _mm_storeh_pd(reinterpret_cast<double*>(xq + ((w0 + 1) * ldm + m) * 8), _mm_castsi128_pd(bytes));
+        } else {
+          alignas(16) int32_t words[4];
+          _mm_store_si128(reinterpret_cast<__m128i*>(words), bytes);
+          for (int64_t j = 0; j < n / 4; ++j) __builtin_memcpy(xq + ((w0 + j) * ldm + m) * 4, words + j, 4);
+        }
       }
       const float d = amax / 127.0f;
       xsigma[m * NB + b] = bad ? __builtin_nanf("") : d;
