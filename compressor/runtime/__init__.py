@@ -1,6 +1,6 @@
 """`Runtime`: greedy generation from a compressed checkpoint in a process without torch.
 
-`compressor.load` gives a transformers model: torch, transformers and their imports are ~500 MiB of RSS
+`compressor.load` gives a transformers model: torch, transformers and their imports are 390-470 MiB of RSS
 before any weight, so a process that only generates with it peaks near three times llama.cpp's memory for
 SmolLM2-135M, and torch's import alone (~220 MiB) is most of llama.cpp's whole process. Generation needs
 none of it: `Runtime` runs the same C++ blocks as `compressor.load`'s fast path (csrc/cpu/block.h), as a
