@@ -46,9 +46,9 @@ PROMPT = ("The tower is 324 metres tall, about the same height as an 81-storey b
 TEXT = (PROMPT + " ") * 8            # long enough for the 512-token prefill and eight batch prompts
 
 
-def peak_rss_mib(field: str = "VmHWM") -> float:
-    """This process's peak RSS (VmHWM; ru_maxrss would carry a parent's peak over fork and exec), or with
-    `field` "VmRSS" its RSS now."""
+def status_mib(field: str) -> float:
+    """A memory field of this process's /proc/self/status in MiB: "VmHWM", its peak RSS (ru_maxrss would
+    carry a parent's peak over fork and exec), or "VmRSS", its RSS now."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -84,7 +84,7 @@ class Runtime:
         else:
             import compressor
             from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401  (load imports them)
-            self.imports_mib = peak_rss_mib("VmRSS")   # torch, transformers, the model class: before any weight
+            self.imports_mib = status_mib("VmRSS")   # torch, transformers, the model class: before any weight
             self.model = compressor.load(path)
             fast = getattr(self.model.generate, "fast", None)
             if kind == "fast" and fast is None:
@@ -132,7 +132,7 @@ class Runtime:
         return self._timed([ids], 1)[0]
 
     def rss(self) -> float:
-        return peak_rss_mib()
+        return status_mib("VmHWM")
 
     def _llama_eval(self, ids: list[int], reset: bool) -> int:
         import numpy as np

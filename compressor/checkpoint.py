@@ -430,7 +430,7 @@ def _own_(model: nn.Module, keep_codes: bool) -> None:
     for mod in model.modules():
         codes = ("qweight", "qzeros", "scales", "g_idx") if keep_codes and isinstance(mod, QuantLinear) else ()
         for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-            if t is None or name in codes or t.device.type != "cpu" or t.numel() == 0 or not _mapped(t):
+            if t is None or name in codes or t.device.type != "cpu" or t.numel() == 0 or not _borrowed(t):
                 continue
             if name in mod._parameters:
                 t.data = t.data.clone()
@@ -438,7 +438,7 @@ def _own_(model: nn.Module, keep_codes: bool) -> None:
                 mod._buffers[name] = t.clone()
 
 
-def _mapped(t: torch.Tensor) -> bool:
+def _borrowed(t: torch.Tensor) -> bool:
     """Whether `t`'s memory is not the allocator's own: a file mapping (safetensors loads lazily) or another
     library's buffer; torch cannot resize such storage."""
     return not t.untyped_storage().resizable()
