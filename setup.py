@@ -87,8 +87,9 @@ def _extensions():
 
     sources = sorted(os.path.join(CPU_SOURCES, f) for f in os.listdir(CPU_SOURCES) if f.endswith(".cpp"))
     cuda = _cuda_extension()
+    headers = sorted(os.path.join(CPU_SOURCES, f) for f in os.listdir(CPU_SOURCES) if f.endswith(".h"))
     ext = CppExtension(
-        "compressor._C", sources,
+        "compressor._C", sources, depends=headers,  # an edited header rebuilds the sources
         # Keep in step with compressor/kernels/build.py (CFLAGS, LDFLAGS). -fopenmp makes
         # at::parallel_for parallel; the libgomp torch ships satisfies the link.
         extra_compile_args=["-O3", "-fopenmp", "-std=c++20"],

@@ -80,6 +80,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cmp_set_embedding.argtypes = [_P, ctypes.c_int, _P]
     lib.cmp_reserve.argtypes = [_P, _I64, _I64, ctypes.c_int]
     lib.cmp_forward.argtypes = [_P, _P, _I64, _I64, _I64, ctypes.c_int, _P]
+    lib.cmp_decode_groups.restype = _I64
+    lib.cmp_decode_groups.argtypes = [_P, _I64]
     for f in ("cmp_set_isa", "cmp_set_block", "cmp_set_rope", "cmp_set_head", "cmp_set_embedding", "cmp_reserve",
               "cmp_forward"):
         getattr(lib, f).restype = ctypes.c_int
@@ -151,6 +153,11 @@ class Engine:
         self._check(self.lib.cmp_forward(self.handle, ids.ctypes.data, ids.shape[0], ids.shape[1], pos, int(int8),
                                          out.ctypes.data))
         return out
+
+    def decode_groups(self, batch: int) -> int:
+        """The row groups a decode step of `batch` rows runs in, one per thread or one shared (csrc/cpu/block.h,
+        DecodeStack)."""
+        return int(self.lib.cmp_decode_groups(self.handle, batch))
 
     def __del__(self):
         if getattr(self, "handle", None):

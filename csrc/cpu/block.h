@@ -11,6 +11,8 @@
 #include <memory>
 #include <vector>
 
+#include <unistd.h>
+
 #include "decode.h"
 #include "kernels.h"
 
@@ -75,6 +77,10 @@ struct Cache {
   }
   template <typename T>
   const T* at_row(int64_t row, int64_t hd) const { return static_cast<const T*>(data) + row * hd; }
+  // The cache of batch rows b, b + 1, ... only (of nkv heads, S positions, hd each).
+  Cache from_row(int64_t b, int64_t nkv, int64_t S, int64_t hd) const {
+    return {static_cast<char*>(data) + b * nkv * S * hd * (half ? 2 : 4), half};
+  }
 };
 
 inline void attend_item(const KernelSet* ks, const float* qkv, int64_t ld_qkv, const Cache& kc, const Cache& vc, int64_t i,
@@ -150,8 +156,9 @@ class DecodeBlock {
     g_gu->prefetch_perm();  // (compressor.nn.prepare.fold_act_order_), q/k/v's came with the block before
     rows(0, [&](int64_t m) {
       rms_norm_into(xp + m * H, ln1p, h1p + m * H, 1, H, eps);
-      g_qkv->prepare_rows(h1p, m, m + 1);
+      if (!g_qkv->parts()) g_qkv->prepare_rows(h1p, m, m + 1);
     });
+    prepare_parts(6, *g_qkv, h1p);
     project(*g_qkv);
     rows(1, [&](int64_t b) {
       float* row = qkvp + b * n_qkv;
@@ -170,20 +177,25 @@ class DecodeBlock {
       }
       while (attn_done.load(std::memory_order_acquire) < items) spin();
     }
-    rows(2, [&](int64_t m) { g_o->prepare_rows(attnp, m, m + 1); });
+    if (g_o->parts())
+      prepare_parts(7, *g_o, attnp);
+    else
+      rows(2, [&](int64_t m) { g_o->prepare_rows(attnp, m, m + 1); });
     project(*g_o);
     rows(3, [&](int64_t m) {
       add_bias(op + m * H, b_o, H);
       for (int64_t i = m * H; i < (m + 1) * H; ++i) hp[i] = xp[i] + op[i];
       rms_norm_into(hp + m * H, ln2p, h2p + m * H, 1, H, eps);
-      g_gu->prepare_rows(h2p, m, m + 1);
+      if (!g_gu->parts()) g_gu->prepare_rows(h2p, m, m + 1);
     });
+    prepare_parts(8, *g_gu, h2p);
     project(*g_gu);
     rows(4, [&](int64_t m) {
       add_bias(gup + m * 2 * I, b_gu, 2 * I);
       ks->silu_mul(gup + m * 2 * I, gup + m * 2 * I + I, actp + m * I, I);  // at::silu_out + mul_: ~12 us of setup
-      g_dn->prepare_rows(actp, m, m + 1);
+      if (!g_dn->parts()) g_dn->prepare_rows(actp, m, m + 1);
     });
+    prepare_parts(9, *g_dn, actp);
     if (next_) next_->g_qkv->prefetch_perm();  // needed as soon as the next block starts
     project(*g_dn);
     rows(5, [&](int64_t m) {
@@ -201,6 +213,18 @@ class DecodeBlock {
       row_done[i].fetch_add(1, std::memory_order_acq_rel);
     }
     while (row_done[i].load(std::memory_order_acquire) < M) spin();
+  }
+  // The batch path's preparation of g's input x, by parts of its channels for all rows (DecodeGemv::parts): the
+  // rows of one word share a cache line of its int8 activations, so threads that prepared rows each passed
+  // every line to the other.
+  void prepare_parts(int i, DecodeGemv& g, const float* x) {
+    const int64_t n = g.parts();
+    if (!n) return;
+    for (int64_t j; (j = row_next[i].fetch_add(1, std::memory_order_relaxed)) < n;) {
+      g.prepare_part(x, j);
+      row_done[i].fetch_add(1, std::memory_order_acq_rel);
+    }
+    while (row_done[i].load(std::memory_order_acquire) < n) spin();
   }
   static void project(DecodeGemv& g) {
     g.run();
@@ -224,7 +248,108 @@ class DecodeBlock {
   std::unique_ptr<DecodeGemv> g_qkv, g_o, g_gu, g_dn;
   const DecodeBlock* next_ = nullptr;
   const float *b_qkv, *b_o, *b_gu, *b_dn;
-  std::atomic<int64_t> row_next[6] = {}, row_done[6] = {}, attn_next{0}, attn_done{0};
+  std::atomic<int64_t> row_next[10] = {}, row_done[10] = {}, attn_next{0}, attn_done{0};
+};
+
+// One block of a DecodeStack: its weights and its K and V caches (B = the step's rows).
+struct StackLayer {
+  BlockRef block;
+  Cache k, v;
+  int64_t S;  // positions per cache row
+};
+
+// A decode step (one token per row, M < kGemmMinRows rows) through every block, in one parallel region
+// (`run` on each of its threads): no return to the caller and no fork/join between blocks.
+//
+// Rows are split into one group per thread, each with blocks of its own, when each group has >= kMinGroupRows
+// rows and every block's packed weights together fit in half the L3 cache. Then no row's data passes between cores:
+// in one shared set of blocks each projection's output, half written by each core, is read whole by the row
+// phases after it, and each int8 activation line holds all rows. The price is that each group reads every
+// weight, which the L3 serves when it holds them all (a 300 MiB Xeon: SmolLM2's 60 MB of blocks; not a 32 MiB
+// Zen 4, whose DRAM would serve each weight twice). On that Xeon, SmolLM2 gptq-w4g64, 2 threads, the engine
+// paired in one process against the shared blocks: batch 8 1.28x, batch 6 1.23x, batch 1 (one group) 0.99x.
+// Batch 4 stays shared (kMinGroupRows): two one-thread processes of 2 rows each made 1255 tok/s, the
+// shared step 1420.
+// A thread that finishes its group walks the others and helps with whatever is left (DecodeBlock runs
+// on any number of threads), so a region with fewer threads than asked still completes.
+class DecodeStack {
+ public:
+  static constexpr int64_t kMinGroupRows = 3;
+
+  DecodeStack(const float* x, int64_t M, int64_t H, const std::vector<StackLayer>& layers, int64_t pos,
+              const float* cos, const float* sin, double eps, int threads, bool int8)
+      : M_(M), H_(H), n_(int64_t(layers.size())) {
+    const int64_t groups = groups_for(M, threads, layers);
+    // the groups' scratch, then the two (M, H) buffers the blocks write in turn: one piece of the calling thread's
+    // buffer, kept from step to step (fresh buffers of this size came zeroed from new pages every step: +6% at
+    // batch 8 without them, paired)
+    std::vector<int64_t> at(groups + 1, 0);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t rows = M * (g + 1) / groups - M * g / groups;
+      int64_t floats = 0;
+      for (const StackLayer& l : layers) floats = std::max(floats, DecodeBlock::scratch_floats(rows, H, l.block));
+      at[g + 1] = at[g] + floats + 16;  // a cache line apart: each group's scratch is its thread's alone
+    }
+    float* mem = buffer(at[groups] + 2 * M * H);
+    hs_ = mem + at[groups];
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t r0 = M * g / groups, rows = M * (g + 1) / groups - r0;
+      Group& grp = groups_.emplace_back();
+      const float* in = x + r0 * H;
+      for (int64_t i = 0; i < n_; ++i) {
+        const StackLayer& l = layers[i];
+        float* h = hs_ + (i % 2) * M * H + r0 * H;  // block i writes hs_[i % 2]
+        grp.blocks.push_back(std::make_unique<DecodeBlock>(
+            in, h, rows, H, mem + at[g], l.k.from_row(r0, l.block.nkv, l.S, l.block.hd),
+            l.v.from_row(r0, l.block.nkv, l.S, l.block.hd), l.S, pos, cos, sin, l.block, eps,
+            groups > 1 ? 1 : threads, int8));
+        in = h;
+        if (i > 0) grp.blocks[i - 1]->set_next(grp.blocks[i].get());
+      }
+    }
+  }
+
+  // The row groups of M rows at `threads` threads (the policy above).
+  static int64_t groups_for(int64_t M, int threads, const std::vector<StackLayer>& layers) {
+    int64_t bytes = 0;
+    for (const StackLayer& l : layers)
+      for (const PackedRef* w : {&l.block.qkv, &l.block.o, &l.block.gu, &l.block.down}) bytes += packed_bytes(*w);
+    // half the L3: the caches, the activations and other processes want the rest
+    return threads > 1 && M >= kMinGroupRows * threads && 2 * bytes <= l3_bytes() ? threads : 1;
+  }
+
+  void run() {
+    const int64_t G = int64_t(groups_.size()), first = next_.fetch_add(1, std::memory_order_relaxed);
+    for (int64_t j = 0; j < G; ++j)
+      for (const auto& b : groups_[(first + j) % G].blocks) b->run();
+  }
+
+  // (M, H), valid until the next DecodeStack of this thread
+  const float* out() const { return hs_ + ((n_ - 1) % 2) * M_ * H_; }
+
+ private:
+  struct Group {
+    std::vector<std::unique_ptr<DecodeBlock>> blocks;
+  };
+  static float* buffer(int64_t floats) {  // the calling thread's, grown as needed, never shrunk
+    static thread_local std::unique_ptr<float[]> mem;
+    static thread_local int64_t size = 0;
+    if (size < floats) mem.reset(new float[size = floats]);
+    return mem.get();
+  }
+  static int64_t packed_bytes(const PackedRef& w) {
+    const int64_t G = w.K / w.group;
+    return w.Nt * kTileN * (w.K / (32 / w.bits) * 4 + G * 2 * (w.zp ? 2 : 1));
+  }
+  static int64_t l3_bytes() {  // 0 where the C library does not know it: no split
+    static const int64_t bytes = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+    return bytes;
+  }
+
+  int64_t M_, H_, n_;
+  float* hs_;
+  std::vector<Group> groups_;
+  std::atomic<int64_t> next_{0};
 };
 
 // Runs fn on every thread of one parallel region; fn takes its work from shared counters. The caller's threads:

@@ -188,6 +188,22 @@ void DecodeGemv::prepare_rows(const float* x, int64_t m0, int64_t m1) {
   }
 }
 
+void DecodeGemv::prepare_part(const float* x, int64_t i) {
+  const int P = 32 / base_.bits, bits = base_.bits;
+  const int64_t K = K_, NB = NB_, block = base_.block, n = parts();
+  const int64_t b0 = NB * i / n, b1 = NB * (i + 1) / n, k0 = b0 * block, k1 = b1 * block;
+  for (int64_t m = 0; m < M_; ++m) {
+    const float* xr = x + m * K;
+    if (perm_) {
+      float* xp = xperm_.data() + m * K;
+      for (int64_t k = k0; k < k1; ++k) xp[k] = xr[perm_[k]];
+      xr = xp;
+    }
+    ks_->batch.prep(xr + k0, 1, k1 - k0, block, bits, xq_.data() + m * P + k0 / P * M_ * P, M_, xsigma_.data() + m * NB + b0,
+                    xsum_.data() + m * NB + b0);
+  }
+}
+
 void DecodeGemv::run() {
   const int P = 32 / base_.bits;
   const int64_t K = K_, N = N_, NB = NB_, G = G_, Nt = Nt_;
@@ -211,9 +227,9 @@ void DecodeGemv::run() {
       a.sc = sc_ + t * G * kTileN;
       a.zp = zp_ ? zp_ + t * G * kTileN : nullptr;
       a.ldx = K;
-      a.y = out;
-      a.ldy = tiles * kTileN;
       const int64_t cols = std::min<int64_t>(tiles * kTileN, N - t * kTileN);
+      const bool direct = cols == tiles * kTileN;  // else through `out`, cut to the N tail
+      a.ldy = direct ? N : tiles * kTileN;
       for (int64_t m0 = 0; m0 < M_; m0 += rows_) {
         const int rows = int(std::min<int64_t>(rows_, M_ - m0));
         a.x = xg_ ? xg_ + m0 * K : nullptr;
@@ -221,9 +237,11 @@ void DecodeGemv::run() {
         a.xq = batch_ ? xq_.data() + m0 * P : xq_.data() + m0 * 3 * K;
         if (batch_) a.ldx = M_ * P;  // rows interleaved per word (kernels.h, PrepX1Fn)
         a.xsigma = xsigma_.data() + m0 * NB;
+        a.y = direct ? y_ + m0 * N + t * kTileN : out;
         (batch_ ? ks_->batch.gemv : ks_->gemv)(a, rows, tiles);
-        for (int r = 0; r < rows; ++r)
-          std::memcpy(y_ + (m0 + r) * N + t * kTileN, out + r * a.ldy, cols * sizeof(float));
+        if (!direct)
+          for (int r = 0; r < rows; ++r)
+            std::memcpy(y_ + (m0 + r) * N + t * kTileN, out + r * a.ldy, cols * sizeof(float));
       }
       t += tiles;
     }

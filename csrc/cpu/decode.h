@@ -44,6 +44,11 @@ class DecodeGemv {
   // Rows m0 .. m1 - 1 of prepare(x) (x still points at row 0), for threads that split the rows; every row
   // must be prepared before any thread calls run. The object must be fresh (or prepare()d before).
   void prepare_rows(const float* x, int64_t m0, int64_t m1);
+  // The int8 batch path prepares by blocks of channels instead: part i of parts() (x still at row 0) for every
+  // row (the rows of a word share a cache line there; two threads preparing rows passed every line to each
+  // other: +5.6% at batch 8 by parts, paired). 0 parts: prepare by rows.
+  int64_t parts() const { return batch_ ? std::min<int64_t>(2, NB_) : 0; }
+  void prepare_part(const float* x, int64_t i);
   void run();
   bool finished() const;
   int64_t workers() const { return workers_; }

@@ -250,8 +250,9 @@ void prep_x1(const float* x, int64_t M, int64_t K, int64_t block, int bits, int8
     }
 }
 
-// Batch decode: one tile, ROWS <= 16 rows of one int8 slice each (prep_x1), one half-tile (16
-// columns) at a time so that ROWS int32 sums fit the registers with the codes. Per 16 words: one
+// Batch decode: one tile, ROWS <= 16 rows of one int8 slice each (prep_x1); above 8 rows one half-tile (16
+// columns) at a time so that ROWS int32 sums fit the registers with the codes, up to 8 both halves in one
+// pass over the block (dot_block2: +7% at batch 8, two groups of 4 rows, paired engine A/B). Per 16 words: one
 // load, three instructions to split the nibbles, then 2 * ROWS vpdpbusd with the activations as
 // {1to16} memory operands, all rows' bytes of a word side by side (a.xq + w * a.ldx + r * P: one
 // base register, constant offsets); per block and half the epilogue of gemv_tiles, one slice.
@@ -287,6 +288,28 @@ __attribute__((always_inline)) inline void dot_block(const int32_t* q, const int
   }
 }
 
+// Both halves of the tile per word (ROWS <= 8: 2 * ROWS sums and four code registers fit): one pass over the
+// block's words, both cache lines of each word requested together, one loop for both.
+template <int BITS, int ROWS>
+__attribute__((always_inline)) inline void dot_block2(const int32_t* q, const int8_t* x, int64_t wpb, int64_t ldx,
+                                                      __m512i (&acc0)[ROWS], __m512i (&acc1)[ROWS]) {
+  const __m512i nib = _mm512_set1_epi32(0x0F0F0F0F);
+  for (int64_t w = 0; w < wpb; ++w, q += kTileN, x += ldx) {
+    _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes + 64, _MM_HINT_T0);
+    const __m512i w0 = _mm512_loadu_si512(q), w1 = _mm512_loadu_si512(q + 16);
+    if constexpr (BITS == 4) {
+      const __m512i lo0 = _mm512_and_si512(w0, nib), hi0 = _mm512_and_si512(_mm512_srli_epi32(w0, 4), nib);
+      const __m512i lo1 = _mm512_and_si512(w1, nib), hi1 = _mm512_and_si512(_mm512_srli_epi32(w1, 4), nib);
+      dot_word<BITS, ROWS>(acc0, lo0, hi0, x, std::make_integer_sequence<int, ROWS>{});
+      dot_word<BITS, ROWS>(acc1, lo1, hi1, x, std::make_integer_sequence<int, ROWS>{});
+    } else {
+      dot_word<BITS, ROWS>(acc0, w0, w0, x, std::make_integer_sequence<int, ROWS>{});
+      dot_word<BITS, ROWS>(acc1, w1, w1, x, std::make_integer_sequence<int, ROWS>{});
+    }
+  }
+}
+
 template <int BITS, int ROWS>
 void gemv_rows_int8(const TileArgs& a) {
   constexpr int P = 32 / BITS;
@@ -295,10 +318,17 @@ void gemv_rows_int8(const TileArgs& a) {
   alignas(64) float out[ROWS][kTileN] = {};
   for (int64_t b = 0; b < NB; ++b) {
     const int64_t g = b / blocks_per_group;
+    __m512i both[2][ROWS];
+    if constexpr (ROWS <= 8) {
+      for (int r = 0; r < ROWS; ++r) both[0][r] = both[1][r] = _mm512_setzero_si512();
+      dot_block2<BITS, ROWS>(a.qw + b * wpb * kTileN, a.xq + b * wpb * a.ldx, wpb, a.ldx, both[0], both[1]);
+    }
     for (int h = 0; h < 2; ++h) {
-      __m512i acc[ROWS];
-      for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_si512();
-      dot_block<BITS, ROWS>(a.qw + b * wpb * kTileN + 16 * h, a.xq + b * wpb * a.ldx, wpb, a.ldx, acc);
+      __m512i (&acc)[ROWS] = both[h];
+      if constexpr (ROWS > 8) {
+        for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_si512();
+        dot_block<BITS, ROWS>(a.qw + b * wpb * kTileN + 16 * h, a.xq + b * wpb * a.ldx, wpb, a.ldx, acc);
+      }
       const __m512 sh = load_half16(a.sc + g * kTileN + 16 * h);
       const __m512 zs = _mm512_mul_ps(a.zp ? load_half16(a.zp + g * kTileN + 16 * h) : zero_sym, sh);
       for (int r = 0; r < ROWS; ++r) {

@@ -7,7 +7,7 @@
 // block (norms, projections, rotary, cache update, attention, residuals). Here those are plain C++:
 // the projections call the kernels of ops.cpp directly (q/k/v and gate/up fused into one packed
 // weight each, so one pass over x and one parallel region per pair), the rest are small loops.
-// Decode (T == 1, B < 32) runs DecodeBlocks in one parallel region; prompts and larger steps block_rows.
+// Decode (T == 1, B < 32) runs a DecodeStack in one parallel region; prompts and larger steps block_rows.
 // Both are the torch-free code of block.h, which the engine (csrc/engine) runs too.
 #include <torch/extension.h>
 
@@ -66,13 +66,17 @@ Region aten_region() {
   };
 }
 
-// Run `blocks` one after the other in one parallel region.
-void run_blocks(const std::vector<std::unique_ptr<DecodeBlock>>& blocks) {
+// A decode step of `stack` in one parallel region on ATen's threads; its output (M, 1, H) as a tensor.
+at::Tensor run_stack(DecodeStack& stack, const at::Tensor& x) {
   const at::ThreadLocalState tls;
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     at::ThreadLocalStateGuard guard(tls);
-    for (const auto& b : blocks) b->run();
+    stack.run();
   });
+  const int64_t M = x.size(0), H = x.size(2);
+  at::Tensor h = at::empty({M, 1, H}, x.options());
+  std::memcpy(h.data_ptr<float>(), stack.out(), M * H * sizeof(float));
+  return h;
 }
 
 struct Block {
@@ -127,37 +131,27 @@ BlockRef block_ref(const Block& b, const at::Tensor& ln1, const at::Tensor& ln2,
   return r;
 }
 
-// A single-token step's DecodeBlock: rows x (M, H) in, its output written into h (M, H), on `scratch`.
-std::unique_ptr<DecodeBlock> decode_block(const float* x, const at::Tensor& h, float* scratch,
-                                          const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,
-                                          const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& ln1,
-                                          const at::Tensor& ln2, const Block& b, double eps, double scale) {
-  return std::make_unique<DecodeBlock>(x, h.data_ptr<float>(), h.size(0), h.size(1), scratch, cache(k_cache),
-                                       cache(v_cache), k_cache.size(2), pos, cos.data_ptr<float>(),
-                                       sin.data_ptr<float>(), block_ref(b, ln1, ln2, scale), eps,
-                                       at::get_num_threads(), int8_rows());
+StackLayer stack_layer(const Block& b, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& ln1,
+                       const at::Tensor& ln2, double scale) {
+  return {block_ref(b, ln1, ln2, scale), cache(k_cache), cache(v_cache), k_cache.size(2)};
 }
 
-int64_t scratch_floats(const at::Tensor& x, const Block& b) {
-  return DecodeBlock::scratch_floats(x.size(0), x.size(2), b.qkv.out, b.nh * b.hd, b.gu.out / 2);
+// A single-token step (DecodeStack, block.h) of every block in `layers`, rows x (M, 1, H).
+at::Tensor decode_stack(const at::Tensor& x, const std::vector<StackLayer>& layers, int64_t pos, const at::Tensor& cos,
+                        const at::Tensor& sin, double eps) {
+  DecodeStack stack(x.data_ptr<float>(), x.size(0), x.size(2), layers, pos, cos.data_ptr<float>(),
+                    sin.data_ptr<float>(), eps, at::get_num_threads(), int8_rows());
+  return run_stack(stack, x);
 }
 
-// Decode (one token per row, fewer than 32 rows) runs as DecodeBlocks in one parallel region.
+// Decode (one token per row, fewer than 32 rows) runs as a DecodeStack in one parallel region.
 bool is_decode(const at::Tensor& x) { return x.size(1) == 1 && x.size(0) < 32; }
 
 at::Tensor block_forward(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,
                          const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& ln1, const at::Tensor& ln2,
                          const Block& blk, double eps, double scale) {
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), M = B * T, S = k_cache.size(2);
-  if (is_decode(x)) {
-    at::Tensor scratch = at::empty({scratch_floats(x, blk)}, x.options());
-    std::vector<std::unique_ptr<DecodeBlock>> one;
-    at::Tensor h = at::empty({M, H}, x.options());
-    one.push_back(decode_block(x.data_ptr<float>(), h, scratch.data_ptr<float>(), k_cache, v_cache, pos, cos, sin,
-                               ln1, ln2, blk, eps, scale));
-    run_blocks(one);
-    return h.view({M, 1, H});
-  }
+  if (is_decode(x)) return decode_stack(x, {stack_layer(blk, k_cache, v_cache, ln1, ln2, scale)}, pos, cos, sin, eps);
 
   // prompts and steps of many rows: block_rows (block.h), the code of the engine's; projections on the kernel
   // set's GEMM, or where it has none (AVX2, scalar) on quant_linear's dequantize-and-ATen-GEMM
@@ -220,21 +214,10 @@ at::Tensor llama_stack(const at::Tensor& x, at::TensorList k_caches, at::TensorL
                         scales[l]);
     return h;
   }
-  const int64_t M = x.size(0), H = x.size(2);
-  int64_t floats = 0;
-  for (const Block& b : blocks) floats = std::max(floats, scratch_floats(x, b));
-  at::Tensor scratch = at::empty({floats}, x.options());
-  at::Tensor hs[2] = {at::empty({M, H}, x.options()), at::empty({M, H}, x.options())};  // block l writes hs[l % 2]
-  std::vector<std::unique_ptr<DecodeBlock>> run;
-  const float* in = x.data_ptr<float>();
-  for (int64_t l = 0; l < n; ++l) {
-    run.push_back(decode_block(in, hs[l % 2], scratch.data_ptr<float>(), k_caches[l], v_caches[l], pos, cos, sin,
-                               norms[2 * l], norms[2 * l + 1], blocks[l], eps, scales[l]));
-    in = hs[l % 2].data_ptr<float>();
-    if (l > 0) run[l - 1]->set_next(run[l].get());
-  }
-  run_blocks(run);
-  return hs[(n - 1) % 2].view({M, 1, H});
+  std::vector<StackLayer> layers;
+  for (int64_t l = 0; l < n; ++l)
+    layers.push_back(stack_layer(blocks[l], k_caches[l], v_caches[l], norms[2 * l], norms[2 * l + 1], scales[l]));
+  return decode_stack(x, layers, pos, cos, sin, eps);
 }
 
 }  // namespace

@@ -4,7 +4,7 @@
 // them alive. The blocks are csrc/cpu/block.h and decode.h, the code compressor::llama_stack runs, so they compute
 // what `compressor.load(...).generate`'s compute, bit for bit; the final norm is this file's own loop.
 //
-//   decode (T == 1, B < 32): every block of a step in one OpenMP parallel region (DecodeBlock), as llama_stack;
+//   decode (T == 1, B < 32): every block of a step in one OpenMP parallel region (DecodeStack), as llama_stack;
 //   prompts (T > 1), or steps of >= 32 rows: block by block (block_rows, the code of the torch op's prompts),
 //   each projection the kernel set's GEMM (>= 32 rows, where it has one) or DecodeGemv.
 //
@@ -138,23 +138,18 @@ void rows_step(Engine& e, float* x, int64_t B, int64_t T, int64_t pos) {
   }
 }
 
-// One decode step of B < 32 rows: every block in one parallel region, as compressor::llama_stack.
+std::vector<StackLayer> stack_layers(const Engine& e) {
+  std::vector<StackLayer> layers;
+  for (int64_t l = 0; l < e.n_layers; ++l) layers.push_back({e.blocks[l], e.kv(l, 0), e.kv(l, 1), e.cache_S});
+  return layers;
+}
+
+// One decode step of B < 32 rows: every block in one parallel region (DecodeStack), as compressor::llama_stack.
 void decode_step(Engine& e, const float* x, int64_t B, int64_t pos, float* out, bool int8) {
-  int64_t floats = 0;
-  for (const BlockRef& b : e.blocks) floats = std::max(floats, DecodeBlock::scratch_floats(B, e.H, b));
-  std::vector<float> scratch(floats), hs(2 * B * e.H);
-  std::vector<std::unique_ptr<DecodeBlock>> run;
-  const float* in = x;
-  for (int64_t l = 0; l < e.n_layers; ++l) {
-    float* h = hs.data() + (l % 2) * B * e.H;
-    run.push_back(std::make_unique<DecodeBlock>(in, h, B, e.H, scratch.data(), e.kv(l, 0), e.kv(l, 1), e.cache_S, pos,
-                                                e.cos, e.sin, e.blocks[l], e.eps, e.threads, int8));
-    in = h;
-    if (l > 0) run[l - 1]->set_next(run[l].get());
-  }
+  DecodeStack stack(x, B, e.H, stack_layers(e), pos, e.cos, e.sin, e.eps, e.threads, int8);
 #pragma omp parallel num_threads(e.threads)
-  for (const auto& b : run) b->run();
-  std::memcpy(out, in, B * e.H * sizeof(float));
+  stack.run();
+  std::memcpy(out, stack.out(), B * e.H * sizeof(float));
 }
 
 void head(const Engine& e, const float* x, int64_t B, float* logits, bool int8) {
@@ -301,6 +296,11 @@ int cmp_reserve(Engine* e, int64_t batch, int64_t length, int half) {
     e->cache.reset(new char[n]);  // not zeroed: pages become resident as positions are written
     e->cache_B = batch, e->cache_S = length, e->cache_half = half != 0;
   });
+}
+
+// The row groups a decode step of B rows runs in (DecodeStack, block.h), for tests.
+int64_t cmp_decode_groups(const Engine* e, int64_t B) {
+  return compressor::DecodeStack::groups_for(B, e->threads, compressor::stack_layers(*e));
 }
 
 // Logits (B, vocab) after the last of ids (B, T), which sit at positions pos .. pos + T - 1 of the caches.

@@ -161,6 +161,33 @@ def test_stack_equals_its_blocks(isa, act, batch, steps):  # noqa: F811
 
 
 @pytest.mark.skipif(extension is None, reason="the C++ extension is not built")
+def test_stack_of_8_rows_equal_on_one_and_two_threads(isa, act):  # noqa: F811
+    """A decode step of 8 rows on 2 threads runs in two row groups, one per thread where the weights fit the L3
+    (DecodeStack, block.h; tests/runtime/test_engine.py checks the split itself): bit for bit what one thread
+    gives, caches included."""
+    torch.manual_seed(3)
+    blocks = [_weights(), _weights(perm=True)]
+    norms = [torch.rand(H) + 0.5 for _ in range(4)]
+    cos, sin = _tables(8)
+    x = torch.randn(8, 1, H)
+    start = [torch.randn(8, NKV, 8, HD).half() for _ in range(4)]
+    out = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            caches = [c.clone() for c in start]
+            y = torch.ops.compressor.llama_stack(x, caches[0::2], caches[1::2], 5, cos, sin, norms,
+                                                 [t for w, _ in blocks for t in w], [i for _, m in blocks for i in m],
+                                                 1e-5, [HD ** -0.5] * 2)
+            out.append((y, caches))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+
+
+@pytest.mark.skipif(extension is None, reason="the C++ extension is not built")
 def test_stack_refuses_mismatched_lists():
     w, meta = _weights()
     cos, sin = _tables(8)

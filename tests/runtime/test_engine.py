@@ -59,6 +59,23 @@ def test_every_kernel_set_matches_compressor_load(int8_head, isa):
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), isa
 
 
+def test_batch_rows_split_by_thread_equal_one_shared_step(int8_head):
+    """A decode step of 8 rows on 2 threads runs as two groups of 4 rows, one per thread, each with blocks of its
+    own (DecodeStack, csrc/cpu/block.h): its logits are bit for bit those of one thread running all 8 rows, and
+    4 rows (2 per thread) stay in one group."""
+    two, one = Runtime(int8_head, threads=2), Runtime(int8_head, threads=1)
+    if two.engine.decode_groups(8) != 2:
+        pytest.skip("the C library does not know this CPU's L3 size, or it is under twice the tiny model's weights")
+    assert one.engine.decode_groups(8) == 1 and two.engine.decode_groups(4) == 1
+    ids = torch.randint(3, 290, (8, 12), generator=torch.Generator().manual_seed(1)).numpy()
+    for rt in (two, one):
+        rt.engine.reserve(8, 16, True)
+    assert np.array_equal(two.engine.forward(ids, 0, False), one.engine.forward(ids, 0, False))
+    for pos in range(12, 16):
+        tok = ids[:, pos - 12:pos - 11]
+        assert np.array_equal(two.engine.forward(tok, pos, True), one.engine.forward(tok, pos, True)), pos
+
+
 def test_isa_names_and_refusal():
     lib = library()
     assert lib.cmp_isa().decode() in ("avx512", "avx2", "scalar")
