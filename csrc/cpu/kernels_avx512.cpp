@@ -316,26 +316,33 @@ void gemv_rows_int8(const TileArgs& a) {
   const __m512 zero_sym = _mm512_set1_ps(float(1 << (BITS - 1)));
   const int64_t wpb = a.block / P, blocks_per_group = a.group / a.block, NB = a.K / a.block;
   alignas(64) float out[ROWS][kTileN] = {};
-  for (int64_t b = 0; b < NB; ++b) {
+  // half h of block b's sums into `out`
+  const auto epilogue = [&](const __m512i (&acc)[ROWS], int64_t b, int h) __attribute__((always_inline)) {
     const int64_t g = b / blocks_per_group;
-    __m512i both[2][ROWS];
-    if constexpr (ROWS <= 8) {
-      for (int r = 0; r < ROWS; ++r) both[0][r] = both[1][r] = _mm512_setzero_si512();
-      dot_block2<BITS, ROWS>(a.qw + b * wpb * kTileN, a.xq + b * wpb * a.ldx, wpb, a.ldx, both[0], both[1]);
+    const __m512 sh = load_half16(a.sc + g * kTileN + 16 * h);
+    const __m512 zs = _mm512_mul_ps(a.zp ? load_half16(a.zp + g * kTileN + 16 * h) : zero_sym, sh);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 sig = _mm512_set1_ps(a.xsigma[r * NB + b]), xs = _mm512_set1_ps(a.xsum[r * NB + b]);
+      __m512 o = _mm512_load_ps(out[r] + 16 * h);
+      o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_mul_ps(sh, sig), o);
+      _mm512_store_ps(out[r] + 16 * h, _mm512_fnmadd_ps(zs, xs, o));
     }
-    for (int h = 0; h < 2; ++h) {
-      __m512i (&acc)[ROWS] = both[h];
-      if constexpr (ROWS > 8) {
+  };
+  for (int64_t b = 0; b < NB; ++b) {
+    const int32_t* q = a.qw + b * wpb * kTileN;
+    const int8_t* x = a.xq + b * wpb * a.ldx;
+    if constexpr (ROWS <= 8) {
+      __m512i acc0[ROWS], acc1[ROWS];
+      for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
+      dot_block2<BITS, ROWS>(q, x, wpb, a.ldx, acc0, acc1);
+      epilogue(acc0, b, 0);
+      epilogue(acc1, b, 1);
+    } else {
+      for (int h = 0; h < 2; ++h) {
+        __m512i acc[ROWS];
         for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_si512();
-        dot_block<BITS, ROWS>(a.qw + b * wpb * kTileN + 16 * h, a.xq + b * wpb * a.ldx, wpb, a.ldx, acc);
-      }
-      const __m512 sh = load_half16(a.sc + g * kTileN + 16 * h);
-      const __m512 zs = _mm512_mul_ps(a.zp ? load_half16(a.zp + g * kTileN + 16 * h) : zero_sym, sh);
-      for (int r = 0; r < ROWS; ++r) {
-        const __m512 sig = _mm512_set1_ps(a.xsigma[r * NB + b]), xs = _mm512_set1_ps(a.xsum[r * NB + b]);
-        __m512 o = _mm512_load_ps(out[r] + 16 * h);
-        o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_mul_ps(sh, sig), o);
-        _mm512_store_ps(out[r] + 16 * h, _mm512_fnmadd_ps(zs, xs, o));
+        dot_block<BITS, ROWS>(q + 16 * h, x, wpb, a.ldx, acc);
+        epilogue(acc, b, h);
       }
     }
   }
