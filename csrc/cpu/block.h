@@ -110,16 +110,16 @@ inline void spin() {
 // llama_stack runs every block of a model in one region.
 //
 // Everything is set up in the constructor, on the calling thread (allocations do not belong in the region):
-// the DecodeGemvs; `int8` as DecodeGemv's. The output goes to h (M, H). `scratch` holds the intermediate rows; blocks that run
-// one after the other in a region may share it (the last phase to read it ends before the next block starts).
+// the DecodeGemvs; `int8` as DecodeGemv's. The output goes to h (M, H). `scratch` (scratch_floats) holds the
+// intermediate rows and the DecodeGemvs' buffers; blocks that run one after the other in a region may share it
+// (the last phase to read it ends before the next block starts).
 class DecodeBlock {
  public:
-  static int64_t scratch_floats(int64_t M, int64_t H, int64_t n_qkv, int64_t nq, int64_t I) {
-    return M * (4 * H + n_qkv + nq + 3 * I);
-  }
-
-  static int64_t scratch_floats(int64_t M, int64_t H, const BlockRef& b) {
-    return scratch_floats(M, H, b.qkv.N, b.nh * b.hd, b.gu.N / 2);
+  // The intermediate rows, then the four DecodeGemvs' buffers (64-byte aligned).
+  static int64_t scratch_floats(int64_t M, int64_t H, const BlockRef& b, bool int8) {
+    int64_t bytes = 64;
+    for (const PackedRef* w : {&b.qkv, &b.o, &b.gu, &b.down}) bytes += DecodeGemv::scratch_bytes(*w, M, int8);
+    return M * (4 * H + b.qkv.N + b.nh * b.hd + 3 * (b.gu.N / 2)) + bytes / 4;
   }
 
   // Rows x (M, H) in, at position pos of caches kc, vc (B = M rows, S positions); output into h (M, H).
@@ -141,7 +141,13 @@ class DecodeBlock {
     ln2p = b.ln2;
     cosp = cos + pos * hd;
     sinp = sin + pos * hd;
-    const auto gemv = [&](const PackedRef& w, float* y) { return std::make_unique<DecodeGemv>(w, M, y, threads, int8); };
+    char* mem = reinterpret_cast<char*>(dnp + M * H);
+    mem += -reinterpret_cast<intptr_t>(mem) & 63;
+    const auto gemv = [&](const PackedRef& w, float* y) {
+      auto g = std::make_unique<DecodeGemv>(w, M, y, threads, int8, mem);
+      mem += DecodeGemv::scratch_bytes(w, M, int8);
+      return g;
+    };
     g_qkv = gemv(b.qkv, qkvp);
     g_o = gemv(b.o, op);
     g_gu = gemv(b.gu, gup);
@@ -287,7 +293,7 @@ class DecodeStack {
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t rows = M * (g + 1) / groups - M * g / groups;
       int64_t floats = 0;
-      for (const StackLayer& l : layers) floats = std::max(floats, DecodeBlock::scratch_floats(rows, H, l.block));
+      for (const StackLayer& l : layers) floats = std::max(floats, DecodeBlock::scratch_floats(rows, H, l.block, int8));
       at[g + 1] = at[g] + floats + 16;  // a cache line apart: each group's scratch is its thread's alone
     }
     float* mem = buffer(at[groups] + 2 * M * H);

@@ -91,7 +91,41 @@ void gemm_tiles(const KernelSet* ks, const PackedRef& w, const float* x, int64_t
   }
 }
 
-DecodeGemv::DecodeGemv(const PackedRef& w, int64_t M, float* y, int threads, bool int8)
+namespace {
+
+// Channels per partial sum of the decode gemv: blocks of <= 256 channels that divide the group (kernels.h explains).
+int64_t sum_block(const PackedRef& w) {
+  const int P = 32 / w.bits;
+  int64_t block = std::min<int64_t>(w.group, 256) / P * P;
+  while (w.group % block) block -= P;
+  return block;
+}
+
+bool takes_batch(const KernelSet* ks, int64_t M, bool int8) { return int8 && ks->batch.gemv && M >= ks->batch.min_rows; }
+
+// Byte offsets of DecodeGemv's buffers in one piece of memory, each 64-byte aligned (-1: not needed).
+struct GemvLayout {
+  int64_t xsum = -1, xsigma = -1, xperm = -1, xscaled = -1, xq = -1, total = 0;
+  GemvLayout(const KernelSet* ks, const PackedRef& w, int64_t M, bool int8) {
+    const int64_t NB = w.K / sum_block(w);
+    const bool batch = takes_batch(ks, M, int8);
+    const auto take = [&](int64_t bytes) { const int64_t at = total; total += (bytes + 63) / 64 * 64; return at; };
+    xsum = take(M * NB * 4);
+    xsigma = take(M * NB * 4);
+    if (w.perm) xperm = take(M * w.K * 4);
+    if (!batch && ks->xform == XForm::kScaled) xscaled = take(M * w.K * 4);
+    if (batch) xq = take(M * w.K);
+    else if (ks->xform == XForm::kInt8x3) xq = take(M * 3 * w.K);
+  }
+};
+
+}  // namespace
+
+int64_t DecodeGemv::scratch_bytes(const PackedRef& w, int64_t M, bool int8) {
+  return GemvLayout(kernel_set(), w, M, int8).total;
+}
+
+DecodeGemv::DecodeGemv(const PackedRef& w, int64_t M, float* y, int threads, bool int8, char* mem)
     : ks_(kernel_set()), M_(M), N_(w.N), y_(y) {
   const int P = 32 / w.bits;
   K_ = w.K;
@@ -107,12 +141,8 @@ DecodeGemv::DecodeGemv(const PackedRef& w, int64_t M, float* y, int threads, boo
   sc_ = w.sc;
   zp_ = w.zp;
   perm_ = w.perm;
-  // Partial sums run over blocks of <= 256 channels that divide the group (kernels.h explains).
-  int64_t block = std::min<int64_t>(group, 256) / P * P;
-  while (group % block) block -= P;
-  base_.block = block;
-  NB_ = K_ / block;
-  xsum_.resize(M * NB_);
+  base_.block = sum_block(w);
+  NB_ = K_ / base_.block;
   // Waking a second thread costs a few microseconds, as much as streaming ~100 KB, so small layers
   // (e.g. a 576x192 projection) stay on one thread.
   const int64_t tile_bytes = (K_ / P) * kTileN * 4 + 2 * G_ * kTileN * 2;
@@ -123,19 +153,24 @@ DecodeGemv::DecodeGemv(const PackedRef& w, int64_t M, float* y, int threads, boo
   // A whole number of max_tiles per chunk (the least a claim takes, see run): the kernel streams that many
   // tiles at once.
   chunk_ = (std::max<int64_t>(1, kChunkBytes / tile_bytes) + ks_->max_tiles - 1) / ks_->max_tiles * ks_->max_tiles;
-  batch_ = int8 && ks_->batch.gemv && M >= ks_->batch.min_rows;
+  batch_ = takes_batch(ks_, M, int8);
   rows_ = batch_ ? ks_->batch.max_rows : ks_->max_rows;
-  // Buffers for prepare_rows, sized once: threads preparing different rows never reallocate them.
-  if (perm_) xperm_.resize(M * K_);
-  if (batch_) xq_.resize(M * K_);
-  else if (ks_->xform == XForm::kInt8x3) xq_.resize(M * 3 * K_);
-  xsigma_.resize(M * NB_);
-  if (!batch_ && ks_->xform == XForm::kScaled) {
-    xscaled_.resize(M * K_);
-    xg_ = xscaled_.data();
-  } else if (!batch_ && perm_) {
-    xg_ = xperm_.data();
+  // Buffers for prepare_rows, sized once: threads preparing different rows never reallocate them. The caller's
+  // memory where it gives some (DecodeBlock: one piece kept from step to step; fresh allocations of an act-order
+  // model's gathered rows came from new pages every step).
+  const GemvLayout at(ks_, w, M, int8);
+  if (!mem) {
+    own_.reset(new char[at.total + 64]);
+    mem = own_.get() + (-reinterpret_cast<intptr_t>(own_.get()) & 63);
   }
+  const auto place = [mem](int64_t off) { return off < 0 ? nullptr : mem + off; };
+  xsum_ = reinterpret_cast<float*>(place(at.xsum));
+  xsigma_ = reinterpret_cast<float*>(place(at.xsigma));
+  xperm_ = reinterpret_cast<float*>(place(at.xperm));
+  xscaled_ = reinterpret_cast<float*>(place(at.xscaled));
+  xq_ = reinterpret_cast<int8_t*>(place(at.xq));
+  if (!batch_ && ks_->xform == XForm::kScaled) xg_ = xscaled_;
+  else if (!batch_ && perm_) xg_ = xperm_;
   if (ks_->max_rows > 4 || ks_->max_tiles > 4 || ks_->batch.max_rows > kMaxBatchRows)
     throw std::logic_error(std::string("kernel set ") + ks_->name + " exceeds the output block");
 }
@@ -151,12 +186,12 @@ void DecodeGemv::prepare_rows(const float* x, int64_t m0, int64_t m1) {
   const int64_t K = K_, M = m1 - m0, block = base_.block, NB = NB_;
   x += m0 * K;
   if (perm_) {  // act-order: channels were sorted by group at repack
-    float* xp = xperm_.data() + m0 * K;
+    float* xp = xperm_ + m0 * K;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) xp[m * K + k] = x[m * K + perm_[k]];
     x = xp;
   }
-  float* xsum = xsum_.data() + m0 * NB;
+  float* xsum = xsum_ + m0 * NB;
   if (batch_) {  // one int8 slice per block (kernels.h, PrepX1Fn); prep writes the sums
     // The rows of a word share one cache line of xq_, and threads prepare different rows at once: walking the
     // words in the same order, two threads would pass every line back and forth. Odd rows go block by block
@@ -164,12 +199,12 @@ void DecodeGemv::prepare_rows(const float* x, int64_t m0, int64_t m1) {
     for (int64_t m = 0; m < M; ++m) {
       const int64_t r = m0 + m;
       if (r % 2 == 0) {
-        ks_->batch.prep(x + m * K, 1, K, block, bits, xq_.data() + r * P, M_, xsigma_.data() + r * NB, xsum + m * NB);
+        ks_->batch.prep(x + m * K, 1, K, block, bits, xq_ + r * P, M_, xsigma_ + r * NB, xsum + m * NB);
         continue;
       }
       for (int64_t b = NB - 1; b >= 0; --b)
-        ks_->batch.prep(x + m * K + b * block, 1, block, block, bits, xq_.data() + r * P + b * block / P * M_ * P, M_,
-                        xsigma_.data() + r * NB + b, xsum + m * NB + b);
+        ks_->batch.prep(x + m * K + b * block, 1, block, block, bits, xq_ + r * P + b * block / P * M_ * P, M_,
+                        xsigma_ + r * NB + b, xsum + m * NB + b);
     }
     return;
   }
@@ -179,10 +214,10 @@ void DecodeGemv::prepare_rows(const float* x, int64_t m0, int64_t m1) {
   if (ks_->xform == XForm::kScaled) {
     float pow2[8];
     for (int j = 0; j < P; ++j) pow2[j] = j == P - 1 ? 1.0f : std::ldexp(1.0f, -bits * j);
-    float* xs = xscaled_.data() + m0 * K;
+    float* xs = xscaled_ + m0 * K;
     for (int64_t i = 0; i < M * K; ++i) xs[i] = x[i] * pow2[i % P];
   } else if (ks_->xform == XForm::kInt8x3) {
-    ks_->prep_x(x, M, K, block, bits, xq_.data() + m0 * 3 * K, xsigma_.data() + m0 * NB, xsum);
+    ks_->prep_x(x, M, K, block, bits, xq_ + m0 * 3 * K, xsigma_ + m0 * NB, xsum);
   } else if (m0 == 0) {
     xg_ = x;  // kPlain reads x in place (rows m0.. of the same buffer)
   }
@@ -195,12 +230,12 @@ void DecodeGemv::prepare_part(const float* x, int64_t i) {
   for (int64_t m = 0; m < M_; ++m) {
     const float* xr = x + m * K;
     if (perm_) {
-      float* xp = xperm_.data() + m * K;
+      float* xp = xperm_ + m * K;
       for (int64_t k = k0; k < k1; ++k) xp[k] = xr[perm_[k]];
       xr = xp;
     }
-    ks_->batch.prep(xr + k0, 1, k1 - k0, block, bits, xq_.data() + m * P + k0 / P * M_ * P, M_, xsigma_.data() + m * NB + b0,
-                    xsum_.data() + m * NB + b0);
+    ks_->batch.prep(xr + k0, 1, k1 - k0, block, bits, xq_ + m * P + k0 / P * M_ * P, M_, xsigma_ + m * NB + b0,
+                    xsum_ + m * NB + b0);
   }
 }
 
@@ -233,10 +268,10 @@ void DecodeGemv::run() {
       for (int64_t m0 = 0; m0 < M_; m0 += rows_) {
         const int rows = int(std::min<int64_t>(rows_, M_ - m0));
         a.x = xg_ ? xg_ + m0 * K : nullptr;
-        a.xsum = xsum_.data() + m0 * NB;
-        a.xq = batch_ ? xq_.data() + m0 * P : xq_.data() + m0 * 3 * K;
+        a.xsum = xsum_ + m0 * NB;
+        a.xq = batch_ ? xq_ + m0 * P : xq_ + m0 * 3 * K;
         if (batch_) a.ldx = M_ * P;  // rows interleaved per word (kernels.h, PrepX1Fn)
-        a.xsigma = xsigma_.data() + m0 * NB;
+        a.xsigma = xsigma_ + m0 * NB;
         a.y = direct ? y_ + m0 * N + t * kTileN : out;
         (batch_ ? ks_->batch.gemv : ks_->gemv)(a, rows, tiles);
         if (!direct)

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -39,7 +40,10 @@ struct PackedRef {
 // set's batch.min_rows take its int8-activation batch gemv (kernels.h, BatchGemv). The weight must outlive it.
 class DecodeGemv {
  public:
-  DecodeGemv(const PackedRef& w, int64_t M, float* y, int threads, bool int8);
+  // `mem`: scratch_bytes(w, M, int8) bytes, 64-byte aligned, for the activations' buffers (they need no
+  // zeroing), kept by the caller until the last run; null: the object allocates them.
+  DecodeGemv(const PackedRef& w, int64_t M, float* y, int threads, bool int8, char* mem = nullptr);
+  static int64_t scratch_bytes(const PackedRef& w, int64_t M, bool int8);
   void prepare(const float* x);   // x (M, K) fp32 in the checkpoint's channel order; y is (M, N) fp32
   // Rows m0 .. m1 - 1 of prepare(x) (x still points at row 0), for threads that split the rows; every row
   // must be prepared before any thread calls run. The object must be fresh (or prepare()d before).
@@ -67,8 +71,9 @@ class DecodeGemv {
   const int64_t* perm_ = nullptr;
   const float* xg_ = nullptr;
   TileArgs base_;
-  std::vector<float> xsum_, xscaled_, xsigma_, xperm_;
-  std::vector<int8_t> xq_;
+  std::unique_ptr<char[]> own_;  // the buffers below when the caller gave no memory
+  float *xsum_ = nullptr, *xscaled_ = nullptr, *xsigma_ = nullptr, *xperm_ = nullptr;
+  int8_t* xq_ = nullptr;
   std::atomic<int64_t> next_{0}, done_{0};
 };
 
