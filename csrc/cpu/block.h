@@ -67,10 +67,10 @@ inline int64_t heads_per_item(int64_t M, int64_t nh, int64_t nkv, int threads) {
 struct Cache {
   void* data;
   bool half;
-  void put(int64_t row, const float* src, int64_t hd) const {  // row: (b * nkv + g) * S + position
+  // row: (b * nkv + g) * S + position
+  void put(const KernelSet* ks, int64_t row, const float* src, int64_t hd) const {
     if (half) {
-      uint16_t* d = static_cast<uint16_t*>(data) + row * hd;
-      for (int64_t i = 0; i < hd; ++i) d[i] = float_to_half(src[i]);
+      ks->to_half(src, hd, static_cast<uint16_t*>(data) + row * hd);
     } else {
       std::memcpy(static_cast<float*>(data) + row * hd, src, hd * sizeof(float));
     }
@@ -171,8 +171,8 @@ class DecodeBlock {
       add_bias(row, b_qkv, n_qkv);
       rope(row, nh + nkv, hd, cosp, sinp);
       for (int64_t g = 0; g < nkv; ++g) {
-        kc.put((b * nkv + g) * S + pos, row + nq + g * hd, hd);
-        vc.put((b * nkv + g) * S + pos, row + nq + nk + g * hd, hd);
+        kc.put(ks, (b * nkv + g) * S + pos, row + nq + g * hd, hd);
+        vc.put(ks, (b * nkv + g) * S + pos, row + nq + nk + g * hd, hd);
       }
     });
     {
@@ -437,8 +437,8 @@ void block_rows(const BlockRef& b, float* x, int64_t B, int64_t T, int64_t H, in
     float* row = qkv + bt * n_qkv;
     rope(row, nh + nkv, hd, cos + p * hd, sin + p * hd);
     for (int64_t g = 0; g < nkv; ++g) {
-      kc.put((bi * nkv + g) * S + p, row + nq + g * hd, hd);
-      vc.put((bi * nkv + g) * S + p, row + nq + nk + g * hd, hd);
+      kc.put(ks, (bi * nkv + g) * S + p, row + nq + g * hd, hd);
+      vc.put(ks, (bi * nkv + g) * S + p, row + nq + nk + g * hd, hd);
       if (use_fresh) {  // (B, 2, nkv, T, hd)
         std::memcpy(fresh + (((bi * 2 + 0) * nkv + g) * T + t) * hd, row + nq + g * hd, hd * sizeof(float));
         std::memcpy(fresh + (((bi * 2 + 1) * nkv + g) * T + t) * hd, row + nq + nk + g * hd, hd * sizeof(float));

@@ -130,6 +130,11 @@ void attend_f16_ref(const float* q, const uint16_t* k, const uint16_t* v, int64_
 using SiluMulFn = void (*)(const float* gate, const float* up, float* out, int64_t n);
 void silu_mul_ref(const float* gate, const float* up, float* out, int64_t n);
 
+// A row of fp32 as IEEE half bits, rounded to nearest even, every NaN the quiet 0x7E00 with its sign, as
+// float_to_half (the fp16 KV cache's rows, block.h).
+using ToHalfFn = void (*)(const float* x, int64_t n, uint16_t* out);
+void to_half_ref(const float* x, int64_t n, uint16_t* out);
+
 struct KernelSet {
   const char* name;
   int max_rows;   // rows one gemv call can hold in registers
@@ -144,6 +149,7 @@ struct KernelSet {
   AttendFn attend = attend_ref;
   SiluMulFn silu_mul = silu_mul_ref;
   AttendF16Fn attend_f16 = attend_f16_ref;
+  ToHalfFn to_half = to_half_ref;
 };
 
 // The AVX2 fp16 gemv, also used by the AVX-512 set (it is bound by memory, not by vector width).

@@ -606,9 +606,26 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   }
 }
 
+// See ToHalfFn in kernels.h: 16 at a time with vcvtps2ph (round to nearest even); NaNs made 0x7E00 with their
+// sign, as float_to_half does (vcvtps2ph keeps the payload).
+void to_half(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    if (nan) {
+      const __m256i sign = _mm256_and_si256(h, _mm256_set1_epi16(int16_t(0x8000)));
+      h = _mm256_mask_mov_epi16(h, nan, _mm256_or_si256(sign, _mm256_set1_epi16(0x7E00)));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), h);
+  }
+  for (; i < n; ++i) out[i] = float_to_half(x[i]);
+}
+
 const KernelSet kSet{"avx512", kMaxRows, /*max_tiles=*/4, XForm::kInt8x3, prep_x, gemv_any, dequant_any, gemm, gemv_f16_avx2,
                      BatchGemv{kBatchMinRows, kBatchMaxRows, prep_x1, gemv_batch}, attend<float>, silu_mul,
-                     attend<uint16_t>};
+                     attend<uint16_t>, to_half};
 
 }  // namespace
 

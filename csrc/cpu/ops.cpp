@@ -303,6 +303,14 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   return f16_linear(x, weight, bias);
 }
 
+// The kernel set's ToHalfFn (the fp16 KV cache's rows) on a contiguous float32 tensor: its fp16 bits as int16.
+at::Tensor to_half_bits(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "_to_half: a contiguous float32 tensor");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kShort));
+  kernel_set()->to_half(x.data_ptr<float>(), x.numel(), reinterpret_cast<uint16_t*>(out.data_ptr<int16_t>()));
+  return out;
+}
+
 }  // namespace compressor
 
 TORCH_LIBRARY_IMPL(compressor, CPU, m) {
@@ -320,5 +328,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_supported", &compressor::int8_supported, "whether this CPU's kernel set has the int8 batch gemv");
   m.def("_set_int8_activations", &compressor::set_int8_activations,
         "allow int8 activations at 2-31 rows for calls from this thread; returns the previous setting");
+  m.def("_to_half", &compressor::to_half_bits, "the kernel set's fp32 -> fp16 row conversion, as int16 bits (tests)");
   m.def("_stream_read", &compressor::stream_read, "benchmark probe: read an int32 tensor as N streams per thread");
 }

@@ -195,6 +195,20 @@ def test_batch_gemv_every_row_count(bits, group, sym):
     assert rel_err(p(xs[7]), reference(xs[7], *p.args(), bits=bits)) <= 1e-5
 
 
+@pytest.mark.skipif(extension is None, reason="the C++ extension is not built")
+def test_half_rows_equal_torch_bit_for_bit(isa):
+    """The fp32 -> fp16 conversion of the fp16 KV cache's rows (ToHalfFn) gives torch's fp16 bits for every
+    kind of value: ties to even, the largest finite and what overflows, subnormals and what underflows, both
+    zeros, infinities and NaNs of either sign; 16 at a time and the tail."""
+    g = torch.Generator().manual_seed(0)
+    edge = torch.tensor([0.0, -0.0, 1.0, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 65504.0, 65519.0, 65520.0, -65520.0,
+                         2 ** -24, 2 ** -25, 3 * 2 ** -26, 2 ** -26, 6.1e-5, -6.0e-8, float("inf"), float("-inf"),
+                         float("nan"), -float("nan"), 1e30, -1e-30])
+    x = torch.cat([edge, torch.randn(1000, generator=g) * 10 ** torch.randint(-8, 6, (1000,), generator=g)])
+    for n in (len(x), 16, 7):
+        assert torch.equal(extension._to_half(x[:n].contiguous()), x[:n].half().view(torch.int16)), (isa, n)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, -1])
 def test_repack_round_trip_is_exact(bits, group):
