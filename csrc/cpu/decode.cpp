@@ -192,20 +192,9 @@ void DecodeGemv::prepare_rows(const float* x, int64_t m0, int64_t m1) {
     x = xp;
   }
   float* xsum = xsum_ + m0 * NB;
-  if (batch_) {  // one int8 slice per block (kernels.h, PrepX1Fn); prep writes the sums
-    // The rows of a word share one cache line of xq_, and threads prepare different rows at once: walking the
-    // words in the same order, two threads would pass every line back and forth. Odd rows go block by block
-    // from the last (the same bytes): the threads meet once. Paired engine A/B at batch 8: +3.3%.
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t r = m0 + m;
-      if (r % 2 == 0) {
-        ks_->batch.prep(x + m * K, 1, K, block, bits, xq_ + r * P, M_, xsigma_ + r * NB, xsum + m * NB);
-        continue;
-      }
-      for (int64_t b = NB - 1; b >= 0; --b)
-        ks_->batch.prep(x + m * K + b * block, 1, block, block, bits, xq_ + r * P + b * block / P * M_ * P, M_,
-                        xsigma_ + r * NB + b, xsum + m * NB + b);
-    }
+  if (batch_) {  // one int8 slice per block (kernels.h, PrepX1Fn); prep writes the sums. DecodeBlock's threads
+    // prepare the batch path by parts of the channels instead (prepare_part): the rows of a word share a line.
+    ks_->batch.prep(x, M, K, block, bits, xq_ + m0 * P, M_, xsigma_ + m0 * NB, xsum);
     return;
   }
   if (ks_->xform != XForm::kInt8x3)  // there prep_x writes the sums of the slices
