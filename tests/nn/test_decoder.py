@@ -58,6 +58,25 @@ def test_greedy_tokens_and_logits_equal_hf(ckpt, batch, exact, monkeypatch):
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_caches_are_not_read_before_written(ckpt, batch):
+    """`caches` are not zeroed: a prompt and its steps read only positions written before them, so caches full
+    of NaN give the same logits as zeroed ones (batch 1: fp32 cache; 4: fp16, int8-activation steps)."""
+    dec = compressor.load(ckpt).generate.fast
+    ids = torch.randint(3, 250, (batch, 12), generator=torch.Generator().manual_seed(batch))
+    out = []
+    with torch.inference_mode():
+        for fill in (0.0, float("nan")):
+            caches = dec.caches(batch, 32)
+            for k, v in caches:
+                k.fill_(fill), v.fill_(fill)
+            logits = [dec.forward(ids[:, :8], 0, caches)]
+            logits += [dec.forward(ids[:, t:t + 1], t, caches) for t in range(8, 12)]
+            out.append(torch.stack(logits))
+    assert torch.isfinite(out[1]).all()
+    assert torch.equal(out[0], out[1])
+
+
 def test_batched_steps_take_int8_activations(ckpt, monkeypatch):
     """By default a step of several rows runs with int8 activations where the CPU has them (AVX-512 VNNI):
     its logits within their error of the exact ones (SQNR > 25 dB; 48 dB here), not equal; prompts exact."""
