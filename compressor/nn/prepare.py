@@ -71,6 +71,7 @@ def fold_act_order_(model: torch.nn.Module) -> int:
     from dataclasses import replace
 
     from ..kernels.repack import select_rows
+    from ..machine import trim_heap
     folded = 0
     for mlp in model.modules():
         if type(mlp).__name__ not in _GATED_MLPS:
@@ -88,4 +89,6 @@ def fold_act_order_(model: torch.nn.Module) -> int:
                 lin.bias = lin.bias[order.to(lin.bias.device)].contiguous()
         down.use_packed_(replace(down.packed(), perm=None))
         folded += 1
+        if folded % 8 == 0:
+            trim_heap()          # the layouts just replaced are free: glibc keeps their pages otherwise
     return folded
