@@ -69,7 +69,8 @@ def test_caches_are_not_read_before_written(ckpt, batch):
         for fill in (0.0, float("nan")):
             caches = dec.caches(batch, 32)
             for k, v in caches:
-                k.fill_(fill), v.fill_(fill)
+                k.fill_(fill)
+                v.fill_(fill)
             logits = [dec.forward(ids[:, :8], 0, caches)]
             logits += [dec.forward(ids[:, t:t + 1], t, caches) for t in range(8, 12)]
             out.append(torch.stack(logits))
