@@ -8,6 +8,12 @@ q/k/v and gate/up fused into one packed weight each and a static KV cache, so a 
 all: embedding, the blocks, final norm, head. No compilation is involved, so there is no first-call
 compile time and nothing to cache.
 
+`generate` runs each step as one C call of `compressor.runtime.engine` (the code of the op, with the
+embedding, final norm and head) over this decoder's own tensors (`engine`): ~0.35 ms less per batch-1 step
+and ~0.6 ms less per batch-8 one than `forward`'s five calls from Python. `forward` (the op path) stays for
+callers that hold the caches, and serves generate where the engine cannot (no C++ compiler for it, a head
+it cannot run, positions past its rotary tables).
+
 `compressor.load` (``for_inference=True``, the default) installs it as the model's ``generate``
 through `prepare_`. It takes the requests it can serve exactly like HF's greedy search: batches
 whose rows share one length (no padding), greedy decoding, ``max_new_tokens`` / ``max_length``,
@@ -127,6 +133,7 @@ class FastDecoder:
         self._scales = [scale for *_, scale in self.layers]
         self._tables = (torch.empty(0, self.head_dim), torch.empty(0, self.head_dim))
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._engine, self._engine_why, self._engine_arrays = None, None, {}
 
     # --- pieces --------------------------------------------------------------------------------
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,19 +181,47 @@ class FastDecoder:
             return self.model.lm_head(inner.norm(x[:, -1:]))[:, -1].float()
 
     # --- generation ----------------------------------------------------------------------------
+    def engine(self):
+        """`compressor.runtime.engine.Engine` over this decoder's own tensors (no copy), built on first use, or
+        None where it cannot run (`engine_refusal` says why). A step there is one C call (embedding, blocks,
+        final norm, head), where `forward` makes five calls from Python and converts the op's ~600 tensor
+        arguments each time: ~0.35 ms of a batch-1 step and ~0.6 ms of a batch-8 one on SmolLM2-135M."""
+        if self._engine is None and self._engine_why is None:
+            from ..runtime.engine import Engine, Resident
+            from ..runtime.pack import describe
+
+            def add(name: str, t: torch.Tensor | None) -> str | None:
+                if t is None:
+                    return None
+                self._engine_arrays[name] = t.detach().contiguous()      # kept: the engine reads this memory
+                return name
+
+            try:
+                index = describe(self.model, self, add)
+                arrays = {n: t.numpy() for n, t in self._engine_arrays.items()}
+                self._engine = Engine(Resident(index, arrays), torch.get_num_threads())
+            except (ValueError, OSError, RuntimeError) as e:     # a head the engine cannot run; no compiler
+                self._engine_why, self._engine_arrays = f"{type(e).__name__}: {e}", {}
+                log.info("generate(): the op path, not the engine (%s)", self._engine_why)
+        return self._engine
+
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
         """Greedy decoding, as HF's ``generate(do_sample=False)``: (B, T + new) token ids; rows that
-        met an end-of-sequence token are padded with `pad_token_id` until every row has."""
+        met an end-of-sequence token are padded with `pad_token_id` until every row has. On the engine
+        (`engine`) where it runs and the positions fit its rotary tables, else on `forward`."""
         from ..greedy import greedy
+        ids = input_ids.long().numpy()
+        eng = self.engine()
+        if eng is not None and ids.shape[1] + max_new_tokens <= eng.rope_rows:
+            return torch.from_numpy(eng.generate(ids, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id))
         caches = self.caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
 
         def step(tokens, pos):
             return self.forward(torch.from_numpy(tokens), pos, caches).numpy()
 
-        return torch.from_numpy(greedy(step, input_ids.long().numpy(), max_new_tokens, min_new_tokens, eos_token_id,
-                                       pad_token_id))
+        return torch.from_numpy(greedy(step, ids, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id))
 
 
 def _groups(layer) -> list[list[QuantLinear]]:

@@ -83,7 +83,6 @@ class Runtime:
 
         Batches of several rows keep their KV cache in fp16 and run decode steps with int8 activations, as
         `compressor.load`'s fast path does (``COMPRESSOR_EXACT_DECODE=1``: fp32 and exact)."""
-        from ..greedy import approximate_batches, greedy
         ids = _ids(input_ids)
         if do_sample:
             raise ValueError("Runtime.generate is greedy (do_sample=False); sample with compressor.load(path).generate")
@@ -94,14 +93,7 @@ class Runtime:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
         if eos_token_id is None:
             eos_token_id = getattr(self.config, "eos_token_id", None)
-        b, t = ids.shape
-        if t + max_new_tokens > self.engine.rope_rows:
-            raise ValueError(f"{t} prompt + {max_new_tokens} new tokens exceed the {self.engine.rope_rows} positions "
-                             f"this model was prepared for")
-        batched = approximate_batches(b)
-        self.engine.reserve(b, t + max_new_tokens, batched)
-        return greedy(lambda tokens, pos: self.engine.forward(tokens, pos, batched and tokens.shape[1] == 1), ids,
-                      max_new_tokens, min_new_tokens, eos_token_id, pad_token_id)
+        return self.engine.generate(ids, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id)
 
 
 def _default_threads() -> int:

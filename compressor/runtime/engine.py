@@ -1,5 +1,7 @@
 """The engine's ctypes binding (csrc/engine/engine.cpp) and the prepared weights it runs on. No torch.
 
+`Resident(index, arrays)` is the same in memory: `compressor.nn.decoder.FastDecoder` hands the engine the
+tensors it holds (`compressor.runtime.pack.describe`), so `compressor.load`'s generate runs the engine's step too.
 `Prepared(directory)` reads what `compressor.runtime.pack` wrote: ``weights.bin`` into one buffer, on
 transparent huge pages where the kernel allows (as `compressor.nn.decoder`'s arena: ~90 MB read per token
 through 4 KB pages costs a TLB miss every 64 cache lines), with plain reads, so the file's pages are never
@@ -18,7 +20,7 @@ import numpy as np
 
 from ..files import CheckpointError
 
-__all__ = ["Prepared", "Engine"]
+__all__ = ["Prepared", "Resident", "Engine"]
 
 _HUGE = 2 << 20
 _P = ctypes.c_void_p
@@ -55,6 +57,17 @@ class Prepared:
             raise CheckpointError(f"{self.directory}: array {name!r} runs past the end of weights.bin; delete the "
                                   f"directory and load again")
         return self.data[off:off + n].view(dtype).reshape(a["shape"])
+
+
+class Resident:
+    """An index as `compressor.runtime.pack.describe` builds it and its arrays by name (numpy views of memory the
+    caller keeps alive): what `Prepared` gives the engine, without a file."""
+
+    def __init__(self, index: dict, arrays: dict[str, np.ndarray]):
+        self.index, self.arrays = index, arrays
+
+    def array(self, name: str | None) -> np.ndarray | None:
+        return None if name is None else self.arrays[name]
 
 
 def _advise_huge(addr: int, nbytes: int) -> None:
@@ -153,6 +166,20 @@ class Engine:
         self._check(self.lib.cmp_forward(self.handle, ids.ctypes.data, ids.shape[0], ids.shape[1], pos, int(int8),
                                          out.ctypes.data))
         return out
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, min_new_tokens: int = 0,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
+        """Greedy decoding of the (B, T) int64 `ids` (`compressor.greedy`): batches of several rows with an fp16
+        cache and int8-activation steps (`approximate_batches`), one row exact."""
+        from ..greedy import approximate_batches, greedy
+        b, t = ids.shape
+        if t + max_new_tokens > self.rope_rows:
+            raise ValueError(f"{t} prompt + {max_new_tokens} new tokens exceed the {self.rope_rows} positions "
+                             f"this model was prepared for")
+        batched = approximate_batches(b)
+        self.reserve(b, t + max_new_tokens, batched)
+        return greedy(lambda tokens, pos: self.forward(tokens, pos, batched and tokens.shape[1] == 1), ids,
+                      max_new_tokens, min_new_tokens, eos_token_id, pad_token_id)
 
     def decode_groups(self, batch: int) -> int:
         """The row groups a decode step of `batch` rows runs in, one per thread or one shared (csrc/cpu/block.h,

@@ -36,7 +36,7 @@ from ..nn.qembedding import TiedQuantEmbedding
 from ..nn.qlinear import QuantLinear
 from . import PACK_FORMAT, read_description
 
-__all__ = ["pack", "main"]
+__all__ = ["pack", "describe", "main"]
 
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -233,12 +233,12 @@ class _Writer:
         return name
 
 
-def _linear(w: _Writer, name: str, args: list, meta: list) -> dict:
+def _linear(add, name: str, args: list, meta: list) -> dict:
     """A packed projection of FastDecoder's lists: qweight, scales, zeros, perm, bias; bits, group, out."""
     qweight, scales, zeros, perm, bias = args
     bits, group, out = meta
     k = qweight.shape[1] * (32 // bits)
-    return {"arrays": [w.add(f"{name}.{p}", t) for p, t in zip(("qweight", "scales", "zeros", "perm", "bias"),
+    return {"arrays": [add(f"{name}.{p}", t) for p, t in zip(("qweight", "scales", "zeros", "perm", "bias"),
                                                                  (qweight, scales, zeros, perm, bias))],
             "meta": [bits, group, out, k, qweight.shape[0]]}
 
@@ -247,47 +247,56 @@ def pack(ckpt: str | Path, out: str | Path) -> None:
     """Write `ckpt` prepared for the engine into the directory `out` (which must exist and be empty)."""
     ckpt, out = Path(ckpt), Path(out)
     model, fast = build(ckpt)
+    with open(out / "weights.bin", "wb") as f:
+        w = _Writer(f)
+        try:
+            index = describe(model, fast, w.add)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt}: {e}; use compressor.load") from None
+        index.update({"format": PACK_FORMAT, "arrays": w.index})
+    (out / "index.json").write_text(json.dumps(index))
+
+
+def describe(model: nn.Module, fast: FastDecoder, add) -> dict:
+    """What the engine reads of a prepared model and its FastDecoder: shape, blocks, rotary tables, final norm,
+    head and embedding, each array given to ``add(name, tensor)``, which returns the name it is found by (or None
+    for None). `pack` writes the arrays to weights.bin; `FastDecoder.engine` hands the engine its own tensors.
+    ValueError for a head the engine cannot run (a bias, or fp32 that fp16 does not hold exactly)."""
     cfg = model.config
     rows = int(min(getattr(cfg, "max_position_embeddings", None) or 4096, _MAX_ROPE_ROWS))
     cos, sin = fast.rope_tables(rows)
-    with open(out / "weights.bin", "wb") as f:
-        w = _Writer(f)
-        blocks = []
-        for i, (ln1, ln2, args, meta, scale) in enumerate(fast.layers):
-            blocks.append({"linears": [_linear(w, f"layers.{i}.{j}", args[5 * j:5 * j + 5], meta[3 * j:3 * j + 3])
-                                       for j in range(4)],
-                           "ln1": w.add(f"layers.{i}.ln1", ln1), "ln2": w.add(f"layers.{i}.ln2", ln2),
-                           "scale": scale})
-        head, emb = model.lm_head, model.model.embed_tokens
-        if isinstance(head, QuantLinear):
-            p = head.packed()
-            head_desc = {"kind": "packed", **_linear(w, "lm_head", [p.qweight, p.scales, p.zeros, p.perm, None],
-                                                     [p.bits, p.group_size, p.out_features])}
-        elif isinstance(head, HalfLinear) and head.bias is None:
-            head_desc = {"kind": "f16", "weight": w.add("lm_head.weight", head.weight)}
-        else:
-            half = head.weight.detach().half()
-            if head.bias is not None or not torch.equal(half.float(), head.weight.detach().float()):
-                raise CheckpointError(f"{ckpt}: an output head with a bias, or fp32 that fp16 does not hold "
-                                      f"exactly; use compressor.load")
-            head_desc = {"kind": "f16", "weight": w.add("lm_head.weight", half)}
-        if isinstance(emb, TiedQuantEmbedding):
-            emb_desc = {"kind": "tied"}
-        elif isinstance(emb, HalfEmbedding):
-            emb_desc = {"kind": "f16", "table": head_desc["weight"]}          # the head's array: stored once
-        else:
-            emb_desc = {"kind": "f32", "table": w.add("embed_tokens.weight", emb.weight.detach().float())}
-        index = {
-            "format": PACK_FORMAT,
-            "shape": {"hidden": cfg.hidden_size, "heads": fast.heads, "kv_heads": fast.kv_heads,
-                      "head_dim": fast.head_dim, "layers": len(fast.layers), "vocab": head.out_features if
-                      isinstance(head, QuantLinear) else head.weight.shape[0], "eps": fast.eps},
-            "eos_token_id": getattr(cfg, "eos_token_id", None),
-            "rope": {"cos": w.add("rope.cos", cos[:rows]), "sin": w.add("rope.sin", sin[:rows]), "rows": rows},
-            "norm": w.add("norm.weight", model.model.norm.weight.detach().float()),
-            "blocks": blocks, "head": head_desc, "embedding": emb_desc, "arrays": w.index,
-        }
-    (out / "index.json").write_text(json.dumps(index))
+    blocks = []
+    for i, (ln1, ln2, args, meta, scale) in enumerate(fast.layers):
+        blocks.append({"linears": [_linear(add, f"layers.{i}.{j}", args[5 * j:5 * j + 5], meta[3 * j:3 * j + 3])
+                                   for j in range(4)],
+                       "ln1": add(f"layers.{i}.ln1", ln1), "ln2": add(f"layers.{i}.ln2", ln2), "scale": scale})
+    head, emb = model.lm_head, model.model.embed_tokens
+    if isinstance(head, QuantLinear):
+        p = head.packed()
+        head_desc = {"kind": "packed", **_linear(add, "lm_head", [p.qweight, p.scales, p.zeros, p.perm, None],
+                                                 [p.bits, p.group_size, p.out_features])}
+    elif isinstance(head, HalfLinear) and head.bias is None:
+        head_desc = {"kind": "f16", "weight": add("lm_head.weight", head.weight)}
+    else:
+        half = head.weight.detach().half()
+        if head.bias is not None or not torch.equal(half.float(), head.weight.detach().float()):
+            raise ValueError("an output head with a bias, or fp32 that fp16 does not hold exactly")
+        head_desc = {"kind": "f16", "weight": add("lm_head.weight", half)}
+    if isinstance(emb, TiedQuantEmbedding):
+        emb_desc = {"kind": "tied"}
+    elif isinstance(emb, HalfEmbedding):
+        emb_desc = {"kind": "f16", "table": head_desc["weight"]}          # the head's array: stored once
+    else:
+        emb_desc = {"kind": "f32", "table": add("embed_tokens.weight", emb.weight.detach().float())}
+    return {
+        "shape": {"hidden": cfg.hidden_size, "heads": fast.heads, "kv_heads": fast.kv_heads,
+                  "head_dim": fast.head_dim, "layers": len(fast.layers), "vocab": head.out_features if
+                  isinstance(head, QuantLinear) else head.weight.shape[0], "eps": fast.eps},
+        "eos_token_id": getattr(cfg, "eos_token_id", None),
+        "rope": {"cos": add("rope.cos", cos[:rows]), "sin": add("rope.sin", sin[:rows]), "rows": rows},
+        "norm": add("norm.weight", model.model.norm.weight.detach().float()),
+        "blocks": blocks, "head": head_desc, "embedding": emb_desc,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,37 @@ def test_greedy_tokens_and_logits_equal_hf(ckpt, batch, exact, monkeypatch):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
+def test_generate_runs_the_engine_on_the_decoders_own_tensors(ckpt, batch):
+    """generate() runs `compressor.runtime.engine` over the decoder's tensors (no copy): the same tokens as the op
+    path (`forward`), batch 1 and batches (fp16 cache, int8-activation steps); a request past the engine's rotary
+    tables takes the op path."""
+    from compressor.greedy import greedy
+    m = compressor.load(ckpt)
+    dec = m.generate.fast
+    ids = torch.randint(3, 250, (batch, 10), generator=torch.Generator().manual_seed(11))
+    out = m.generate(ids, max_new_tokens=14, min_new_tokens=14, do_sample=False)
+    eng = dec.engine()
+    assert eng is not None, dec._engine_why
+    assert dec._engine_arrays["layers.0.0.qweight"].data_ptr() == dec._w[0].data_ptr()      # q/k/v: not copied
+    caches = dec.caches(batch, 24)
+    with torch.inference_mode():
+        op = greedy(lambda t, pos: dec.forward(torch.from_numpy(t), pos, caches).numpy(), ids.numpy(), 14, 14,
+                    m.generation_config.eos_token_id)
+    assert torch.equal(out, torch.from_numpy(op))
+    calls, forward = [], dec.forward
+    dec.forward = lambda *a: calls.append(1) or forward(*a)
+    rows = eng.rope_rows
+    try:
+        assert torch.equal(m.generate(ids, max_new_tokens=14, min_new_tokens=14, do_sample=False), out)
+        assert not calls                                                    # the engine's
+        eng.rope_rows = 16                                                  # 10 + 14 positions do not fit
+        assert torch.equal(m.generate(ids, max_new_tokens=14, min_new_tokens=14, do_sample=False), out)
+        assert len(calls) == 14                                             # the op path's: prompt + 13 steps
+    finally:
+        eng.rope_rows, dec.forward = rows, forward
+
+
+@pytest.mark.parametrize("batch", [1, 4])
 def test_caches_are_not_read_before_written(ckpt, batch):
     """`caches` are not zeroed: a prompt and its steps read only positions written before them, so caches full
     of NaN give the same logits as zeroed ones (batch 1: fp32 cache; 4: fp16, int8-activation steps)."""
