@@ -183,7 +183,7 @@ class FastDecoder:
     # --- generation ----------------------------------------------------------------------------
     def engine(self):
         """`compressor.runtime.engine.Engine` over this decoder's own tensors (no copy), built on first use, or
-        None where it cannot run (`engine_refusal` says why). A step there is one C call (embedding, blocks,
+        None where it cannot run (``_engine_why`` says why, logged once). Its threads: torch's at the first call. A step there is one C call (embedding, blocks,
         final norm, head), where `forward` makes five calls from Python and converts the op's ~600 tensor
         arguments each time: ~0.35 ms of a batch-1 step and ~0.6 ms of a batch-8 one on SmolLM2-135M."""
         if self._engine is None and self._engine_why is None:
