@@ -24,6 +24,26 @@ def test_greedy_matches_generate(tiny_llama, batch, prompt_len, gen_len):
     assert torch.equal(again, ref) and prefill3 > 0
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_on_the_fast_path_matches_its_generate(tiny_llama, tmp_path, batch):
+    """On `compressor.load`'s model the loop times what ``generate`` runs (the engine, or the op path where the
+    engine cannot run): the same tokens either way."""
+    import compressor
+    from compressor.kernels import extension
+    if extension is None:
+        pytest.skip("the fast path runs on the C++ extension")
+    compressor.compress(str(tiny_llama), "rtn-w4g64", tmp_path / "q", progress=False)
+    model = compressor.load(tmp_path / "q")
+    fast = model.generate.fast
+    ids = torch.randint(3, model.config.vocab_size, (batch, 9), generator=torch.Generator().manual_seed(3))
+    ref = model.generate(ids, do_sample=False, min_new_tokens=8, max_new_tokens=8, pad_token_id=0)[:, 9:]
+    assert fast.engine() is not None, fast._engine_why
+    tokens, prefill_s, decode_s = greedy(model, ids, 8)
+    assert torch.equal(tokens, ref) and prefill_s > 0 and decode_s > 0
+    fast._engine, fast._engine_why = None, "off for this test"                 # the op path
+    assert torch.equal(greedy(model, ids, 8)[0], ref)
+
+
 def _touch(nbytes):
     return torch.ones(nbytes // 4, dtype=torch.float32)    # written, so resident
 
