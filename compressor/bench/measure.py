@@ -169,47 +169,28 @@ def _greedy_fast(fast, ids, gen_len: int, prefill_reps: int):
     import torch
     eng = fast.engine()
     if eng is not None and ids.shape[1] + gen_len <= eng.rope_rows:
-        return _greedy_engine(eng, ids, gen_len, prefill_reps)
-    caches = fast.caches(ids.shape[0], ids.shape[1] + gen_len)
+        engine_step = eng.stepper(ids.shape[0], ids.shape[1] + gen_len)
+
+        def step(tokens, pos):
+            return torch.from_numpy(engine_step(tokens.long().numpy(), pos))
+    else:
+        caches = fast.caches(ids.shape[0], ids.shape[1] + gen_len)
+
+        def step(tokens, pos):
+            return fast.forward(tokens, pos, caches)
     out_tokens, pre = [], []
     with torch.inference_mode():
         for _ in range(prefill_reps):
             t0 = time.perf_counter()
-            tok = fast.forward(ids, 0, caches).argmax(-1, keepdim=True)
+            tok = step(ids, 0).argmax(-1, keepdim=True)
             pre.append(time.perf_counter() - t0)
         t1 = time.perf_counter()
         out_tokens.append(tok)
         for i in range(gen_len - 1):
-            tok = fast.forward(tok, ids.shape[1] + i, caches).argmax(-1, keepdim=True)
+            tok = step(tok, ids.shape[1] + i).argmax(-1, keepdim=True)
             out_tokens.append(tok)
         t2 = time.perf_counter()
     return torch.cat(out_tokens, dim=1), statistics.median(pre), t2 - t1
-
-
-def _greedy_engine(eng, ids, gen_len: int, prefill_reps: int):
-    """`_greedy_fast` on `compressor.runtime.engine.Engine`, as its ``generate`` steps: batches of several rows
-    with an fp16 cache and int8-activation steps, prompts exact."""
-    import statistics
-
-    import numpy as np
-    import torch
-
-    from compressor.greedy import approximate_batches
-    x = ids.long().numpy()
-    batched = approximate_batches(x.shape[0])
-    eng.reserve(x.shape[0], x.shape[1] + gen_len, batched)
-    pre = []
-    for _ in range(prefill_reps):
-        t0 = time.perf_counter()
-        tok = eng.forward(x, 0, False).argmax(-1)[:, None]
-        pre.append(time.perf_counter() - t0)
-    t1 = time.perf_counter()
-    out_tokens = [tok]
-    for i in range(gen_len - 1):
-        tok = eng.forward(tok, x.shape[1] + i, batched).argmax(-1)[:, None]
-        out_tokens.append(tok)
-    t2 = time.perf_counter()
-    return torch.from_numpy(np.concatenate(out_tokens, axis=1)), statistics.median(pre), t2 - t1
 
 
 # ---------------------------------------------------------------------------------------------

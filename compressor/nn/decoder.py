@@ -5,8 +5,8 @@ token and block ~40 module, dispatcher and tensor calls (norms, seven projection
 update, mask, attention, residuals). Here the blocks are one call of ``compressor::llama_stack``
 (`compressor.kernels.layer`; C++ on CPU, every block of a decode step in one parallel region), with
 q/k/v and gate/up fused into one packed weight each and a static KV cache, so a token is ~5 calls in
-all: embedding, the blocks, final norm, head. No compilation is involved, so there is no first-call
-compile time and nothing to cache.
+all: embedding, the blocks, final norm, head. No per-model compilation is involved (the engine below is
+compiled once per machine, on first use, and cached), so there is no first-call compile time per model.
 
 `generate` runs each step as one C call of `compressor.runtime.engine` (the code of the op, with the
 embedding, final norm and head) over this decoder's own tensors (`engine`): ~0.35 ms less per batch-1 step
@@ -182,10 +182,11 @@ class FastDecoder:
 
     # --- generation ----------------------------------------------------------------------------
     def engine(self):
-        """`compressor.runtime.engine.Engine` over this decoder's own tensors (no copy), built on first use, or
-        None where it cannot run (``_engine_why`` says why, logged once). Its threads: torch's at the first call. A step there is one C call (embedding, blocks,
-        final norm, head), where `forward` makes five calls from Python and converts the op's ~600 tensor
-        arguments each time: ~0.35 ms of a batch-1 step and ~0.6 ms of a batch-8 one on SmolLM2-135M."""
+        """`compressor.runtime.engine.Engine` over this decoder's own tensors (no copy), built on first use with
+        torch's thread count then, or None where it cannot run (``_engine_why`` says why; logged once). A step
+        there is one C call (embedding, blocks, final norm, head), where `forward` makes five calls from Python
+        and converts the op's ~600 tensor arguments each time: ~0.35 ms of a batch-1 step and ~0.6 ms of a
+        batch-8 one on SmolLM2-135M."""
         if self._engine is None and self._engine_why is None:
             from ..runtime.engine import Engine, Resident
             from ..runtime.pack import describe

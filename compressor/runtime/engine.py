@@ -171,15 +171,22 @@ class Engine:
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
         """Greedy decoding of the (B, T) int64 `ids` (`compressor.greedy`): batches of several rows with an fp16
         cache and int8-activation steps (`approximate_batches`), one row exact."""
-        from ..greedy import approximate_batches, greedy
+        from ..greedy import greedy
         b, t = ids.shape
         if t + max_new_tokens > self.rope_rows:
             raise ValueError(f"{t} prompt + {max_new_tokens} new tokens exceed the {self.rope_rows} positions "
                              f"this model was prepared for")
-        batched = approximate_batches(b)
-        self.reserve(b, t + max_new_tokens, batched)
-        return greedy(lambda tokens, pos: self.forward(tokens, pos, batched and tokens.shape[1] == 1), ids,
-                      max_new_tokens, min_new_tokens, eos_token_id, pad_token_id)
+        return greedy(self.stepper(b, t + max_new_tokens), ids, max_new_tokens, min_new_tokens, eos_token_id,
+                      pad_token_id)
+
+    def stepper(self, batch: int, length: int):
+        """Caches for `batch` rows of `length` positions, and ``step(tokens (B, t), pos)`` -> (B, vocab) logits as
+        `generate` runs it: batches of several rows with an fp16 cache and int8-activation single-token steps
+        (`approximate_batches`), prompts and one row exact."""
+        from ..greedy import approximate_batches
+        batched = approximate_batches(batch)
+        self.reserve(batch, length, batched)
+        return lambda tokens, pos: self.forward(tokens, pos, batched and tokens.shape[1] == 1)
 
     def decode_groups(self, batch: int) -> int:
         """The row groups a decode step of `batch` rows runs in, one per thread or one shared (csrc/cpu/block.h,
