@@ -182,8 +182,8 @@ class FastDecoder:
 
     # --- generation ----------------------------------------------------------------------------
     def engine(self):
-        """`compressor.runtime.engine.Engine` over this decoder's own tensors (no copy), built on first use with
-        torch's thread count then, or None where it cannot run (``_engine_why`` says why; logged once). A step
+        """`compressor.runtime.engine.Engine` over this decoder's own tensors (no copy), built on first use, or None
+        where it cannot run (``_engine_why`` says why; logged once). A step
         there is one C call (embedding, blocks, final norm, head), where `forward` makes five calls from Python
         and converts the op's ~600 tensor arguments each time: ~0.35 ms of a batch-1 step and ~0.6 ms of a
         batch-8 one on SmolLM2-135M."""
@@ -216,6 +216,7 @@ class FastDecoder:
         ids = input_ids.long().numpy()
         eng = self.engine()
         if eng is not None and ids.shape[1] + max_new_tokens <= eng.rope_rows:
+            eng.set_threads(torch.get_num_threads())          # as the op path, which runs on torch's threads
             return torch.from_numpy(eng.generate(ids, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id))
         caches = self.caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
 

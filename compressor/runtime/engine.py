@@ -93,10 +93,11 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cmp_set_embedding.argtypes = [_P, ctypes.c_int, _P]
     lib.cmp_reserve.argtypes = [_P, _I64, _I64, ctypes.c_int]
     lib.cmp_forward.argtypes = [_P, _P, _I64, _I64, _I64, ctypes.c_int, _P]
+    lib.cmp_set_threads.argtypes = [_P, ctypes.c_int]
     lib.cmp_decode_groups.restype = _I64
     lib.cmp_decode_groups.argtypes = [_P, _I64]
     for f in ("cmp_set_isa", "cmp_set_block", "cmp_set_rope", "cmp_set_head", "cmp_set_embedding", "cmp_reserve",
-              "cmp_forward"):
+              "cmp_forward", "cmp_set_threads"):
         getattr(lib, f).restype = ctypes.c_int
     return lib
 
@@ -148,6 +149,13 @@ class Engine:
         self._check(self.lib.cmp_set_embedding(self.handle, _EMBEDDINGS[e["kind"]], _ptr(arr(e.get("table")))))
         self.batch = self.length = 0
         self.half = False
+        self.threads = threads
+
+    def set_threads(self, threads: int) -> None:
+        """Run later calls on `threads` threads."""
+        if threads != self.threads:
+            self._check(self.lib.cmp_set_threads(self.handle, threads))
+            self.threads = threads
 
     def _check(self, rc: int) -> None:
         if rc != 0:

@@ -299,6 +299,15 @@ int cmp_reserve(Engine* e, int64_t batch, int64_t length, int half) {
 }
 
 // The row groups a decode step of B rows runs in (DecodeStack, block.h), for tests.
+// The threads later calls run on (nothing the engine holds depends on it: each call sizes its own work).
+int cmp_set_threads(Engine* e, int threads) {
+  using namespace compressor;
+  return guarded([&] {
+    check(threads > 0, "threads must be positive, got " + std::to_string(threads));
+    e->threads = threads;
+  });
+}
+
 int64_t cmp_decode_groups(const Engine* e, int64_t B) {
   return compressor::DecodeStack::groups_for(B, e->threads, compressor::stack_layers(*e));
 }

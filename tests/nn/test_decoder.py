@@ -89,6 +89,28 @@ def test_generate_runs_the_engine_on_the_decoders_own_tensors(ckpt, batch):
         eng.rope_rows, dec.forward = rows, forward
 
 
+def test_generate_follows_torchs_thread_count(ckpt):
+    """The engine is built once, but each generate() runs on torch's threads at that call, as the op path does:
+    a batch of 8 on one thread is one row group (csrc/cpu/block.h, DecodeStack), the same tokens."""
+    m = compressor.load(ckpt)
+    eng, threads = m.generate.fast.engine(), torch.get_num_threads()
+    assert eng is not None
+    ids = torch.randint(3, 250, (8, 6), generator=torch.Generator().manual_seed(5))
+    out = m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    groups = eng.decode_groups(8)
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False), out)
+        assert eng.threads == 1 and eng.decode_groups(8) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False), out)
+    assert eng.threads == threads and eng.decode_groups(8) == groups
+    with pytest.raises(ValueError, match="threads must be positive, got 0"):
+        eng.set_threads(0)
+    assert eng.threads == threads
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_caches_are_not_read_before_written(ckpt, batch):
     """`caches` are not zeroed: a prompt and its steps read only positions written before them, so caches full
