@@ -311,6 +311,27 @@ at::Tensor to_half_bits(const at::Tensor& x) {
   return out;
 }
 
+// The kernel set's decode attention (AttendFn, or AttendF16Fn for a cache of fp16 bits as int16) of G query heads
+// q (G, hd) over one KV head's first L rows k, v (L, hd): out (G, hd) float32.
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 2 && q.is_contiguous(), "_attend: q a contiguous float32 (G, hd)");
+  const int64_t G = q.size(0), hd = q.size(1), L = k.size(0);
+  const bool half = k.scalar_type() == at::kShort;
+  TORCH_CHECK((half || k.scalar_type() == at::kFloat) && k.scalar_type() == v.scalar_type() && k.is_contiguous() &&
+                  v.is_contiguous() && k.sizes() == v.sizes() && k.dim() == 2 && k.size(1) == hd && L > 0,
+              "_attend: k and v contiguous (L, hd), L > 0, both float32 or both int16 (fp16 bits)");
+  at::Tensor out = at::empty_like(q);
+  std::vector<float> p(G * L);
+  if (half)
+    kernel_set()->attend_f16(q.data_ptr<float>(), reinterpret_cast<const uint16_t*>(k.data_ptr<int16_t>()),
+                             reinterpret_cast<const uint16_t*>(v.data_ptr<int16_t>()), G, L, hd, float(scale),
+                             out.data_ptr<float>(), p.data());
+  else
+    kernel_set()->attend(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), G, L, hd, float(scale),
+                         out.data_ptr<float>(), p.data());
+  return out;
+}
+
 }  // namespace compressor
 
 TORCH_LIBRARY_IMPL(compressor, CPU, m) {
@@ -329,5 +350,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_int8_activations", &compressor::set_int8_activations,
         "allow int8 activations at 2-31 rows for calls from this thread; returns the previous setting");
   m.def("_to_half", &compressor::to_half_bits, "the kernel set's fp32 -> fp16 row conversion, as int16 bits (tests)");
+  m.def("_attend", &compressor::attend, "the kernel set's decode attention of G heads over one KV head (tests)");
   m.def("_stream_read", &compressor::stream_read, "benchmark probe: read an int32 tensor as N streams per thread");
 }

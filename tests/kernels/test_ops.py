@@ -24,32 +24,6 @@ from compressor.kernels import OPS, extension, int8_activations, pack, reference
 from compressor.kernels.ops import f16_reference, int8_activation_reference, unpack_weight
 from compressor.quant.primitives import choose_qparams, dequantize, quantize
 
-def _isas() -> list[str]:
-    if extension is None:
-        return ["reference"]
-    out = []
-    for name in ("avx512", "avx2", "scalar"):
-        try:
-            extension._set_isa(name)
-            out.append(name)
-        except RuntimeError:
-            pass
-    extension._set_isa("auto")
-    return out
-
-
-ISAS = _isas()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    if extension is not None:
-        extension._set_isa(request.param)
-    yield request.param
-    if extension is not None:
-        extension._set_isa("auto")
-
-
 @pytest.fixture(params=["exact", "int8"])
 def act(request):
     """Kernel calls exact, or inside `int8_activations` (where this ISA has the int8 path)."""
