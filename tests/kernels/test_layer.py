@@ -8,7 +8,7 @@ from compressor.kernels import extension, layer, pack
 from compressor.quant.primitives import choose_qparams, quantize
 
 from compressor.kernels.ops import int8_activation_reference
-from test_ops import act, batch_mode, isa, rel_err  # noqa: F401  (fixture: every instruction set this CPU has)
+from test_ops import act, batch_mode, rel_err  # noqa: F401  (act: a fixture; isa comes from conftest.py)
 
 H, NH, NKV, HD, INTER = 128, 4, 2, 32, 256
 
