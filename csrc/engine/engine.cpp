@@ -298,7 +298,6 @@ int cmp_reserve(Engine* e, int64_t batch, int64_t length, int half) {
   });
 }
 
-// The row groups a decode step of B rows runs in (DecodeStack, block.h), for tests.
 // The threads later calls run on (nothing the engine holds depends on it: each call sizes its own work).
 int cmp_set_threads(Engine* e, int threads) {
   using namespace compressor;
@@ -308,6 +307,7 @@ int cmp_set_threads(Engine* e, int threads) {
   });
 }
 
+// The row groups a decode step of B rows runs in (DecodeStack, block.h), for tests.
 int64_t cmp_decode_groups(const Engine* e, int64_t B) {
   return compressor::DecodeStack::groups_for(B, e->threads, compressor::stack_layers(*e));
 }
