@@ -162,22 +162,15 @@ def greedy(model, ids, gen_len: int, prefill_reps: int = 1):
 
 
 def _greedy_fast(fast, ids, gen_len: int, prefill_reps: int):
-    """`greedy` on `compressor.nn.decoder.FastDecoder`, on the path its ``generate`` takes: the engine
-    (`FastDecoder.engine`) where it runs, else the op path (`forward`). The same tokens as ``generate`` (tested)."""
+    """`greedy` on `compressor.nn.decoder.FastDecoder`, on the path its ``generate`` takes (`FastDecoder.stepper`:
+    the engine where it runs, else the op path). The same tokens as ``generate`` (tested)."""
     import statistics
 
     import torch
-    eng = fast.engine()
-    if eng is not None and ids.shape[1] + gen_len <= eng.rope_rows:
-        engine_step = eng.stepper(ids.shape[0], ids.shape[1] + gen_len)
+    fast_step = fast.stepper(ids.shape[0], ids.shape[1] + gen_len)
 
-        def step(tokens, pos):
-            return torch.from_numpy(engine_step(tokens.long().numpy(), pos))
-    else:
-        caches = fast.caches(ids.shape[0], ids.shape[1] + gen_len)
-
-        def step(tokens, pos):
-            return fast.forward(tokens, pos, caches)
+    def step(tokens, pos):
+        return torch.from_numpy(fast_step(tokens.long().numpy(), pos))
     out_tokens, pre = [], []
     with torch.inference_mode():
         for _ in range(prefill_reps):

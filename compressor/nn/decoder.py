@@ -214,16 +214,19 @@ class FastDecoder:
         (`engine`) where it runs and the positions fit its rotary tables, else on `forward`."""
         from ..greedy import greedy
         ids = input_ids.long().numpy()
-        eng = self.engine()
-        if eng is not None and ids.shape[1] + max_new_tokens <= eng.rope_rows:
-            eng.set_threads(torch.get_num_threads())          # as the op path, which runs on torch's threads
-            return torch.from_numpy(eng.generate(ids, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id))
-        caches = self.caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-
-        def step(tokens, pos):
-            return self.forward(torch.from_numpy(tokens), pos, caches).numpy()
-
+        step = self.stepper(ids.shape[0], ids.shape[1] + max_new_tokens)
         return torch.from_numpy(greedy(step, ids, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id))
+
+    def stepper(self, batch: int, length: int):
+        """``step(tokens (B, t) int64 numpy, pos)`` -> (B, vocab) float32 numpy logits for `batch` rows of up to
+        `length` positions, on the path `generate` takes: the engine (`engine`, on torch's thread count now, as the
+        op path) where it runs and the positions fit its rotary tables, else `forward` over fresh `caches`."""
+        eng = self.engine()
+        if eng is not None and length <= eng.rope_rows:
+            eng.set_threads(torch.get_num_threads())
+            return eng.stepper(batch, length)
+        caches = self.caches(batch, length)
+        return lambda tokens, pos: self.forward(torch.from_numpy(tokens), pos, caches).numpy()
 
 
 def _groups(layer) -> list[list[QuantLinear]]:
